@@ -1,0 +1,31 @@
+"""The one Dagster entry point: ``agssp_pipeline.definitions:defs``."""
+
+from __future__ import annotations
+
+import dagster as dg
+
+import agssp_pipeline  # noqa: F401  (applies offline defaults before anything loads models)
+from assets import ASSET_MODULES
+from assets.resources import PipelineConfigResource, default_config_path
+from jobs import JOB_MODULES
+
+
+def build_resources(config_path: str | None = None) -> dict:
+    resources: dict = {"pipeline_config": PipelineConfigResource(config_path=config_path or default_config_path())}
+    for module in ASSET_MODULES:
+        resources.update(getattr(module, "RESOURCES", {}))
+    return resources
+
+
+def build_definitions(config_path: str | None = None) -> dg.Definitions:
+    return dg.Definitions(
+        assets=dg.load_assets_from_modules(ASSET_MODULES),
+        asset_checks=dg.load_asset_checks_from_modules(ASSET_MODULES),
+        jobs=[job for module in JOB_MODULES for job in getattr(module, "JOBS", [])],
+        schedules=[s for module in JOB_MODULES for s in getattr(module, "SCHEDULES", [])],
+        sensors=[s for module in JOB_MODULES for s in getattr(module, "SENSORS", [])],
+        resources=build_resources(config_path),
+    )
+
+
+defs = build_definitions()

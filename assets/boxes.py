@@ -1,0 +1,1 @@
+"""Dagster assets: boxes (wiring only; the work lives in agssp_pipeline)."""

@@ -1,0 +1,1 @@
+"""Dagster assets: detection (wiring only; the work lives in agssp_pipeline)."""

@@ -1,0 +1,1 @@
+"""Dagster assets: ingestion (wiring only; the work lives in agssp_pipeline)."""

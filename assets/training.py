@@ -1,0 +1,1 @@
+"""Dagster assets: training (wiring only; the work lives in agssp_pipeline)."""

@@ -1,0 +1,5 @@
+"""Jobs, schedules, sensors and automation. Each module may define JOBS, SCHEDULES and SENSORS lists."""
+
+from jobs import ingestion
+
+JOB_MODULES = [ingestion]

@@ -1,0 +1,43 @@
+"""Shared fixtures: offline settings, the real datasets (skipped when absent), the demo corpus."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("YOLO_OFFLINE", "1")
+os.environ.setdefault("YOLO_AUTOINSTALL", "0")
+
+import agssp_pipeline  # noqa: E402,F401  (offline defaults, ultralytics font)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("AGSSP_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+
+
+def shared_dataset(name: str) -> Path:
+    """Path of a real dataset in ../shared/data, or a clean skip when this checkout has none."""
+    path = SHARED_DATA / name
+    if not path.is_dir():
+        pytest.skip(f"real dataset {name} not found at {path} (only developer machines and CI have ../shared/data)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def neu_det_root() -> Path:
+    return shared_dataset("neu_det")
+
+
+@pytest.fixture(scope="session")
+def magnetic_tile_root() -> Path:
+    return shared_dataset("magnetic_tile")
+
+
+@pytest.fixture(scope="session")
+def demo_corpus(tmp_path_factory):
+    """The embedded synthetic demo corpus, generated once per test session (read-only for tests)."""
+    from agssp_pipeline.demo import generate_demo
+
+    return generate_demo(tmp_path_factory.mktemp("demo"), seed=0)
