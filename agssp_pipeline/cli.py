@@ -1,0 +1,154 @@
+"""Command line: ``agssp demo``, ``agssp materialize``, ``agssp validate``.
+
+The CLI runs the same Dagster assets as the web UI, in-process and headless, for scripts and cron.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from agssp_pipeline.config import ConfigError, PipelineConfig, load_config
+
+
+def _build(config_path: str):
+    from agssp_pipeline.definitions import build_definitions
+    from agssp_pipeline.orchestration import prepare_instance
+
+    config = load_config(config_path)
+    instance = prepare_instance(config, config_path)
+    return config, instance, build_definitions(str(Path(config_path).resolve()))
+
+
+def _run(config_path: str, selection: str | None, partition: str | None) -> int:
+    from tqdm import tqdm
+
+    from agssp_pipeline.orchestration import materialize_selection
+
+    config, instance, defs = _build(config_path)
+    bar = tqdm(desc="materialising", unit="step", leave=True)
+
+    def on_step(step) -> None:
+        bar.update(1)
+        where = f"[{step.partition}]" if step.partition else ""
+        state = "ok" if step.success else "FAILED"
+        bar.write(f"{step.asset}{where}: {state} in {step.seconds:.1f} s" + ("" if step.success else f" - {step.error}"))
+
+    report = materialize_selection(defs, config, instance, selection=selection, only_source=partition, on_step=on_step)
+    bar.close()
+    if report.failed:
+        print(f"\n{len(report.failed)} of {len(report.steps)} steps failed:", file=sys.stderr)
+        for step in report.failed:
+            where = f"[{step.partition}]" if step.partition else ""
+            print(f"  {step.asset}{where}: {step.error}", file=sys.stderr)
+        return 1
+    print(f"\nall {len(report.steps)} steps succeeded")
+    return 0
+
+
+def print_summary(config: PipelineConfig) -> None:
+    """What the demo produced, in words a person can act on."""
+    import pandas as pd
+
+    layout = config.layout()
+    print("\n=== AGSSP demo summary ===")
+    print(f"storage_root: {layout.root}")
+    total_images = total_quarantined = 0
+    print(f"{'source':<22}{'role':<12}{'format':<14}{'images':>8}{'boxes':>8}{'quarantined':>13}")
+    for source in config.sources:
+        index_path = Path(layout.index(source.name))
+        if not index_path.exists():
+            print(f"{source.name:<22}{source.role:<12}{source.format:<14}{'(not indexed)':>29}")
+            continue
+        n_images = len(pd.read_parquet(index_path))
+        ann = Path(layout.annotations(source.name))
+        n_boxes = len(pd.read_parquet(ann)) if ann.exists() else 0
+        quarantine = Path(layout.quarantine(source.name))
+        n_quarantined = len(pd.read_parquet(quarantine)) if quarantine.exists() else 0
+        total_images += n_images
+        total_quarantined += n_quarantined
+        print(f"{source.name:<22}{source.role:<12}{source.format:<14}{n_images:>8}{n_boxes:>8}{n_quarantined:>13}")
+    print(f"total: {total_images} images indexed, {total_quarantined} files quarantined "
+          f"(reasons in {layout.path('index')}/<source>.quarantine.parquet)")
+    artifacts = [
+        ("anomaly maps", layout.maps_root()),
+        ("thresholds", layout.thresholds()),
+        ("pseudo boxes", layout.path("pseudo_boxes")),
+        ("checkpoints", layout.path("checkpoints")),
+        ("evaluations", layout.path("evaluations")),
+    ]
+    print("artifacts:")
+    for label, path in artifacts:
+        state = "" if Path(path).exists() else "  (not produced)"
+        print(f"  {label:<14}{path}{state}")
+    for table in sorted(Path(layout.path("evaluations")).glob("*.md")):
+        print(f"\n{table.stem}:\n{table.read_text()}")
+    print("\nOpen the web UI on these assets with: make ui   (then http://127.0.0.1:3000)")
+    print("The demo images are synthetic; point a copy of agssp.yaml at your own folders for real data.")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from agssp_pipeline.demo import generate_demo
+
+    root = Path(args.root).resolve()
+    corpus = generate_demo(root, seed=args.seed)
+    print(f"demo corpus written to {corpus.root} (config: {corpus.config_path})")
+    code = _run(str(corpus.config_path), args.select, None)
+    print_summary(load_config(corpus.config_path))
+    return code
+
+
+def cmd_materialize(args: argparse.Namespace) -> int:
+    return _run(args.config, args.select, args.partition)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    print(f"{args.config}: valid, {len(config.sources)} sources "
+          f"({len(config.pretrain_sources())} pretraining, {len(config.downstream_sources())} downstream)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="agssp", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="write the synthetic demo corpus and run the whole chain on it")
+    demo.add_argument("--root", default="./agssp_demo", help="folder for the corpus, config and artifacts")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--select", default=None, help="asset selection (default: everything)")
+    demo.set_defaults(func=cmd_demo)
+
+    mat = sub.add_parser("materialize", help="materialise assets headless, in-process")
+    mat.add_argument("--config", default=None, help="agssp.yaml (default: $AGSSP_CONFIG)")
+    mat.add_argument("--select", default=None, help="Dagster asset selection, e.g. 'image_index' or 'key:anomaly_maps+'")
+    mat.add_argument("--partition", default=None, help="only this source (partition key)")
+    mat.set_defaults(func=cmd_materialize)
+
+    val = sub.add_parser("validate", help="validate a config file")
+    val.add_argument("--config", default=None)
+    val.set_defaults(func=cmd_validate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "config", "unset") is None:
+        import os
+
+        from agssp_pipeline.config import CONFIG_ENV_VAR
+
+        args.config = os.environ.get(CONFIG_ENV_VAR)
+        if not args.config:
+            print(f"agssp: no config: pass --config FILE or set {CONFIG_ENV_VAR}", file=sys.stderr)
+            return 2
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as error:
+        print(f"agssp: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
