@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	# ultralytics pulls opencv-python (GUI build); both install the same cv2 package: keep the headless one only.
 	$(PY) -m pip uninstall -q -y opencv-python || true
 	$(PY) -m pip install -q --force-reinstall --no-deps "opencv-python-headless>=4.8"
-	$(PY) -c "import cv2, torch, torchvision, dagster, open_clip, ultralytics; print('installed: torch', torch.__version__, 'cv2', cv2.__version__, 'dagster', dagster.__version__)"
+	$(PY) -c "import agssp_pipeline, cv2, torch, torchvision, dagster, open_clip, ultralytics; print('installed: torch', torch.__version__, 'cv2', cv2.__version__, 'dagster', dagster.__version__)"
 	touch $@
 
 demo: install
