@@ -1,0 +1,1 @@
+"""Evaluation of detectors: COCO-standard mAP from pipeline tables (``coco_map``)."""
