@@ -66,7 +66,7 @@ def test_faster_coco_eval_equals_pycocotools(seed):
     assert 0.05 < fast.map50 < 1.0  # a non-trivial case, not all zeros or all ones
     assert fast.map50 == reference.map50
     assert fast.map50_95 == reference.map50_95
-    assert np.allclose(fast.stats, reference.stats, atol=0, rtol=0, equal_nan=True)
+    assert np.allclose(fast.stats, reference.stats, atol=1e-12, rtol=0, equal_nan=True)  # recall stats: last bit
     for name in CLASSES[:2]:  # per-class curves: the C++ port sums in another order (last-bit differences)
         assert fast.per_class_ap50_95[name] == pytest.approx(reference.per_class_ap50_95[name], abs=1e-12)
         assert fast.per_class_ap50[name] == pytest.approx(reference.per_class_ap50[name], abs=1e-12)
