@@ -1,0 +1,157 @@
+"""Fixed, stored train/val splits of the downstream (labelled) datasets.
+
+Why stored: every finetune variant (scratch, AGBP, AGSSP, user weights) must see exactly the same images, and a
+re-run next month must too, otherwise deltas between variants measure the split, not the weights. The split is
+stratified by each image's dominant class (the class with most boxes) so small classes appear in val, seeded,
+and kept at ``storage_root/splits/<dataset>.parquet`` together with a fingerprint of the index it was made from;
+it is reused while that fingerprint and the split parameters are unchanged, and rebuilt (with a log line) when
+the labelled set changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+
+import fsspec
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from agssp_pipeline.storage import StorageLayout
+
+LOGGER = logging.getLogger(__name__)
+NO_BOX_CLASS = "(no boxes)"
+SPLIT_METADATA_KEY = b"agssp_split"
+SPLIT_COLUMNS = ["image_id", "split", "dominant_class", "few_shot"]
+
+
+@dataclass(frozen=True)
+class SplitParams:
+    val_fraction: float
+    seed: int
+    few_shot_train_images: int | None = None
+
+    def as_dict(self) -> dict:
+        return {"val_fraction": self.val_fraction, "seed": self.seed,
+                "few_shot_train_images": self.few_shot_train_images}
+
+
+def split_path(layout: StorageLayout, dataset: str) -> str:
+    return layout.path("splits", f"{dataset}.parquet")
+
+
+def dominant_class(image_ids: pd.Series, annotations: pd.DataFrame) -> pd.Series:
+    """Class with most boxes per image (ties: alphabetical), ``NO_BOX_CLASS`` for images without boxes."""
+    counts = annotations.groupby(["image_id", "class_name"]).size().rename("n").reset_index()
+    counts = counts.sort_values(["image_id", "n", "class_name"], ascending=[True, False, True])
+    top = counts.drop_duplicates("image_id").set_index("image_id")["class_name"]
+    return image_ids.map(top).fillna(NO_BOX_CLASS).rename("dominant_class")
+
+
+def _allocate(strata: pd.Series, fraction_or_count: float | int, rng: np.random.Generator) -> np.ndarray:
+    """Pick a stratified subset: per stratum, a share proportional to its size (largest remainder rounding).
+
+    Returns a boolean mask over ``strata``. The total is round(N * fraction) or exactly ``count``.
+    """
+    n_total = len(strata)
+    target = int(fraction_or_count) if isinstance(fraction_or_count, int) else round(n_total * fraction_or_count)
+    target = max(0, min(target, n_total))
+    groups = {name: np.flatnonzero(strata.to_numpy() == name) for name in sorted(strata.unique())}
+    exact = {name: len(members) * target / n_total for name, members in groups.items()} if n_total else {}
+    quota = {name: int(np.floor(value)) for name, value in exact.items()}
+    leftover = target - sum(quota.values())
+    by_remainder = sorted(exact, key=lambda name: (-(exact[name] - quota[name]), name))
+    for name in by_remainder[:leftover]:
+        quota[name] += 1
+    chosen = np.zeros(n_total, dtype=bool)
+    for name, members in groups.items():
+        picked = rng.permutation(members)[: quota[name]]
+        chosen[picked] = True
+    return chosen
+
+
+def make_split(images: pd.DataFrame, annotations: pd.DataFrame, params: SplitParams) -> pd.DataFrame:
+    """Stratified train/val split (+ optional stratified few-shot subset of train); deterministic in seed."""
+    if not 0.0 < params.val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {params.val_fraction}")
+    ids = pd.Series(sorted(images["image_id"].unique()), name="image_id")
+    if len(ids) < 2:
+        raise ValueError(f"a train/val split needs at least 2 images, got {len(ids)}")
+    strata = dominant_class(ids, annotations)
+    rng = np.random.default_rng(params.seed)
+    is_val = _allocate(strata, params.val_fraction, rng)
+    if is_val.all() or not is_val.any():
+        raise ValueError(f"val_fraction {params.val_fraction} leaves an empty train or val split of {len(ids)} images")
+    table = pd.DataFrame({"image_id": ids, "split": np.where(is_val, "val", "train"), "dominant_class": strata})
+    table["few_shot"] = False
+    if params.few_shot_train_images is not None:
+        train_rows = np.flatnonzero(~is_val)
+        if params.few_shot_train_images > len(train_rows):
+            raise ValueError(f"few-shot asks for {params.few_shot_train_images} training images, "
+                             f"the train split has {len(train_rows)}")
+        few = _allocate(strata.iloc[train_rows].reset_index(drop=True), int(params.few_shot_train_images), rng)
+        table.loc[train_rows[few], "few_shot"] = True
+    return table[SPLIT_COLUMNS]
+
+
+def index_fingerprint(images: pd.DataFrame, annotations: pd.DataFrame) -> str:
+    """Hash of the labelled set (image ids and their boxes), independent of row order."""
+    digest = hashlib.sha256()
+    for image_id in sorted(images["image_id"].astype(str)):
+        digest.update(image_id.encode() + b"\n")
+    boxes = annotations[["image_id", "class_name", "x1", "y1", "x2", "y2"]].copy()
+    boxes = boxes.sort_values(list(boxes.columns)).round(3)
+    digest.update(boxes.to_csv(index=False).encode())
+    return digest.hexdigest()[:16]
+
+
+def _read(path: str) -> tuple[pd.DataFrame, dict] | None:
+    fs, fs_path = fsspec.core.url_to_fs(path)
+    if not fs.exists(fs_path):
+        return None
+    with fs.open(fs_path, "rb") as handle:
+        table = pq.read_table(handle)
+    meta = json.loads((table.schema.metadata or {}).get(SPLIT_METADATA_KEY, b"{}"))
+    return table.to_pandas(), meta
+
+
+def _write(path: str, frame: pd.DataFrame, meta: dict) -> None:
+    fs, fs_path = fsspec.core.url_to_fs(path)
+    fs.makedirs(fs_path.rsplit("/", 1)[0], exist_ok=True)
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}),
+                                           SPLIT_METADATA_KEY: json.dumps(meta).encode()})
+    with fs.open(fs_path, "wb") as handle:
+        pq.write_table(table, handle)
+
+
+def load_or_create_split(
+    layout: StorageLayout, dataset: str, images: pd.DataFrame, annotations: pd.DataFrame, params: SplitParams
+) -> tuple[pd.DataFrame, dict]:
+    """The stored split of ``dataset`` if still valid for this index and these params, else a new stored one.
+
+    Returns (split table, metadata incl. ``fingerprint``, ``params`` and ``reused``).
+    """
+    path = split_path(layout, dataset)
+    fingerprint = index_fingerprint(images, annotations)
+    wanted = {"fingerprint": fingerprint, "params": params.as_dict(), "dataset": dataset}
+    stored = _read(path)
+    if stored is not None:
+        frame, meta = stored
+        if meta.get("fingerprint") == fingerprint and meta.get("params") == params.as_dict():
+            return frame, {**meta, "path": path, "reused": True}
+        LOGGER.warning("split of %s at %s was made for another index or parameters (%s); rebuilding it",
+                       dataset, path, {k: meta.get(k) for k in ("fingerprint", "params")})
+    frame = make_split(images, annotations, params)
+    _write(path, frame, wanted)
+    return frame, {**wanted, "path": path, "reused": False}
+
+
+def split_summary(split: pd.DataFrame) -> pd.DataFrame:
+    """Images per dominant class and split (for asset metadata)."""
+    return split.pivot_table(index="dominant_class", columns="split", values="image_id", aggfunc="count",
+                             fill_value=0)
