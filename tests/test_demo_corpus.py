@@ -1,0 +1,288 @@
+"""The synthetic demo corpus: deterministic, native layouts, exact ground truth, visible-not-trivial defects."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from agssp_pipeline.config import load_config
+from agssp_pipeline.demo import (
+    DEMO_SOURCES,
+    generate_demo,
+    ground_truth,
+    ground_truth_images,
+    image_id_of,
+    read_instance_mask,
+)
+from agssp_pipeline.demo.defects import DEFECTS, plant_defect
+from agssp_pipeline.demo.textures import TEXTURES, make_texture
+
+SMALL = 0.25  # a quarter-size corpus keeps the byte-comparison tests fast
+
+
+def _tree_digest(root: Path) -> dict[str, str]:
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def _grey(path: Path) -> np.ndarray:
+    with Image.open(path) as image:
+        if image.mode.startswith("I"):  # 16-bit PNG: keep the top byte
+            return (np.asarray(image).astype(np.uint32) >> 8).astype(np.uint8)
+        return np.asarray(image.convert("L"))
+
+
+@pytest.fixture(scope="module")
+def corpus(demo_corpus):
+    return demo_corpus
+
+
+def test_same_seed_same_bytes_and_other_files_untouched(tmp_path):
+    first = generate_demo(tmp_path / "a", seed=3, scale=SMALL)
+    second = generate_demo(tmp_path / "b", seed=3, scale=SMALL)
+    digest_a, digest_b = _tree_digest(first.root), _tree_digest(second.root)
+    assert digest_a == digest_b
+    assert any(name.endswith(".jpg") for name in digest_a) and any(name.endswith(".png") for name in digest_a)
+
+    # regenerating in place: identical bytes, untouched mtimes, foreign files and pipeline outputs left alone
+    foreign = first.root / "sources" / "demo_plant_line1" / "operator_notes.txt"
+    foreign.write_text("keep me")
+    (first.storage_root / "index").mkdir(parents=True)
+    (first.storage_root / "index" / "demo_plant_line1.parquet").write_bytes(b"pipeline output")
+    some_image = next((first.root / "sources" / "demo_rolled_voc" / "IMAGES").glob("*.jpg"))
+    mtime = some_image.stat().st_mtime_ns
+    again = generate_demo(first.root, seed=3, scale=SMALL)
+    assert _tree_digest(again.root) == {**digest_a, **_tree_digest(first.root)}
+    assert foreign.read_text() == "keep me"
+    assert (first.storage_root / "index" / "demo_plant_line1.parquet").read_bytes() == b"pipeline output"
+    assert some_image.stat().st_mtime_ns == mtime
+
+
+def test_different_seed_different_images(tmp_path):
+    a = generate_demo(tmp_path / "a", seed=0, scale=SMALL)
+    b = generate_demo(tmp_path / "b", seed=1, scale=SMALL)
+    images_a = {k: v for k, v in _tree_digest(a.root / "sources").items() if k.endswith((".jpg", ".png"))}
+    images_b = {k: v for k, v in _tree_digest(b.root / "sources").items() if k.endswith((".jpg", ".png"))}
+    shared = set(images_a) & set(images_b)
+    assert shared
+    differing = sum(images_a[k] != images_b[k] for k in shared)
+    assert differing >= 0.9 * len(shared)
+
+
+def test_scale_changes_image_count(tmp_path):
+    small = generate_demo(tmp_path / "s", seed=0, scale=SMALL)
+    assert all(small.images[name] < 30 for name in small.sources)
+    with pytest.raises(ValueError, match="scale"):
+        generate_demo(tmp_path / "bad", seed=0, scale=0)
+
+
+def test_config_validates_and_points_at_sources(corpus):
+    config = load_config(corpus.config_path)
+    assert Path(config.storage_root) == corpus.storage_root
+    assert config.source_names == corpus.sources == [s.name for s in DEMO_SOURCES]
+    by_name = {s.name: s for s in config.sources}
+    assert by_name["demo_plant_line1"].kind == "plant"
+    assert by_name["demo_plant_line1"].format == "image_folder"
+    assert by_name["demo_plant_line1"].category == "brushed_steel"
+    assert by_name["demo_rolled_voc"].format == "voc"
+    assert by_name["demo_billet_masks"].format == "mask_folder"
+    assert by_name["demo_downstream"].format == "yolo"
+    assert [s.name for s in config.downstream_sources()] == ["demo_downstream"]
+    assert "demo_downstream" not in [s.name for s in config.pretrain_sources()]
+    for source in config.sources:
+        assert Path(source.root) == corpus.source_roots[source.name]
+        assert Path(source.root).is_dir()
+        for normal in source.normal_subfolders:
+            assert (Path(source.root) / normal).is_dir()
+    assert config.kead.encoder == "cnn_fewshot" and config.kead.k_shot == 4
+    # relative paths: the config survives moving the corpus folder
+    raw = yaml.safe_load(corpus.config_path.read_text())
+    assert not Path(raw["storage_root"]).is_absolute()
+    assert all(not Path(s["root"]).is_absolute() for s in raw["sources"])
+    assert "synthetic" in (corpus.root / "README.txt").read_text().lower()
+
+
+def test_ground_truth_is_outside_every_source_root(corpus):
+    for source_root in corpus.source_roots.values():
+        assert not corpus.ground_truth_dir.resolve().is_relative_to(source_root.resolve())
+    plant_files = {p.suffix for p in corpus.source_roots["demo_plant_line1"].rglob("*") if p.is_file()}
+    assert plant_files <= {".jpg", ".png"}  # no labels of any kind next to the plant images
+
+
+@pytest.mark.parametrize("source", [s.name for s in DEMO_SOURCES])
+def test_boxes_match_masks_and_files(corpus, source):
+    images = ground_truth_images(corpus.root, source)
+    boxes = ground_truth(corpus.root, source)
+    assert len(images) == corpus.images[source] and len(boxes) == corpus.defects[source]
+    assert 0 < corpus.normal_images[source] < len(images)
+    assert len(boxes) >= 20
+    for row in images.itertuples():
+        data = Path(row.path).read_bytes()
+        assert image_id_of(data) == row.image_id
+        with Image.open(row.path) as image:
+            assert image.size == (row.width, row.height)
+        labels = read_instance_mask(row.mask_path)
+        assert labels.shape == (row.height, row.width)
+        own = boxes[boxes["file"] == (row.duplicate_of_file or row.file)]
+        assert len(own) == row.n_defects
+        assert row.is_normal == (row.n_defects == 0)
+        assert set(np.unique(labels)) - {0} == set(own["instance"])
+        for box in own.itertuples():
+            instance = labels == box.instance
+            assert instance.sum() == box.mask_area > 0
+            assert 0 <= box.x1 < box.x2 <= row.width and 0 <= box.y1 < box.y2 <= row.height
+            x, y, w, h = cv2.boundingRect(instance.astype(np.uint8))
+            assert (box.x1, box.y1, box.x2, box.y2) == (x, y, x + w, y + h)
+
+
+def _local_contrast(grey: np.ndarray, mask: np.ndarray) -> float:
+    """|mean inside - mean of a surrounding ring| in units of the ring's standard deviation."""
+    grey = grey.astype(np.float32)
+    near = cv2.dilate(mask.astype(np.uint8), np.ones((15, 15), np.uint8)).astype(bool)
+    gap = cv2.dilate(mask.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
+    ring = near & ~gap
+    return abs(float(grey[mask].mean() - grey[ring].mean())) / (float(grey[ring].std()) + 1e-6)
+
+
+def test_defects_visible_but_not_trivial(corpus):
+    contrasts, saturated = [], []
+    for source in corpus.sources:
+        for row in ground_truth_images(corpus.root, source).itertuples():
+            grey = _grey(Path(row.path))
+            saturated.append(float(((grey == 0) | (grey == 255)).mean()))
+            labels = read_instance_mask(row.mask_path)
+            contrasts += [_local_contrast(grey, labels == k) for k in range(1, int(labels.max()) + 1)]
+    contrasts_arr = np.asarray(contrasts)
+    assert len(contrasts_arr) > 100
+    # visible: almost every defect stands out from its neighbourhood ...
+    assert np.mean(contrasts_arr > 0.5) > 0.9
+    # ... but not as a trivial black-on-white blob
+    assert 0.8 < np.median(contrasts_arr) < 6.0
+    assert max(saturated) < 0.01
+
+
+def test_backgrounds_have_texture(corpus):
+    for source in corpus.sources:
+        normal = ground_truth_images(corpus.root, source).query("is_normal")
+        for row in normal.head(3).itertuples():
+            grey = _grey(Path(row.path)).astype(np.float32)
+            assert 4.0 < grey.std() < 40.0
+            assert 40 < grey.mean() < 210
+
+
+def test_plant_folder_has_bad_and_unusual_files(corpus):
+    root = corpus.source_roots["demo_plant_line1"]
+    bad = {Path(name).name: root / name for name in corpus.bad_files["demo_plant_line1"]}
+    assert len(bad) == 3
+    zero = next(p for n, p in bad.items() if "zero" in n)
+    assert zero.suffix == ".jpg" and zero.stat().st_size == 0
+    truncated = next(p for n, p in bad.items() if "truncated" in n)
+    assert cv2.imread(str(truncated)) is None or not truncated.read_bytes().endswith(b"\xff\xd9")
+    text = next(p for n, p in bad.items() if p.suffix == ".png")
+    assert cv2.imread(str(text)) is None
+    with Image.open(next(root.rglob("*_cmyk.jpg"))) as cmyk:
+        assert cmyk.mode == "CMYK"
+    sixteen = cv2.imread(str(next(root.rglob("*_16bit.png"))), cv2.IMREAD_UNCHANGED)
+    assert sixteen.dtype == np.uint16
+    images = ground_truth_images(corpus.root, "demo_plant_line1")
+    duplicates = images.dropna(subset=["duplicate_of_file"])
+    assert len(duplicates) == 1
+    original = images[images["file"] == duplicates.iloc[0]["duplicate_of_file"]].iloc[0]
+    assert original["image_id"] == duplicates.iloc[0]["image_id"]
+    assert len({p.parent.name for p in root.rglob("*.jpg")}) == 2
+    manifest = json.loads((corpus.ground_truth_dir / "manifest.json").read_text())
+    assert {b["file"] for b in manifest["sources"]["demo_plant_line1"]["bad_files"]} == set(
+        corpus.bad_files["demo_plant_line1"]
+    )
+
+
+def test_voc_layout_with_missing_image_and_out_of_bounds_box(corpus):
+    root = corpus.source_roots["demo_rolled_voc"]
+    boxes = ground_truth(corpus.root, "demo_rolled_voc")
+    out_of_bounds, missing = 0, 0
+    for xml_path in sorted((root / "ANNOTATIONS").glob("*.xml")):
+        tree = ET.parse(xml_path).getroot()
+        filename = tree.findtext("filename")
+        image_path = root / "IMAGES" / filename
+        if not image_path.exists():
+            missing += 1
+            continue
+        width, height = int(tree.findtext("size/width")), int(tree.findtext("size/height"))
+        objects = tree.findall("object")
+        truth = boxes[boxes["file"] == f"IMAGES/{filename}"].sort_values("instance")
+        assert len(objects) == len(truth)
+        for obj, box in zip(objects, truth.itertuples(), strict=True):
+            assert obj.findtext("name") == box.class_name
+            xmin, ymin, xmax, ymax = (int(obj.findtext(f"bndbox/{k}")) for k in ("xmin", "ymin", "xmax", "ymax"))
+            assert (xmin - 1, ymin - 1) == (box.x1, box.y1)
+            if xmax > width or ymax > height:
+                out_of_bounds += 1
+            else:
+                assert (xmax, ymax) == (box.x2, box.y2)
+    assert missing == 1 and out_of_bounds == 1
+    assert set(boxes["class_name"]) == {"scratch", "pit", "inclusion", "patch"}
+
+
+def test_mask_folder_layout(corpus):
+    root = corpus.source_roots["demo_billet_masks"]
+    config = load_config(corpus.config_path).source("demo_billet_masks")
+    normals = list((root / config.normal_subfolders[0]).rglob("*.jpg"))
+    assert len(normals) >= 8
+    images = ground_truth_images(corpus.root, "demo_billet_masks")
+    for row in images.itertuples():
+        image_path = Path(row.path)
+        assert image_path.parent.name == "Imgs"
+        mask = cv2.imread(str(image_path.with_suffix(".png")), cv2.IMREAD_GRAYSCALE)
+        truth = read_instance_mask(row.mask_path) > 0
+        np.testing.assert_array_equal(mask > 127, truth)
+        assert row.is_normal == image_path.parents[1].name.startswith("Free")
+        with Image.open(image_path) as image:
+            assert image.mode == "L"  # single-channel JPEG like the magnetic-tile set
+
+
+def test_yolo_layout(corpus):
+    root = corpus.source_roots["demo_downstream"]
+    data = yaml.safe_load((root / "data.yaml").read_text())
+    names = data["names"]
+    assert len(names) == 3
+    boxes = ground_truth(corpus.root, "demo_downstream")
+    for row in ground_truth_images(corpus.root, "demo_downstream").itertuples():
+        label = root / "labels" / (Path(row.file).stem + ".txt")
+        lines = [line.split() for line in label.read_text().splitlines() if line.strip()]
+        truth = boxes[boxes["file"] == row.file].sort_values("instance")
+        assert len(lines) == len(truth)
+        for (cls, cx, cy, w, h), box in zip(lines, truth.itertuples(), strict=True):
+            assert names[int(cls)] == box.class_name
+            x1 = (float(cx) - float(w) / 2) * row.width
+            y2 = (float(cy) + float(h) / 2) * row.height
+            assert abs(x1 - box.x1) < 1e-3 * row.width and abs(y2 - box.y2) < 1e-3 * row.height
+
+
+def test_ground_truth_unknown_source_and_missing_corpus(tmp_path, corpus):
+    with pytest.raises(KeyError, match="unknown demo source"):
+        ground_truth(corpus.root, "neu_det")
+    with pytest.raises(FileNotFoundError, match="generate_demo"):
+        ground_truth(tmp_path, "demo_plant_line1")
+
+
+@pytest.mark.parametrize("texture", sorted(TEXTURES))
+@pytest.mark.parametrize("defect", sorted(DEFECTS))
+def test_every_defect_type_plants_on_every_texture(texture, defect):
+    rng = np.random.default_rng(7)
+    surface = make_texture(texture, rng, 160, 160)
+    result = plant_defect(rng, surface, defect, np.zeros(surface.shape, dtype=bool))
+    assert result is not None
+    changed, planted = result
+    assert planted.mask.any() and planted.class_name == defect
+    assert np.abs(changed - surface)[planted.mask].mean() > 5.0
