@@ -1,0 +1,33 @@
+"""Multi-source image ingestion: native dataset layouts -> one image index per source.
+
+``ingest_source(source, known_hashes)`` returns an ``IngestResult`` (images, annotations, quarantine)
+whose ``write(layout, name)`` stores ``index/<name>.parquet`` and its two companions. Formats are
+adapters in ``FORMAT_ADAPTERS`` (see ``formats.py`` for their options). No Dagster here.
+"""
+
+from agssp_pipeline.sources.fingerprint import folder_fingerprint
+from agssp_pipeline.sources.formats import FORMAT_ADAPTERS
+from agssp_pipeline.sources.ingest import (
+    IngestResult,
+    ingest_source,
+    known_hashes_from,
+    parquet_exists,
+    read_parquet,
+)
+from agssp_pipeline.sources.probe import ImageProbe, probe_image
+from agssp_pipeline.sources.schema import ANNOTATION_SCHEMA, INDEX_SCHEMA, QUARANTINE_SCHEMA
+
+__all__ = [
+    "ANNOTATION_SCHEMA",
+    "FORMAT_ADAPTERS",
+    "INDEX_SCHEMA",
+    "QUARANTINE_SCHEMA",
+    "ImageProbe",
+    "IngestResult",
+    "folder_fingerprint",
+    "ingest_source",
+    "known_hashes_from",
+    "parquet_exists",
+    "probe_image",
+    "read_parquet",
+]

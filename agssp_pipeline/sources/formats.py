@@ -1,0 +1,380 @@
+"""Format adapters: one function per dataset layout, registered in ``FORMAT_ADAPTERS``.
+
+Each adapter reads the layout and annotation files of one source and returns a ``Scan``. None opens an
+image. Options (``SourceConfig.options``) per format:
+
+image_folder  images (subfolder, default: root), split (constant split name)
+voc           layouts: list of {images, annotations, split}; or images + annotations (+ split).
+              Default: every pair present among IMAGES/ANNOTATIONS, Validation_Images/Validation_Annotations
+              (split "validation") and JPEGImages/Annotations (VOC devkit). XML matched to images by stem.
+yolo          names (list or {index: name}); else data.yaml/dataset.yaml 'names', else classes.txt, else
+              ``classes``, else the index as text. Labels: the last 'images' path component replaced by
+              'labels', suffix .txt (the ultralytics rule). Split from the folder next to 'images'.
+coco          annotation_files: {split: path} or a list of paths (default: *.json in root/annotations and
+              root); images (folder file_name is relative to, default root/images if present, else root).
+mask_folder   images (default root), mask_dir (parallel folder mirroring images/; default: masks beside the
+              images), mask_suffix (default "" -> same stem), mask_ext (default .png), mask_threshold (127),
+              min_component_area (1), defect_class (fixed class name; default: first subfolder name with
+              class_strip_prefix removed, e.g. "MT_").
+severstal_rle csv (default train.csv), images (default train_images), class_names ({ClassId: name}).
+"""
+
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from agssp_pipeline.config import SOURCE_FORMATS, SourceConfig
+from agssp_pipeline.sources.scan import (
+    RawBox,
+    Scan,
+    by_stem,
+    list_files,
+    list_images,
+    make_entry,
+    option,
+    relative_parts,
+)
+
+SPLIT_FOLDER_NAMES = frozenset({"train", "training", "val", "valid", "validation", "test", "testing"})
+
+
+def _subdir(root: Path, name: str | None, default: Path | None = None) -> Path:
+    return (root / name) if name else (default if default is not None else root)
+
+
+# --------------------------------------------------------------------------------------------- image_folder
+def scan_image_folder(source: SourceConfig, root: Path) -> Scan:
+    scan = Scan()
+    base = _subdir(root, option(source, "images"))
+    if not base.is_dir():
+        raise FileNotFoundError(f"source '{source.name}': images folder {base} does not exist")
+    for path in list_images(base):
+        make_entry(scan, source, root, base, path)
+    return scan
+
+
+# ---------------------------------------------------------------------------------------------------- voc
+DEFAULT_VOC_LAYOUTS = (
+    {"images": "IMAGES", "annotations": "ANNOTATIONS", "split": None},
+    {"images": "Validation_Images", "annotations": "Validation_Annotations", "split": "validation"},
+    {"images": "JPEGImages", "annotations": "Annotations", "split": None},
+)
+
+
+def _voc_layouts(source: SourceConfig, root: Path) -> list[dict]:
+    if "layouts" in source.options:
+        return list(source.options["layouts"])
+    if "images" in source.options or "annotations" in source.options:
+        return [{"images": option(source, "images", "JPEGImages"), "annotations": option(source, "annotations", "Annotations"),
+                 "split": option(source, "split")}]
+    found = [layout for layout in DEFAULT_VOC_LAYOUTS if (root / layout["images"]).is_dir()]
+    if not found:
+        names = ", ".join(layout["images"] for layout in DEFAULT_VOC_LAYOUTS)
+        raise FileNotFoundError(f"source '{source.name}': no VOC image folder ({names}) under {root}; set options.layouts")
+    return found
+
+
+def _voc_objects(xml_path: Path) -> list[tuple[str, float, float, float, float] | str]:
+    """Objects of one VOC file; an entry is a box tuple or, for a malformed object, the reason text."""
+    tree = ET.parse(xml_path)
+    objects: list[tuple[str, float, float, float, float] | str] = []
+    for number, obj in enumerate(tree.getroot().iter("object"), start=1):
+        name = (obj.findtext("name") or "").strip()
+        box = obj.find("bndbox")
+        if not name or box is None:
+            objects.append(f"object {number}: missing name or bndbox")
+            continue
+        try:
+            coords = [float(box.findtext(tag) or "nan") for tag in ("xmin", "ymin", "xmax", "ymax")]
+        except ValueError:
+            objects.append(f"object {number}: non-numeric bndbox")
+            continue
+        objects.append((name, *coords))
+    return objects
+
+
+def scan_voc(source: SourceConfig, root: Path) -> Scan:
+    scan = Scan()
+    for layout in _voc_layouts(source, root):
+        images_dir, annotations_dir = root / layout["images"], root / layout["annotations"]
+        if not images_dir.is_dir():
+            raise FileNotFoundError(f"source '{source.name}': VOC images folder {images_dir} does not exist")
+        images = by_stem(list_images(images_dir))
+        xml_files = by_stem(list_files(annotations_dir, {".xml"})) if annotations_dir.is_dir() else {}
+        for stem, image_path in images.items():
+            xml_path = xml_files.get(stem)
+            is_normal = None
+            if xml_path is not None:
+                try:
+                    objects = _voc_objects(xml_path)
+                except (ET.ParseError, OSError) as error:
+                    scan.reject(xml_path, f"unreadable VOC XML: {error}")
+                    objects = None
+                if objects is not None:
+                    is_normal = not objects
+                    for item in objects:
+                        if isinstance(item, str):
+                            scan.reject(xml_path, item)
+                        else:
+                            scan.boxes.append(RawBox(image_path, *item, origin=str(xml_path)))
+            make_entry(scan, source, root, images_dir, image_path, split=layout.get("split"), is_normal=is_normal)
+        for stem, xml_path in xml_files.items():
+            if stem not in images:
+                scan.reject(xml_path, f"annotation references a missing image '{stem}.*' in {images_dir}")
+    return scan
+
+
+# --------------------------------------------------------------------------------------------------- yolo
+def _names_from_mapping(names) -> dict[int, str]:
+    if isinstance(names, dict):
+        return {int(k): str(v) for k, v in names.items()}
+    if isinstance(names, list):
+        return {i: str(v) for i, v in enumerate(names)}
+    raise ValueError(f"'names' must be a list or mapping, got {type(names).__name__}")
+
+
+def _yolo_names(source: SourceConfig, root: Path, scan: Scan) -> dict[int, str] | None:
+    if "names" in source.options:
+        return _names_from_mapping(source.options["names"])
+    for file in (root / "data.yaml", root / "dataset.yaml"):
+        if file.is_file():
+            try:
+                return _names_from_mapping((yaml.safe_load(file.read_text()) or {})["names"])
+            except Exception as error:
+                scan.reject(file, f"unreadable YOLO dataset YAML ({type(error).__name__}: {error}); class names not taken from it")
+    for file in (root / "classes.txt", root / "labels" / "classes.txt"):
+        if file.is_file():
+            lines = [line.strip() for line in file.read_text(errors="replace").splitlines()]
+            return {i: name for i, name in enumerate(line for line in lines if line)}
+    if source.classes:
+        return dict(enumerate(source.classes))
+    return None
+
+
+def _yolo_label_path(image_path: Path, images_name: str, labels_name: str) -> Path | None:
+    parts = list(image_path.parts)
+    for i in range(len(parts) - 1, -1, -1):
+        if parts[i] == images_name:
+            parts[i] = labels_name
+            return Path(*parts).with_suffix(".txt")
+    return None
+
+
+def _yolo_split(rel: tuple[str, ...], images_name: str) -> str | None:
+    if images_name in rel:
+        i = rel.index(images_name)
+        for candidate in (rel[i + 1] if i + 1 < len(rel) - 1 else None, rel[i - 1] if i > 0 else None):
+            if candidate and candidate.lower() in SPLIT_FOLDER_NAMES:
+                return candidate
+    return None
+
+
+def scan_yolo(source: SourceConfig, root: Path) -> Scan:
+    scan = Scan()
+    images_name, labels_name = option(source, "images", "images"), option(source, "labels", "labels")
+    names = _yolo_names(source, root, scan)
+    images = [p for p in list_images(root) if images_name in relative_parts(p, root)]
+    if not images:
+        raise FileNotFoundError(f"source '{source.name}': no images under a '{images_name}' folder in {root}")
+    for image_path in images:
+        label_path = _yolo_label_path(image_path, images_name, labels_name)
+        is_normal = None
+        if label_path is not None and label_path.is_file():
+            try:
+                lines = label_path.read_text().splitlines()
+            except (OSError, UnicodeDecodeError) as error:
+                scan.reject(label_path, f"unreadable YOLO label file: {error}")
+                lines = None
+            if lines is not None:
+                rows = [(n, line.split()) for n, line in enumerate(lines, start=1) if line.strip()]
+                is_normal = not rows
+                for number, values in rows:
+                    _yolo_box(scan, image_path, label_path, number, values, names)
+        split = option(source, "split") or _yolo_split(relative_parts(image_path, root), images_name)
+        make_entry(scan, source, root, root, image_path, split=split, is_normal=is_normal)
+    return scan
+
+
+def _yolo_box(scan: Scan, image_path: Path, label_path: Path, number: int, values: list[str],
+              names: dict[int, str] | None) -> None:
+    try:
+        numbers = [float(v) for v in values]
+    except ValueError:
+        scan.reject(label_path, f"line {number}: non-numeric values")
+        return
+    if len(numbers) < 5 or (len(numbers) > 5 and len(numbers) % 2 == 0):
+        scan.reject(label_path, f"line {number}: expected 'class cx cy w h' or a polygon, got {len(numbers)} values")
+        return
+    index = int(numbers[0])
+    if index != numbers[0] or index < 0 or (names is not None and index not in names):
+        scan.reject(label_path, f"line {number}: unknown class index {values[0]}")
+        return
+    class_name = names[index] if names is not None else str(index)
+    if len(numbers) == 5:
+        cx, cy, w, h = numbers[1:]
+        box = (cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2)
+    else:  # segmentation polygon: its bounding box
+        xs, ys = numbers[1::2], numbers[2::2]
+        box = (min(xs), min(ys), max(xs), max(ys))
+    scan.boxes.append(RawBox(image_path, class_name, *box, origin=str(label_path), normalized=True))
+
+
+# --------------------------------------------------------------------------------------------------- coco
+def _coco_files(source: SourceConfig, root: Path) -> list[tuple[str | None, Path]]:
+    given = source.options.get("annotation_files")
+    if isinstance(given, dict):
+        return [(split, root / path) for split, path in given.items()]
+    if isinstance(given, list | str):
+        return [(None, root / path) for path in ([given] if isinstance(given, str) else given)]
+    found = sorted((root / "annotations").glob("*.json")) if (root / "annotations").is_dir() else []
+    found += sorted(root.glob("*.json"))
+    if not found:
+        raise FileNotFoundError(f"source '{source.name}': no COCO JSON in {root}/annotations or {root}; set options.annotation_files")
+    return [(_split_from_name(path.stem), path) for path in found]
+
+
+def _split_from_name(stem: str) -> str | None:
+    lowered = stem.lower()
+    for split in ("train", "val", "test"):
+        if split in lowered:
+            return split
+    return None
+
+
+def scan_coco(source: SourceConfig, root: Path) -> Scan:
+    scan = Scan()
+    images_dir = _subdir(root, option(source, "images"), root / "images" if (root / "images").is_dir() else root)
+    on_disk = list_images(images_dir)
+    by_relative = {p.relative_to(images_dir).as_posix(): p for p in on_disk}
+    by_name = {}
+    for path in on_disk:
+        by_name.setdefault(path.name, path)
+    known: dict[Path, dict] = {}  # image path -> {"split", "is_normal"}
+    for split, json_path in _coco_files(source, root):
+        try:
+            data = json.loads(json_path.read_text())
+            categories = {int(c["id"]): str(c["name"]) for c in data.get("categories", [])}
+            records = {int(im["id"]): str(im["file_name"]) for im in data["images"]}
+            annotations = list(data.get("annotations", []))
+        except Exception as error:
+            scan.reject(json_path, f"unreadable COCO JSON ({type(error).__name__}: {error})")
+            continue
+        resolved: dict[int, Path] = {}
+        for image_key, file_name in records.items():
+            candidates = (file_name, f"{split}/{file_name}" if split else None, Path(file_name).name)
+            path = next((by_relative[c] for c in candidates[:2] if c in by_relative), None) or by_name.get(candidates[2])
+            if path is None:
+                scan.reject(json_path, f"annotation references a missing image '{file_name}' (id {image_key})")
+                continue
+            resolved[image_key] = path
+            known.setdefault(path, {"split": option(source, "split") or split, "objects": 0})
+        for number, ann in enumerate(annotations, start=1):
+            image_key, category_id, bbox = ann.get("image_id"), ann.get("category_id"), ann.get("bbox")
+            if image_key not in resolved:
+                if image_key not in records:
+                    scan.reject(json_path, f"annotation {ann.get('id', number)} references unknown image id {image_key}")
+                continue  # missing file already reported once
+            known[resolved[image_key]]["objects"] += 1
+            if category_id not in categories:
+                scan.reject(json_path, f"annotation {ann.get('id', number)}: unknown category id {category_id}")
+                continue
+            try:
+                x, y, w, h = (float(v) for v in bbox)
+            except (TypeError, ValueError):
+                scan.reject(json_path, f"annotation {ann.get('id', number)}: bbox must be 4 numbers, got {bbox!r}")
+                continue
+            scan.boxes.append(RawBox(resolved[image_key], categories[category_id], x, y, x + w, y + h, origin=str(json_path)))
+    for path in on_disk:
+        info = known.get(path)
+        is_normal = None if info is None else info["objects"] == 0
+        split = info["split"] if info else option(source, "split")
+        make_entry(scan, source, root, images_dir, path, split=split, is_normal=is_normal)
+    return scan
+
+
+# -------------------------------------------------------------------------------------------- mask_folder
+def scan_mask_folder(source: SourceConfig, root: Path) -> Scan:
+    scan = Scan()
+    images_dir = _subdir(root, option(source, "images"))
+    mask_dir_name = option(source, "mask_dir")
+    mask_dir = root / mask_dir_name if mask_dir_name else None
+    suffix, mask_ext = option(source, "mask_suffix", ""), option(source, "mask_ext", ".png").lower()
+    fixed_class, strip_prefix = option(source, "defect_class"), option(source, "class_strip_prefix", "")
+    files = list_images(images_dir, exclude=[mask_dir] if mask_dir else ())
+    if mask_dir is not None:
+        candidates = files
+        mask_of = {p: mask_dir / p.relative_to(images_dir).parent / f"{p.stem}{suffix}{mask_ext}" for p in candidates}
+    else:
+        stems_by_folder: dict[tuple[Path, str], list[Path]] = {}
+        for path in files:
+            stems_by_folder.setdefault((path.parent, path.stem), []).append(path)
+
+        def is_mask(path: Path) -> bool:
+            if path.suffix.lower() != mask_ext:
+                return False
+            if suffix:
+                return path.stem.endswith(suffix)
+            return any(other.suffix.lower() != mask_ext for other in stems_by_folder[(path.parent, path.stem)])
+
+        candidates = [p for p in files if not is_mask(p)]
+        mask_of = {p: p.parent / f"{p.stem}{suffix}{mask_ext}" for p in candidates}
+    for path in candidates:
+        mask_path = mask_of[path] if mask_of[path].is_file() else None
+        rel = relative_parts(path, images_dir)
+        mask_class = fixed_class or (rel[0].removeprefix(strip_prefix) if len(rel) > 1 else source.category or source.name)
+        make_entry(scan, source, root, images_dir, path, mask_path=mask_path, mask_class=mask_class)
+    return scan
+
+
+# ----------------------------------------------------------------------------------------- severstal_rle
+def scan_severstal_rle(source: SourceConfig, root: Path) -> Scan:
+    scan = Scan()
+    csv_path = root / option(source, "csv", "train.csv")
+    images_dir = _subdir(root, option(source, "images", "train_images"))
+    if not images_dir.is_dir():
+        raise FileNotFoundError(f"source '{source.name}': images folder {images_dir} does not exist")
+    class_names = {str(k): str(v) for k, v in (option(source, "class_names") or {}).items()}
+    images = list_images(images_dir)
+    by_name = {p.name: p for p in images}
+    runs: dict[str, list[tuple[str, str, str]]] = {}
+    try:
+        table = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+        if "ImageId_ClassId" in table.columns:  # the 2019 competition's first layout
+            table[["ImageId", "ClassId"]] = table["ImageId_ClassId"].str.rsplit("_", n=1, expand=True)
+        missing = {"ImageId", "ClassId", "EncodedPixels"} - set(table.columns)
+        if missing:
+            raise ValueError(f"missing columns {sorted(missing)}")
+        labelled = True
+    except Exception as error:
+        scan.reject(csv_path, f"unreadable run-length CSV ({type(error).__name__}: {error}); images indexed without labels")
+        table, labelled = pd.DataFrame(columns=["ImageId", "ClassId", "EncodedPixels"]), False
+    for image_name, class_id, encoded in table[["ImageId", "ClassId", "EncodedPixels"]].itertuples(index=False):
+        if image_name not in by_name:
+            scan.reject(csv_path, f"row references a missing image '{image_name}'")
+            continue
+        if encoded.strip():
+            runs.setdefault(image_name, []).append((class_names.get(class_id, class_id), encoded, str(csv_path)))
+    for path in images:
+        entry_runs = runs.get(path.name, [])
+        make_entry(scan, source, root, images_dir, path, rle=entry_runs,
+                   is_normal=(not entry_runs) if labelled else None)
+    return scan
+
+
+FormatAdapter = Callable[[SourceConfig, Path], Scan]
+
+FORMAT_ADAPTERS: dict[str, FormatAdapter] = {
+    "image_folder": scan_image_folder,
+    "voc": scan_voc,
+    "yolo": scan_yolo,
+    "coco": scan_coco,
+    "mask_folder": scan_mask_folder,
+    "severstal_rle": scan_severstal_rle,
+}
+assert set(FORMAT_ADAPTERS) == set(SOURCE_FORMATS), "every configured format needs an adapter"

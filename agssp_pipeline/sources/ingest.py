@@ -1,0 +1,339 @@
+"""``ingest_source``: one source folder -> image index, annotations and quarantine tables.
+
+Steps: the format adapter lists candidates and raw boxes (no image opened); a thread pool hashes and
+decodes every candidate and reads masks / run-lengths (hashlib, PIL and OpenCV release the GIL); then a
+single ordered pass decides duplicates and checks boxes against the decoded sizes. Output rows are
+sorted by path, so re-ingesting an unchanged folder writes byte-identical Parquet files.
+
+Duplicates (same bytes) keep their index row and their boxes, with ``duplicate_of`` set to the shared
+image_id: image_id is therefore not unique in the index, and ``index[index.duplicate_of.isna()]`` is the
+de-duplicated view. Within a source the first path in sorted order is the original; across sources the
+caller passes ``known_hashes`` (image_id -> source name) of the sources that take precedence.
+
+Nothing here moves, modifies or deletes a user file; every problem becomes a quarantine row.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from agssp_pipeline.config import SourceConfig
+from agssp_pipeline.sources.formats import FORMAT_ADAPTERS
+from agssp_pipeline.sources.probe import ImageProbe, probe_image
+from agssp_pipeline.sources.regions import boxes_from_mask, check_box, decode_rle, read_mask
+from agssp_pipeline.sources.scan import ImageEntry, RawBox, option
+from agssp_pipeline.sources.schema import (
+    ACTION_CLIPPED,
+    ACTION_CONVERTED,
+    ACTION_FLAGGED,
+    ACTION_QUARANTINED,
+    ANNOTATION_SCHEMA,
+    INDEX_SCHEMA,
+    KIND_ANNOTATION,
+    KIND_IMAGE,
+    KIND_MASK,
+    QUARANTINE_SCHEMA,
+    QuarantineRow,
+    frame,
+    to_table,
+)
+from agssp_pipeline.storage import StorageLayout
+
+log = logging.getLogger(__name__)
+
+
+def default_workers() -> int:
+    return min(16, 2 * (os.cpu_count() or 1))
+
+
+@dataclass
+class _Outcome:
+    """The parallel part's verdict on one candidate image."""
+
+    entry: ImageEntry
+    probe: ImageProbe
+    boxes: list[RawBox] = field(default_factory=list)
+    mask_path: str | None = None
+    is_normal: bool | None = None
+    notes: list[QuarantineRow] = field(default_factory=list)
+
+
+def _mask_outcome(outcome: _Outcome, source: SourceConfig) -> None:
+    entry, probe = outcome.entry, outcome.probe
+    mask_file = str(entry.mask_path)
+    try:
+        mask = read_mask(mask_file, int(option(source, "mask_threshold", 127)))
+    except (ValueError, OSError) as error:
+        outcome.notes.append(QuarantineRow(mask_file, KIND_MASK, ACTION_QUARANTINED, f"unusable mask: {error}"))
+        return
+    if mask.shape != (probe.height, probe.width):
+        reason = f"mask is {mask.shape[1]}x{mask.shape[0]} but its image is {probe.width}x{probe.height}"
+        outcome.notes.append(QuarantineRow(mask_file, KIND_MASK, ACTION_QUARANTINED, reason))
+        return
+    outcome.mask_path = mask_file
+    min_area = int(option(source, "min_component_area", 1))
+    boxes = boxes_from_mask(mask, min_area)
+    outcome.boxes = [RawBox(entry.path, entry.mask_class or entry.category, *box, origin=mask_file) for box in boxes]
+    if boxes:
+        if entry.in_normal_folder:
+            reason = "non-empty mask in a normal subfolder: image treated as defective"
+            outcome.notes.append(QuarantineRow(mask_file, KIND_MASK, ACTION_FLAGGED, reason))
+        outcome.is_normal = False
+    elif not entry.in_normal_folder:
+        reason = "empty mask outside normal_subfolders: is_normal left unknown (null)"
+        outcome.notes.append(QuarantineRow(mask_file, KIND_MASK, ACTION_FLAGGED, reason))
+        outcome.is_normal = None
+
+
+def _rle_outcome(outcome: _Outcome) -> None:
+    entry, probe = outcome.entry, outcome.probe
+    for class_name, encoded, origin in entry.rle:
+        try:
+            mask = decode_rle(encoded, probe.height, probe.width)
+        except ValueError as error:
+            reason = f"{entry.path.name} class {class_name}: invalid run-length encoding ({error})"
+            outcome.notes.append(QuarantineRow(origin, KIND_ANNOTATION, ACTION_QUARANTINED, reason))
+            continue
+        outcome.boxes.extend(RawBox(entry.path, class_name, *box, origin=origin) for box in boxes_from_mask(mask))
+
+
+def _process(entry: ImageEntry, source: SourceConfig) -> _Outcome:
+    probe = probe_image(entry.path)
+    outcome = _Outcome(entry, probe, is_normal=entry.is_normal)
+    if probe.error:
+        outcome.notes.append(QuarantineRow(probe.path, KIND_IMAGE, ACTION_QUARANTINED, probe.error))
+        return outcome
+    if probe.conversion:
+        outcome.notes.append(QuarantineRow(probe.path, KIND_IMAGE, ACTION_CONVERTED, probe.conversion))
+    if entry.mask_path is not None:
+        _mask_outcome(outcome, source)
+    elif source.format == "mask_folder" and not entry.in_normal_folder:
+        outcome.notes.append(QuarantineRow(probe.path, KIND_MASK, ACTION_FLAGGED, "no mask found: is_normal unknown"))
+    if entry.rle:
+        _rle_outcome(outcome)
+    return outcome
+
+
+@dataclass
+class IngestResult:
+    """The three tables of one source. ``images`` may hold several rows per image_id (duplicates)."""
+
+    source: str
+    images: pd.DataFrame
+    annotations: pd.DataFrame
+    quarantine: pd.DataFrame
+
+    def counts(self) -> dict[str, int]:
+        images, quarantine = self.images, self.quarantine
+        quarantined = quarantine["action"] == ACTION_QUARANTINED
+        return {
+            "images": len(images),
+            "unique_images": int(images["duplicate_of"].isna().sum()),
+            "boxes": len(self.annotations),
+            "duplicates": int(images["duplicate_of"].notna().sum()),
+            "normal": int((images["is_normal"] == True).sum()),  # noqa: E712  (nullable column)
+            "defective": int((images["is_normal"] == False).sum()),  # noqa: E712
+            "with_mask": int(images["mask_path"].notna().sum()),
+            "quarantined": int(quarantined.sum()),
+            "quarantined_images": int((quarantined & (quarantine["kind"] == KIND_IMAGE)).sum()),
+            "clipped_boxes": int((quarantine["action"] == ACTION_CLIPPED).sum()),
+            "converted_images": int((quarantine["action"] == ACTION_CONVERTED).sum()),
+        }
+
+    def tables(self) -> dict[str, pa.Table]:
+        return {
+            "index": to_table(self.images, INDEX_SCHEMA),
+            "annotations": to_table(self.annotations, ANNOTATION_SCHEMA),
+            "quarantine": to_table(self.quarantine, QUARANTINE_SCHEMA),
+        }
+
+    def serialized(self) -> dict[str, bytes]:
+        return {key: parquet_bytes(table) for key, table in self.tables().items()}
+
+    def content_hash(self) -> str:
+        """Hash of the three Parquet files' bytes: the data version of the ingested source."""
+        digest = hashlib.sha256()
+        for key, data in sorted(self.serialized().items()):
+            digest.update(key.encode() + b"\0" + data)
+        return digest.hexdigest()[:16]
+
+    def write(self, layout: StorageLayout, source_name: str | None = None) -> dict[str, str]:
+        """Write the three files atomically (index last, so its presence means the set is complete)."""
+        name = source_name or self.source
+        targets = {"annotations": layout.annotations(name), "quarantine": layout.quarantine(name), "index": layout.index(name)}
+        data = self.serialized()
+        for key, target in targets.items():
+            write_bytes_atomic(target, data[key])
+        return targets
+
+
+def parquet_bytes(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue().to_pybytes()
+
+
+def _local_path(target: str) -> str | None:
+    if target.startswith("file://"):
+        return target[len("file://"):]
+    return None if "://" in target else target
+
+
+def write_bytes_atomic(target: str, data: bytes) -> None:
+    """Local: temp file + rename (readers never see half a file). Remote (s3://): one PUT, atomic there."""
+    local = _local_path(target)
+    if local is None:
+        import fsspec
+
+        with fsspec.open(target, "wb") as handle:
+            handle.write(data)
+        return
+    Path(local).parent.mkdir(parents=True, exist_ok=True)
+    tmp = f"{local}.tmp-{os.getpid()}-{threading.get_ident()}"
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, local)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def read_parquet(target: str) -> pd.DataFrame:
+    local = _local_path(target)
+    if local is not None:
+        return pq.read_table(local).to_pandas()
+    import fsspec
+
+    with fsspec.open(target, "rb") as handle:
+        return pq.read_table(handle).to_pandas()
+
+
+def parquet_exists(target: str) -> bool:
+    local = _local_path(target)
+    if local is not None:
+        return os.path.exists(local)
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(target)
+    return fs.exists(path)
+
+
+def known_hashes_from(layout: StorageLayout, sources: list[str]) -> dict[str, str]:
+    """image_id -> source over the written indexes of ``sources`` (earlier sources win); missing ones skipped."""
+    known: dict[str, str] = {}
+    for name in sources:
+        target = layout.index(name)
+        if not parquet_exists(target):
+            continue
+        index = read_parquet(target)
+        for image_id in index.loc[index["duplicate_of"].isna(), "image_id"]:
+            known.setdefault(image_id, name)
+    return known
+
+
+def _source_root(source: SourceConfig) -> Path:
+    root = Path(source.root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"source '{source.name}': root folder {root} does not exist (or is not a folder)")
+    return root
+
+
+def ingest_source(source: SourceConfig, known_hashes: dict[str, str] | None = None, *,
+                  workers: int | None = None) -> IngestResult:
+    """Index one source. Raises FileNotFoundError only when the source's folders are missing;
+    every problem with an individual file becomes a quarantine row instead."""
+    root = _source_root(source)
+    known = known_hashes or {}
+    scan = FORMAT_ADAPTERS[source.format](source, root)
+    entries = sorted({str(e.path): e for e in scan.entries}.values(), key=lambda e: str(e.path))
+    with ThreadPoolExecutor(max_workers=workers or default_workers(), thread_name_prefix="ingest") as pool:
+        outcomes = list(pool.map(lambda entry: _process(entry, source), entries))
+
+    quarantine = list(scan.quarantine)
+    index_rows: list[dict] = []
+    probes: dict[Path, ImageProbe] = {}
+    first_path: dict[str, str] = {}
+    derived: list[RawBox] = []
+    for outcome in outcomes:
+        quarantine.extend(outcome.notes)
+        probe, entry = outcome.probe, outcome.entry
+        if probe.error:
+            continue
+        duplicate_of = None
+        other_source = known.get(probe.image_id)
+        if other_source is not None and other_source != source.name:
+            duplicate_of = probe.image_id
+            reason = f"same bytes as image {probe.image_id} of source '{other_source}'"
+            quarantine.append(QuarantineRow(probe.path, KIND_IMAGE, ACTION_FLAGGED, reason))
+        elif probe.image_id in first_path:
+            duplicate_of = probe.image_id
+            reason = f"same bytes as {first_path[probe.image_id]}"
+            quarantine.append(QuarantineRow(probe.path, KIND_IMAGE, ACTION_FLAGGED, reason))
+        else:
+            first_path[probe.image_id] = probe.path
+        probes[entry.path] = probe
+        derived.extend(outcome.boxes)
+        index_rows.append({
+            "image_id": probe.image_id, "path": probe.path, "source": source.name, "category": entry.category,
+            "width": probe.width, "height": probe.height, "channels": probe.channels, "bytes": probe.bytes,
+            "mtime": probe.mtime, "split": entry.split, "mask_path": outcome.mask_path,
+            "is_normal": outcome.is_normal, "duplicate_of": duplicate_of,
+        })
+
+    annotation_rows = _check_boxes(scan.boxes + derived, probes, source, quarantine)
+    annotation_rows.sort(key=lambda row: row["path"])  # stable: keeps file order within an image
+    quarantine.sort(key=lambda row: (row.path, row.kind, row.action, row.reason))
+    result = IngestResult(
+        source=source.name,
+        images=frame(index_rows, INDEX_SCHEMA),
+        annotations=frame(annotation_rows, ANNOTATION_SCHEMA),
+        quarantine=frame([row.__dict__ for row in quarantine], QUARANTINE_SCHEMA),
+    )
+    log.info("ingested source %s: %s", source.name, result.counts())
+    return result
+
+
+def _check_boxes(boxes: list[RawBox], probes: dict[Path, ImageProbe], source: SourceConfig,
+                 quarantine: list[QuarantineRow]) -> list[dict]:
+    allowed = set(source.classes)
+    rows: list[dict] = []
+    dropped_for_image: dict[tuple[str, str], int] = {}
+    for box in boxes:
+        probe = probes.get(box.image_path)
+        if probe is None:
+            key = (box.origin, box.image_path.name)
+            dropped_for_image[key] = dropped_for_image.get(key, 0) + 1
+            continue
+        if allowed and box.class_name not in allowed:
+            reason = f"{box.image_path.name}: unknown class '{box.class_name}' (not in the source's classes)"
+            quarantine.append(QuarantineRow(box.origin, KIND_ANNOTATION, ACTION_QUARANTINED, reason))
+            continue
+        coords = (box.x1, box.y1, box.x2, box.y2)
+        if box.normalized:
+            coords = (box.x1 * probe.width, box.y1 * probe.height, box.x2 * probe.width, box.y2 * probe.height)
+        verdict = check_box(*coords, probe.width, probe.height)
+        if verdict.box is None:
+            reason = f"{box.image_path.name}: {verdict.reason}"
+            quarantine.append(QuarantineRow(box.origin, KIND_ANNOTATION, ACTION_QUARANTINED, reason))
+            continue
+        if verdict.clipped:
+            reason = f"{box.image_path.name}: box {tuple(round(v, 2) for v in coords)} clipped to the {probe.width}x{probe.height} image"
+            quarantine.append(QuarantineRow(box.origin, KIND_ANNOTATION, ACTION_CLIPPED, reason))
+        x1, y1, x2, y2 = verdict.box
+        rows.append({"image_id": probe.image_id, "path": probe.path, "class_name": box.class_name,
+                     "x1": x1, "y1": y1, "x2": x2, "y2": y2})
+    for (origin, image_name), count in sorted(dropped_for_image.items()):
+        reason = f"{count} box(es) dropped: image {image_name} is quarantined"
+        quarantine.append(QuarantineRow(origin, KIND_ANNOTATION, ACTION_QUARANTINED, reason))
+    return rows
