@@ -1,0 +1,479 @@
+"""YOLOv8 training with our own initial weights (AGDP pretraining and every finetune variant).
+
+Two ultralytics behaviours shape this module:
+
+- ``YOLO.train()`` hands training to a ``DetectionTrainer`` that builds a *fresh* ``DetectionModel`` from the yaml
+  (``get_model``) after seeding; weights set on the ``YOLO`` object beforehand are silently dropped for yaml-built
+  models. We therefore pass our own trainer subclass whose ``get_model`` builds the model and then loads our state
+  dict into it, with a report of what was loaded and what was skipped (e.g. the class-logit convs when the number of
+  classes differs). Keys that the caller marks as required (the backbone layers model.0..model.9) must all load,
+  or training refuses to start: a silent partial load would make a "pretrained" row in the comparison a scratch run.
+- Nothing may download: models come from the packaged yaml (``yolov8n.yaml``, never ``yolov8n.pt``), AMP is enabled
+  only on CUDA (its self-check would fetch yolo26n.pt, and it returns early on CPU), plots are off, and
+  ``agssp_pipeline`` sets YOLO_OFFLINE.
+
+Checkpoints (AGDP) live at ``storage_root/checkpoints/detector/<name>/<run_id>/``: ``model.safetensors`` (fp32 state
+dict of the final EMA weights), ``lineage.json`` (backbone lineage, pseudo-box table hashes, settings, metrics,
+ultralytics' best.pt/last.pt paths) and the ultralytics run folder ``ultralytics/``; ``<name>/latest.json`` points
+at the newest run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from safetensors.torch import load_file, save_file
+
+import agssp_pipeline  # noqa: F401  (offline defaults before ultralytics is imported)
+from agssp_pipeline.storage import StorageLayout
+
+LOGGER = logging.getLogger(__name__)
+
+# the YOLOv8 layers that form the backbone (the AGBP checkpoint's keys, the ``freeze=10`` of the paper)
+YOLOV8_BACKBONE_LAYERS = 10
+BACKBONE_PREFIXES = tuple(f"model.{i}." for i in range(YOLOV8_BACKBONE_LAYERS))
+DETECTOR_KIND = "detector"
+PRETRAIN_CLASS_NAMES = ("defect",)
+
+# model name -> packaged ultralytics cfg (built offline; the scale letter selects depth/width from yolov8.yaml)
+YOLO_MODEL_CONFIGS: dict[str, str] = {f"yolov8{scale}": f"yolov8{scale}.yaml" for scale in "nsmlx"}
+
+
+def model_config(model: str) -> str:
+    """Packaged yaml of a model name, or a user's own yaml file; never a .pt (that would download)."""
+    if model in YOLO_MODEL_CONFIGS:
+        return YOLO_MODEL_CONFIGS[model]
+    if model.endswith((".yaml", ".yml")) and Path(model).is_file():
+        return model
+    raise ValueError(f"unknown detector model '{model}' (known: {sorted(YOLO_MODEL_CONFIGS)} or a local .yaml file)")
+
+
+def build_detection_model(model: str, num_classes: int):
+    """An untrained ultralytics ``DetectionModel`` from the packaged cfg (offline)."""
+    from ultralytics.nn.tasks import DetectionModel
+
+    return DetectionModel(model_config(model), nc=num_classes, verbose=False)
+
+
+def resolve_device(device: str) -> str:
+    """'auto' -> first CUDA device if present, else cpu (ultralytics' own '' would also pick mps)."""
+    if device != "auto":
+        return device
+    return "0" if torch.cuda.is_available() else "cpu"
+
+
+def state_dict_digest(state: Mapping[str, torch.Tensor]) -> str:
+    """Content hash of a state dict (names, dtypes, shapes and values), for lineage and tests."""
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        tensor = state[key].detach().cpu().contiguous()
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.numpy().tobytes() if tensor.dtype != torch.bfloat16 else tensor.float().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+@dataclass
+class InitialWeights:
+    """A state dict to start training from; ``required_prefixes`` name keys that must all load."""
+
+    name: str
+    state_dict: dict[str, torch.Tensor]
+    required_prefixes: tuple[str, ...] = ()
+    lineage: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def digest(self) -> str:
+        return state_dict_digest(self.state_dict)
+
+
+@dataclass
+class InjectionReport:
+    """What an initial state dict did to a freshly built model."""
+
+    source: str
+    loaded: list[str]
+    shape_mismatch: list[str]  # in both, different shapes (e.g. class logits of another nc): left as initialised
+    unused: list[str]  # in the state dict, not in the model
+    not_covered: list[str]  # in the model, not in the state dict: left as initialised
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "loaded": len(self.loaded),
+            "shape_mismatch": self.shape_mismatch,
+            "unused": len(self.unused),
+            "not_covered": len(self.not_covered),
+        }
+
+
+class WeightInjectionError(RuntimeError):
+    """Initial weights do not fit the model (required keys missing or of another shape)."""
+
+
+def inject_weights(model: torch.nn.Module, initial: InitialWeights) -> InjectionReport:
+    """Copy matching tensors of ``initial`` into ``model`` in place (parameters and buffers)."""
+    target = model.state_dict()
+    loaded, mismatch = [], []
+    update: dict[str, torch.Tensor] = {}
+    for key, tensor in initial.state_dict.items():
+        if key not in target:
+            continue
+        if tuple(target[key].shape) != tuple(tensor.shape):
+            mismatch.append(key)
+            continue
+        update[key] = tensor.to(dtype=target[key].dtype)
+        loaded.append(key)
+    unused = sorted(set(initial.state_dict) - set(target))
+    not_covered = sorted(set(target) - set(initial.state_dict))
+    required = [k for k in target if k.startswith(initial.required_prefixes)] if initial.required_prefixes else []
+    failed = [k for k in required if k not in update]
+    if failed:
+        raise WeightInjectionError(
+            f"initial weights '{initial.name}' do not cover {len(failed)} required tensors of the model "
+            f"(e.g. {failed[:3]}; shape mismatches: {mismatch[:3]}; unused keys in the file: {unused[:3]}). "
+            "Was the checkpoint made for another model scale?"
+        )
+    if not loaded:
+        raise WeightInjectionError(f"initial weights '{initial.name}' share no tensor with the model "
+                                   f"(file keys e.g. {list(initial.state_dict)[:3]})")
+    with torch.no_grad():
+        for key, tensor in update.items():
+            target[key].copy_(tensor)
+    return InjectionReport(initial.name, loaded, mismatch, unused, not_covered)
+
+
+def make_trainer_class(initial: InitialWeights | None, reports: list[InjectionReport]):
+    """A DetectionTrainer whose freshly built model starts from ``initial`` (reports appended to ``reports``)."""
+    from ultralytics.models.yolo.detect import DetectionTrainer
+
+    class InitialisedDetectionTrainer(DetectionTrainer):
+        def get_model(self, cfg=None, weights=None, verbose=True):
+            model = super().get_model(cfg=cfg, weights=weights, verbose=verbose)
+            if initial is not None:
+                reports.append(inject_weights(model, initial))
+            return model
+
+    return InitialisedDetectionTrainer
+
+
+@dataclass
+class YoloTrainSettings:
+    """Everything that must be equal between variants for a fair comparison."""
+
+    model: str = "yolov8n"
+    epochs: int = 1
+    image_size: int = 160
+    batch_size: int = 16
+    device: str = "auto"
+    seed: int = 0
+    workers: int = 2
+    freeze_layers: int | None = None  # None: train everything; 10: freeze the YOLOv8 backbone
+    val: bool = True
+    patience: int = 100
+    extra_args: dict[str, Any] = field(default_factory=dict)  # further ultralytics train args (augmentation, lr...)
+
+    def train_args(self) -> dict[str, Any]:
+        device = resolve_device(self.device)
+        args = {
+            "epochs": self.epochs,
+            "imgsz": self.image_size,
+            "batch": self.batch_size,
+            "device": device,
+            "seed": self.seed,
+            "deterministic": True,
+            "workers": self.workers,
+            "plots": False,
+            "amp": device not in ("cpu", "mps"),  # AMP's self-check downloads a model; it is CUDA-only anyway
+            "val": self.val,
+            "patience": self.patience,
+            "verbose": False,
+            "exist_ok": True,
+        }
+        if self.freeze_layers:
+            args["freeze"] = self.freeze_layers
+        args.update(self.extra_args)
+        return args
+
+
+@dataclass
+class YoloTrainResult:
+    run_dir: Path
+    best_pt: Path | None
+    last_pt: Path
+    final_state_dict: dict[str, torch.Tensor]  # fp32 EMA weights at the end of training
+    injection: InjectionReport | None
+    ultralytics_metrics: dict[str, float]
+    initial_digest: str | None
+    train_args: dict[str, Any]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def train_yolo(
+    data_yaml: str | Path,
+    settings: YoloTrainSettings,
+    project: str | Path,
+    name: str,
+    initial: InitialWeights | None = None,
+    num_classes: int | None = None,
+    callbacks: Mapping[str, Iterable[Callable[[Any], None]]] | None = None,
+) -> YoloTrainResult:
+    """Train a YOLOv8 detector on a YOLO-layout dataset, starting from ``initial`` (None = scratch)."""
+    from ultralytics import YOLO
+
+    seed_everything(settings.seed)
+    cfg = model_config(settings.model)
+    model = YOLO(cfg, task="detect")
+    reports: list[InjectionReport] = []
+    captured: dict[str, dict[str, torch.Tensor]] = {}
+
+    def capture_final_weights(trainer) -> None:
+        source = trainer.ema.ema if trainer.ema is not None else trainer.model
+        captured["state"] = {k: v.detach().float().cpu().clone() for k, v in source.state_dict().items()}
+
+    model.add_callback("on_train_end", capture_final_weights)
+    for event, functions in (callbacks or {}).items():
+        for function in functions:
+            model.add_callback(event, function)
+    args = settings.train_args()
+    project = Path(project)
+    project.mkdir(parents=True, exist_ok=True)
+    model.train(
+        trainer=make_trainer_class(initial, reports),
+        data=str(data_yaml),
+        project=str(project),
+        name=name,
+        pretrained=False,
+        **args,
+    )
+    trainer = model.trainer
+    run_dir = Path(trainer.save_dir)
+    metrics = {k: float(v) for k, v in (getattr(trainer, "metrics", None) or {}).items()
+               if isinstance(v, int | float | np.floating)}
+    if initial is not None and not reports:
+        raise WeightInjectionError("ultralytics never built the model through our trainer: weights were not injected")
+    if "state" not in captured:
+        raise RuntimeError(f"training in {run_dir} ended without final weights (no on_train_end)")
+    return YoloTrainResult(
+        run_dir=run_dir,
+        best_pt=trainer.best if Path(trainer.best).exists() else None,
+        last_pt=Path(trainer.last),
+        final_state_dict=captured["state"],
+        injection=reports[-1] if reports else None,
+        ultralytics_metrics=metrics,
+        initial_digest=initial.digest if initial is not None else None,
+        train_args={k: v for k, v in args.items() if isinstance(v, str | int | float | bool | type(None))},
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# initial-weight files: ultralytics .pt checkpoints, our safetensors (+ lineage.json beside), backbone checkpoints
+
+
+def _load_ultralytics_pt(path: Path) -> dict[str, torch.Tensor]:
+    from ultralytics.nn.tasks import load_checkpoint
+
+    model, _ = load_checkpoint(str(path))
+    return {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    return {k: (v.float() if v.is_floating_point() else v) for k, v in load_file(str(path)).items()}
+
+
+WEIGHT_FILE_LOADERS: dict[str, Callable[[Path], dict[str, torch.Tensor]]] = {
+    ".pt": _load_ultralytics_pt,
+    ".safetensors": _load_safetensors,
+}
+
+
+def load_weight_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """State dict of a local weights file (.pt from ultralytics or .safetensors)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    loader = WEIGHT_FILE_LOADERS.get(path.suffix.lower())
+    if loader is None:
+        raise ValueError(f"unsupported weights file {path} (known: {sorted(WEIGHT_FILE_LOADERS)})")
+    return loader(path)
+
+
+def read_lineage(checkpoint_dir: str | Path) -> dict[str, Any]:
+    path = Path(checkpoint_dir) / "lineage.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def save_checkpoint(run_dir: Path, state: Mapping[str, torch.Tensor], lineage: Mapping[str, Any]) -> Path:
+    """Write model.safetensors + lineage.json (the digest of the weights goes into the lineage)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    save_file(tensors, str(run_dir / "model.safetensors"))
+    full = {**lineage, "weights_digest": state_dict_digest(tensors), "weights": str(run_dir / "model.safetensors")}
+    (run_dir / "lineage.json").write_text(json.dumps(full, indent=2, default=str))
+    return run_dir / "model.safetensors"
+
+
+def load_detector_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(state dict, lineage) of an AGDP checkpoint directory or its model.safetensors."""
+    path = Path(path)
+    run_dir = path if path.is_dir() else path.parent
+    weights = run_dir / "model.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"no detector checkpoint at {run_dir} (model.safetensors missing)")
+    return _load_safetensors(weights), read_lineage(run_dir)
+
+
+def write_latest_pointer(layout: StorageLayout, kind: str, name: str, run_dir: Path, extra: dict | None = None) -> Path:
+    pointer = Path(layout.checkpoints(kind, name, "latest.json"))
+    pointer.parent.mkdir(parents=True, exist_ok=True)
+    pointer.write_text(json.dumps({"run_dir": str(run_dir), **(extra or {})}, indent=2))
+    return pointer
+
+
+def latest_detector_checkpoint(layout: StorageLayout, name: str) -> Path:
+    pointer = Path(layout.checkpoints(DETECTOR_KIND, name, "latest.json"))
+    if not pointer.is_file():
+        raise FileNotFoundError(f"no detector checkpoint for '{name}' yet ({pointer} missing): "
+                                "materialize detector_checkpoint first")
+    return Path(json.loads(pointer.read_text())["run_dir"])
+
+
+def new_run_id(*parts: str) -> str:
+    """Sortable and unique: UTC time plus a hash of what went in."""
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+    digest = hashlib.sha256("|".join(parts).encode()).hexdigest()[:8]
+    return f"{stamp}-{digest}"
+
+
+def file_sha256(path: str | Path) -> str:
+    import fsspec
+
+    digest = hashlib.sha256()
+    with fsspec.open(str(path), "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def settings_dict(settings: Any) -> dict[str, Any]:
+    if hasattr(settings, "model_dump"):
+        return settings.model_dump(mode="json")
+    return asdict(settings)
+
+
+def environment_versions() -> dict[str, str]:
+    import ultralytics
+
+    return {"ultralytics": ultralytics.__version__, "torch": torch.__version__,
+            "cuda": str(torch.version.cuda), "pid": str(os.getpid())}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# AGDP: the pseudo-box training set
+
+
+@dataclass
+class PretrainSet:
+    """Images for detector pretraining: positives with pseudo boxes, negatives (judged normal) with none."""
+
+    images: pd.DataFrame  # image_id, path, width, height, source, split ('train'/'val'), negative (bool)
+    boxes: pd.DataFrame  # image_id, class_name, x1, y1, x2, y2
+    tables: dict[str, dict[str, Any]]  # source -> {path, sha256, map_store_version, ...}
+    excluded_ambiguous: int = 0
+
+    def counts(self) -> dict[str, int]:
+        split = self.images["split"]
+        return {
+            "images_train": int((split == "train").sum()),
+            "images_val": int((split == "val").sum()),
+            "negatives": int(self.images["negative"].sum()),
+            "boxes": len(self.boxes),
+            "excluded_ambiguous": self.excluded_ambiguous,
+        }
+
+
+def _pseudo_rows_for_source(layout: StorageLayout, source: str) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
+    box_path = layout.pseudo_boxes(source)
+    index_path = layout.index(source)
+    for path, what in ((box_path, "pseudo boxes"), (index_path, "image index")):
+        if "://" not in path and not Path(path).is_file():
+            raise FileNotFoundError(f"{what} of source '{source}' missing at {path}: materialize it first")
+    table = pd.read_parquet(box_path)
+    index = pd.read_parquet(index_path, columns=["image_id", "path"]).drop_duplicates("image_id")
+    versions = sorted(set(table["map_store_version"].dropna().astype(str))) if "map_store_version" in table else []
+    info = {"path": box_path, "sha256": file_sha256(box_path), "map_store_version": versions,
+            "index_sha256": file_sha256(index_path)}
+    return table, index, info
+
+
+def collect_pretrain_set(
+    layout: StorageLayout,
+    sources: Sequence[str],
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    max_negative_ratio: float | None = 1.0,
+) -> PretrainSet:
+    """Positives (judged defective, with boxes) and negatives (judged normal) of the pretraining sources.
+
+    Images judged defective without any box are ambiguous and left out. ``max_negative_ratio`` caps negatives at a
+    multiple of the positives (seeded sample) so a large defect-free folder does not teach "predict nothing".
+    """
+    frames, box_frames, tables = [], [], {}
+    excluded = 0
+    for source in sources:
+        table, index, info = _pseudo_rows_for_source(layout, source)
+        tables[source] = info
+        has_box = table["box_index"].notna()
+        per_image = table.groupby("image_id").agg(judged_defective=("judged_defective", "first"),
+                                                  width=("width", "first"), height=("height", "first"))
+        per_image["n_boxes"] = table[has_box].groupby("image_id").size().reindex(per_image.index, fill_value=0)
+        positive = per_image["judged_defective"].astype(bool) & (per_image["n_boxes"] > 0)
+        negative = ~per_image["judged_defective"].astype(bool)
+        excluded += int((~positive & ~negative).sum())
+        keep = per_image[positive | negative].copy()
+        keep["negative"] = negative[positive | negative]
+        keep["source"] = source
+        keep = keep.reset_index().merge(index, on="image_id", how="left")
+        if keep["path"].isna().any():
+            missing = keep.loc[keep["path"].isna(), "image_id"].head(3).tolist()
+            raise ValueError(f"pseudo boxes of '{source}' name images missing from its index (e.g. {missing}): "
+                             "rematerialize pseudo_boxes")
+        frames.append(keep)
+        boxes = table[has_box & table["image_id"].isin(keep.loc[~keep["negative"], "image_id"])]
+        box_frames.append(boxes[["image_id", "x1", "y1", "x2", "y2"]].assign(class_name=PRETRAIN_CLASS_NAMES[0]))
+    images = pd.concat(frames, ignore_index=True).drop_duplicates("image_id").sort_values("image_id")
+    rng = np.random.default_rng(seed)
+    if max_negative_ratio is not None:
+        n_pos = int((~images["negative"]).sum())
+        neg_rows = np.flatnonzero(images["negative"].to_numpy())
+        cap = int(np.ceil(max_negative_ratio * max(n_pos, 1)))
+        if len(neg_rows) > cap:
+            drop = rng.permutation(neg_rows)[cap:]
+            images = images.drop(images.index[drop])
+    if (~images["negative"]).sum() == 0:
+        raise ValueError(f"no pseudo boxes in sources {list(sources)}: nothing to pretrain the detector on")
+    images = images.reset_index(drop=True)
+    is_val = np.zeros(len(images), dtype=bool)
+    n_val = max(1, int(round(val_fraction * len(images)))) if len(images) > 1 else 0
+    is_val[rng.permutation(len(images))[:n_val]] = True
+    images["split"] = np.where(is_val, "val", "train")
+    boxes = pd.concat(box_frames, ignore_index=True)
+    boxes = boxes[boxes["image_id"].isin(images["image_id"])].reset_index(drop=True)
+    columns = ["image_id", "path", "width", "height", "source", "split", "negative"]
+    return PretrainSet(images[columns], boxes[["image_id", "class_name", "x1", "y1", "x2", "y2"]], tables, excluded)
