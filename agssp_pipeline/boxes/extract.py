@@ -1,0 +1,186 @@
+"""Pseudo-defect boxes from patch-resolution anomaly maps.
+
+Per image judged defective: bilinear upsampling to image pixels, binarisation at the category threshold
+T_c, connected components (cv2), components below a size floor dropped, box = the component's bounding
+rectangle, score = the map's maximum over the component's pixels; then NMS and the top-k by score.
+
+Vectorised per chunk of same-size images: one cv2 resize per image (C loop), one cv2 labelling call and
+unbuffered-ufunc statistics for the whole chunk, one ``torchvision.ops.batched_nms`` for all boxes. Images whose map maximum is below T_c are skipped outright: bilinear interpolation is a
+convex combination of map values, so such an image cannot have a single pixel at or above T_c.
+
+Box convention: pixel edges, ``x2 = left + width`` (exclusive), so ``(x2 - x1) * (y2 - y1)`` is the
+bounding rectangle's area in pixels and a box covering the whole image is ``(0, 0, W, H)``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import pandas as pd
+import torch
+from torchvision.ops import batched_nms
+
+from agssp_pipeline.boxes.settings import BoxesSettings
+
+BOX_COLUMNS = ["row", "x1", "y1", "x2", "y2", "score", "area"]
+# upper bound on pixels held per chunk (float32 map + int32 labels + mask ~ 9 bytes each): ~150 MiB
+CHUNK_PIXEL_BUDGET = 16_000_000
+
+
+@dataclass(frozen=True)
+class BoxParams:
+    """The knobs of box extraction (a view of ``BoxesSettings`` without the threshold logic)."""
+
+    top_k: int = 10
+    nms_iou: float = 0.5
+    min_area_fraction: float = 0.0005
+    min_area_pixels: int = 16
+    connectivity: int = 8
+    chunk_size: int = 256
+
+    @classmethod
+    def from_settings(cls, settings: BoxesSettings) -> BoxParams:
+        return cls(
+            top_k=settings.top_k,
+            nms_iou=settings.nms_iou,
+            min_area_fraction=settings.min_area_fraction,
+            min_area_pixels=settings.min_area_pixels,
+            connectivity=settings.connectivity,
+            chunk_size=settings.chunk_size,
+        )
+
+
+def min_component_area(height: int, width: int, params: BoxParams) -> int:
+    """Smallest kept component in pixels: a fraction of the image area, never below a fixed floor."""
+    return max(int(params.min_area_pixels), math.ceil(params.min_area_fraction * height * width))
+
+
+def _empty_boxes() -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "row": np.zeros(0, np.int64),
+            **{c: np.zeros(0, np.float32) for c in ("x1", "y1", "x2", "y2", "score")},
+            "area": np.zeros(0, np.int64),
+        }
+    )
+
+
+def _label_chunk(
+    maps: np.ndarray, rows: np.ndarray, thresholds: np.ndarray, height: int, width: int, params: BoxParams
+) -> pd.DataFrame:
+    """Components of one chunk of same-size images; ``rows`` index into ``maps``/``thresholds``.
+
+    The chunk is stacked into one mosaic (images one above the other, separated by a row that can never
+    be foreground) so that a single cv2 labelling call covers it; component statistics (area, bounding
+    rectangle, score) come from the sparse foreground pixels with unbuffered ufuncs, which is cheaper
+    than cv2's own statistics pass over every pixel.
+    """
+    count = len(rows)
+    stride = height + 1
+    upsampled = np.empty((count, stride, width), np.float32)
+    upsampled[:, height, :] = -np.inf
+    for slot, row in enumerate(rows):
+        cv2.resize(maps[row], (width, height), dst=upsampled[slot, :height], interpolation=cv2.INTER_LINEAR)
+    binary = upsampled >= thresholds[rows][:, None, None]
+    n, labels = cv2.connectedComponentsWithAlgorithm(
+        binary.view(np.uint8).reshape(count * stride, width), params.connectivity, cv2.CV_32S, cv2.CCL_DEFAULT
+    )
+    if n <= 1:
+        return _empty_boxes()
+    foreground = np.flatnonzero(binary)
+    label = labels.ravel()[foreground]
+    values = upsampled.ravel()[foreground]
+    y, x = np.divmod(foreground, width)
+    area = np.bincount(label, minlength=n)
+    x1 = np.full(n, np.iinfo(np.int64).max)
+    y1 = np.full(n, np.iinfo(np.int64).max)
+    x2 = np.full(n, -1, np.int64)
+    y2 = np.full(n, -1, np.int64)
+    score = np.full(n, -np.inf, np.float32)
+    np.minimum.at(x1, label, x)
+    np.minimum.at(y1, label, y)
+    np.maximum.at(x2, label, x)
+    np.maximum.at(y2, label, y)
+    np.maximum.at(score, label, values)
+    keep = np.flatnonzero(area >= min_component_area(height, width, params))
+    keep = keep[keep > 0]
+    if keep.size == 0:
+        return _empty_boxes()
+    slot, top = np.divmod(y1[keep], stride)
+    return pd.DataFrame(
+        {
+            "row": rows[slot],
+            "x1": x1[keep].astype(np.float32),
+            "y1": top.astype(np.float32),
+            "x2": (x2[keep] + 1).astype(np.float32),
+            "y2": (y2[keep] - slot * stride + 1).astype(np.float32),
+            "score": score[keep],
+            "area": area[keep],
+        }
+    )
+
+
+def nms_top_k(boxes: pd.DataFrame, nms_iou: float, top_k: int) -> pd.DataFrame:
+    """Per-image NMS (one batched call) then the ``top_k`` highest-scoring boxes of each image.
+
+    NMS runs first so that an image keeps up to ``top_k`` distinct boxes rather than losing some of its
+    ten to suppression. Output sorted by row, then score descending (deterministic).
+    """
+    if boxes.empty:
+        return boxes.reset_index(drop=True)
+    coords = torch.from_numpy(boxes[["x1", "y1", "x2", "y2"]].to_numpy(np.float32))
+    scores = torch.from_numpy(boxes["score"].to_numpy(np.float32, copy=True))
+    rows = torch.from_numpy(boxes["row"].to_numpy(np.int64, copy=True))
+    kept = batched_nms(coords, scores, rows, nms_iou).numpy()
+    result = boxes.iloc[np.sort(kept)]
+    order = np.lexsort((result["x1"].to_numpy(), -result["score"].to_numpy(), result["row"].to_numpy()))
+    result = result.iloc[order].reset_index(drop=True)
+    rank = result.groupby("row", sort=False).cumcount().to_numpy()
+    return result[rank < top_k].reset_index(drop=True)
+
+
+def extract_boxes(
+    maps: np.ndarray,
+    heights: np.ndarray,
+    widths: np.ndarray,
+    thresholds: np.ndarray,
+    params: BoxParams,
+    candidates: np.ndarray | None = None,
+) -> pd.DataFrame:
+    """Boxes for maps (N, G, G) against per-image thresholds (N,) at image sizes (N,) x (N,).
+
+    ``candidates``: boolean (N,) of images to process (those judged defective); default all.
+    Returns ``BOX_COLUMNS`` with ``row`` indexing into the inputs, at most ``top_k`` per row.
+    """
+    maps = np.asarray(maps)
+    n = maps.shape[0]
+    heights = np.asarray(heights, dtype=np.int64)
+    widths = np.asarray(widths, dtype=np.int64)
+    thresholds = np.asarray(thresholds, dtype=np.float32)
+    if maps.ndim != 3 or len(heights) != n or len(widths) != n or len(thresholds) != n:
+        raise ValueError(
+            f"expected maps (N, G, G) with N heights, widths and thresholds; got {maps.shape}, "
+            f"{len(heights)}, {len(widths)}, {len(thresholds)}"
+        )
+    if n and (heights.min() < 1 or widths.min() < 1):
+        raise ValueError("image sizes must be positive")
+    maps32 = maps.astype(np.float32, copy=False)
+    selected = np.ones(n, bool) if candidates is None else np.asarray(candidates, bool).copy()
+    if n:
+        selected &= maps32.reshape(n, -1).max(axis=1) >= thresholds
+    rows = np.flatnonzero(selected)
+    if rows.size == 0:
+        return _empty_boxes()
+    parts = []
+    sizes = pd.DataFrame({"row": rows, "h": heights[rows], "w": widths[rows]})
+    for (height, width), group in sizes.groupby(["h", "w"], sort=True):
+        group_rows = group["row"].to_numpy()
+        chunk_size = max(1, min(params.chunk_size, CHUNK_PIXEL_BUDGET // int(height * width)))
+        for start in range(0, len(group_rows), chunk_size):
+            chunk = group_rows[start : start + chunk_size]
+            parts.append(_label_chunk(maps32, chunk, thresholds, int(height), int(width), params))
+    boxes = pd.concat(parts, ignore_index=True) if parts else _empty_boxes()
+    return nms_top_k(boxes, params.nms_iou, params.top_k)[BOX_COLUMNS]
