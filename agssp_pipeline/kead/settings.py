@@ -27,3 +27,11 @@ class KeadSettings(BaseModel):
     num_workers: int = Field(2, ge=0)
     device: str = "auto"
     prompts_file: str | None = None
+    # CLIP engine (clip_encoder.py / winclip.py)
+    allow_random_weights: bool = False  # weights null -> seeded random init; tests, benchmarks, demo only
+    tap_layers: list[int] | None = None  # 1-based blocks tapped for patch tokens; None = depth*i/4
+    temperature: float = Field(0.07, gt=0)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    text_cache_dir: str | None = None  # text-embedding cache; None = $AGSSP_CACHE_DIR/kead_text
+    fewshot_tokens: Literal["original", "vv"] = "original"  # which tapped tokens the few-shot memory holds
+    winclip_windows: list[int] = Field(default_factory=lambda: [2, 3])  # window sides in patches
