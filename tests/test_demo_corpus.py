@@ -225,11 +225,10 @@ def test_voc_layout_with_missing_image_and_out_of_bounds_box(corpus):
         for obj, box in zip(objects, truth.itertuples(), strict=True):
             assert obj.findtext("name") == box.class_name
             xmin, ymin, xmax, ymax = (int(obj.findtext(f"bndbox/{k}")) for k in ("xmin", "ymin", "xmax", "ymax"))
-            assert (xmin - 1, ymin - 1) == (box.x1, box.y1)
+            assert (xmin, ymin) == (box.x1, box.y1)
             if xmax > width or ymax > height:
                 out_of_bounds += 1
-            else:
-                assert (xmax, ymax) == (box.x2, box.y2)
+            assert (min(xmax, width), min(ymax, height)) == (box.x2, box.y2)
     assert missing == 1 and out_of_bounds == 1
     assert set(boxes["class_name"]) == {"scratch", "pit", "inclusion", "patch"}
 
@@ -286,3 +285,34 @@ def test_every_defect_type_plants_on_every_texture(texture, defect):
     changed, planted = result
     assert planted.mask.any() and planted.class_name == defect
     assert np.abs(changed - surface)[planted.mask].mean() > 5.0
+
+
+def test_ingestion_recovers_planted_ground_truth(corpus):
+    """The corpus exercises ingestion as intended: bad files quarantined, labels equal to ground truth."""
+    from agssp_pipeline.sources import ingest_source
+
+    config = load_config(corpus.config_path)
+    results = {source.name: ingest_source(source, workers=1) for source in config.sources}
+
+    plant = results["demo_plant_line1"]
+    quarantined = set(plant.quarantine.loc[plant.quarantine["action"] == "quarantined", "path"])
+    root = corpus.source_roots["demo_plant_line1"]
+    assert {str(root / name) for name in corpus.bad_files["demo_plant_line1"]} <= quarantined
+    assert len(plant.images) == corpus.images["demo_plant_line1"]
+    assert plant.images["duplicate_of"].notna().sum() == 1
+    assert len(plant.annotations) == 0  # plant data is unlabelled: ground truth stays hidden
+
+    for name in ("demo_rolled_voc", "demo_billet_masks", "demo_downstream"):
+        truth = ground_truth(corpus.root, name).sort_values(["image_id", "x1", "y1"]).reset_index(drop=True)
+        found = results[name].annotations.sort_values(["image_id", "x1", "y1"]).reset_index(drop=True)
+        assert len(found) == len(truth), name
+        assert list(found["image_id"]) == list(truth["image_id"])
+        assert list(found["class_name"]) == list(truth["class_name"])
+        coords = ["x1", "y1", "x2", "y2"]
+        np.testing.assert_allclose(found[coords].to_numpy(float), truth[coords].to_numpy(float), atol=0.01)
+        images = results[name].images.set_index("image_id")
+        normal = ground_truth_images(corpus.root, name).set_index("image_id")["is_normal"]
+        assert (images.loc[normal.index, "is_normal"].astype(bool) == normal).all()
+    voc_quarantine = results["demo_rolled_voc"].quarantine
+    assert (voc_quarantine["action"] == "clipped").sum() == 1
+    assert voc_quarantine["reason"].str.contains("missing image").sum() == 1

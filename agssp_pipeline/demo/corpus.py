@@ -44,7 +44,7 @@ DEMO_SOURCES: tuple[SourceSpec, ...] = (
     SourceSpec(
         name="demo_billet_masks", kind="public", format="mask_folder", category="cast_billet", role="pretrain",
         defect_classes=("crack", "pit", "inclusion"), images=50, normal_fraction=0.0, max_defects=2,
-        normal_subfolders=("Free",),
+        normal_subfolders=("Free",), native_labels={"crack": "Crack", "pit": "Pit", "inclusion": "Inclusion"},
     ),
     SourceSpec(
         name="demo_downstream", kind="public", format="yolo", category="rolled_strip", role="downstream",
@@ -58,7 +58,9 @@ IMAGE_COLUMNS = [
     "source", "file", "image_id", "width", "height", "is_normal", "n_defects", "duplicate_of_file",
     "mask_file",
 ]
-BOX_COLUMNS = ["source", "file", "image_id", "instance", "class_name", "x1", "y1", "x2", "y2", "mask_area"]
+BOX_COLUMNS = [
+    "source", "file", "image_id", "instance", "class_name", "defect_type", "x1", "y1", "x2", "y2", "mask_area",
+]
 
 
 @dataclass
@@ -167,7 +169,7 @@ def _ground_truth_tables(spec: SourceSpec, output: SourceOutput, gt_dir: Path) -
             box_rows.append(
                 {
                     "source": spec.name, "file": written.file, "image_id": image_id, "instance": instance,
-                    "class_name": defect.class_name, "x1": float(x1), "y1": float(y1), "x2": float(x2),
+                    "class_name": spec.label(defect.class_name), "defect_type": defect.class_name, "x1": float(x1), "y1": float(y1), "x2": float(x2),
                     "y2": float(y2), "mask_area": defect.area,
                 }
             )
@@ -220,8 +222,10 @@ def ground_truth_images(root: Path, source: str) -> pd.DataFrame:
 def ground_truth(root: Path, source: str) -> pd.DataFrame:
     """Planted defect boxes of a demo source (every source, the unlabelled plant one included).
 
-    Columns: source, file, path, image_id, instance, class_name, x1, y1, x2, y2 (pixels, x2/y2 exclusive
-    = tight bounding box of the mask), mask_area, mask_path (instance-label PNG), width, height.
+    Columns: source, file, path, image_id, instance, class_name (as the source's native labels name it),
+    defect_type (scratch, pit, inclusion, crack, patch), x1, y1, x2, y2 (pixel edges, x2/y2 exclusive =
+    tight bounding box of the mask, the convention of the index annotations), mask_area, mask_path
+    (instance-label PNG), width, height.
     Defect-free images have no rows; see ``ground_truth_images`` for them.
     """
     folder = _check_source(root, source)

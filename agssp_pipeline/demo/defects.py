@@ -45,6 +45,18 @@ def _draw_profile(shape: tuple[int, int], polylines: list[np.ndarray], thickness
     return canvas.astype(np.float32) / 255.0
 
 
+def _stroke_mask(profile: np.ndarray, threshold: float) -> np.ndarray:
+    """Pixels well covered by a stroke, with one-pixel gaps (thin diagonals) closed inside its footprint."""
+    core = (profile > threshold).astype(np.uint8)
+    closed = cv2.morphologyEx(core, cv2.MORPH_CLOSE, np.ones((3, 3), np.uint8))
+    return closed.astype(bool) & (profile > 0.02)
+
+
+def _component_count(mask: np.ndarray) -> int:
+    count, _ = cv2.connectedComponents(mask.astype(np.uint8), connectivity=8)
+    return count - 1
+
+
 def _largest_component(mask: np.ndarray) -> np.ndarray:
     count, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
     if count <= 2:
@@ -84,7 +96,7 @@ def scratch(rng: np.random.Generator, surface: np.ndarray) -> tuple[np.ndarray, 
     sign = 1.0 if rng.random() < 0.4 else -1.0
     amplitude = rng.uniform(28, 48)
     changed = surface + sign * amplitude * profile * fade
-    return changed, profile > 0.35
+    return changed, _stroke_mask(profile, 0.35)
 
 
 def pit(rng: np.random.Generator, surface: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -104,7 +116,8 @@ def inclusion(rng: np.random.Generator, surface: np.ndarray) -> tuple[np.ndarray
     h, w = surface.shape
     semi_major, semi_minor = rng.uniform(6, 18), rng.uniform(1.8, 4.5)
     centre = _random_point(rng, surface.shape, semi_major * 0.6 + 2)
-    angle = rng.uniform(-0.5, 0.5) if rng.random() < 0.7 else rng.uniform(0, np.pi)
+    # mostly drawn out along the rolling direction (image columns), like rolled-in inclusions
+    angle = np.pi / 2 + rng.uniform(-0.4, 0.4) if rng.random() < 0.7 else rng.uniform(0, np.pi)
     cols, rows = _grid(surface.shape)
     dx, dy = cols - centre[0], rows - centre[1]
     along = dx * np.cos(angle) + dy * np.sin(angle)
@@ -136,7 +149,7 @@ def crack(rng: np.random.Generator, surface: np.ndarray) -> tuple[np.ndarray, np
     halo = cv2.GaussianBlur(profile, (0, 0), 1.5)
     amplitude = rng.uniform(30, 50)
     changed = surface - amplitude * profile - 0.25 * amplitude * halo
-    return changed, profile > 0.3
+    return changed, _stroke_mask(profile, 0.3)
 
 
 def patch(rng: np.random.Generator, surface: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -184,7 +197,8 @@ def plant_defect(
     for _ in range(tries):
         changed, mask = defect_fn(rng, surface)
         area = int(mask.sum())
-        if area < MIN_MASK_PIXELS or (mask & keep_out).any():
+        # one connected region per defect, so boxes derived from masks (mask_folder ingestion) match ours
+        if area < MIN_MASK_PIXELS or (mask & keep_out).any() or _component_count(mask) != 1:
             continue
         box = mask_box(mask)
         if box[2] - box[0] < 2 or box[3] - box[1] < 2:

@@ -39,6 +39,11 @@ class SourceSpec:
     classes: tuple[str, ...] = ()
     normal_subfolders: tuple[str, ...] = ()
     options: dict[str, object] = field(default_factory=dict)
+    # defect type -> the class name its native labels use (mask folders name classes by folder)
+    native_labels: dict[str, str] = field(default_factory=dict)
+
+    def label(self, defect_type: str) -> str:
+        return self.native_labels.get(defect_type, defect_type)
 
 
 @dataclass
@@ -160,7 +165,7 @@ def write_plant_folder(spec: SourceSpec, factory: ImageFactory, scale: float) ->
 
 
 def voc_xml(filename: str, width: int, height: int, objects: list[tuple[str, int, int, int, int]]) -> bytes:
-    """Pascal VOC annotation; ``objects`` hold 1-based inclusive corners as VOC tools write them."""
+    """Pascal VOC annotation; ``objects`` hold pixel-edge corners (x2/y2 exclusive), as LabelImg writes them."""
     parts = [
         "<annotation>",
         "\t<folder>IMAGES</folder>",
@@ -182,29 +187,20 @@ def voc_xml(filename: str, width: int, height: int, objects: list[tuple[str, int
     return "\n".join(parts).encode()
 
 
-def voc_corners(box: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
-    """Exclusive 0-based pixel box -> VOC 1-based inclusive corners."""
-    x1, y1, x2, y2 = box
-    return x1 + 1, y1 + 1, x2, y2
-
-
 def write_voc(spec: SourceSpec, factory: ImageFactory, scale: float) -> SourceOutput:
     out = SourceOutput()
     images_dir, annotations_dir = spec.options["images"], spec.options["annotations"]
-    total = count_for(spec, scale)
-    out_of_bounds_done = False
-    for index in range(total):
+    annotations: list[tuple[str, SyntheticImage, list[list]]] = []
+    for index in range(count_for(spec, scale)):
         image = factory.image(index, 160, 160)
         stem = f"strip_{index + 1:04d}"
-        objects = [(d.class_name, *voc_corners(d.box)) for d in image.defects]
-        if objects and not out_of_bounds_done:
-            # a labelling-tool slip: the first box runs past the right/bottom edge (ingestion clips it)
-            name, xmin, ymin, _, _ = objects[0]
-            objects[0] = (name, xmin, ymin, image.width + 9, image.height + 4)
-            out_of_bounds_done = True
         out.images.append(WrittenImage(f"{images_dir}/{stem}.jpg", encode_jpeg(image.pixels), image))
-        out.extra_files[f"{annotations_dir}/{stem}.xml"] = voc_xml(f"{stem}.jpg", image.width, image.height, objects)
-    missing = f"strip_{total + 1:04d}"
+        annotations.append((stem, image, [[spec.label(d.class_name), *d.box] for d in image.defects]))
+    _overflow_one_edge_box(annotations)
+    for stem, image, objects in annotations:
+        xml = voc_xml(f"{stem}.jpg", image.width, image.height, [tuple(o) for o in objects])
+        out.extra_files[f"{annotations_dir}/{stem}.xml"] = xml
+    missing = f"strip_{len(annotations) + 1:04d}"
     out.bad_files.append(
         BadFile(
             f"{annotations_dir}/{missing}.xml",
@@ -215,6 +211,26 @@ def write_voc(spec: SourceSpec, factory: ImageFactory, scale: float) -> SourceOu
     return out
 
 
+def _overflow_one_edge_box(annotations: list[tuple[str, SyntheticImage, list[list]]]) -> None:
+    """A labelling-tool slip: the first box touching the right or bottom edge runs a few pixels past it.
+
+    Clipping it to the image restores the true box exactly, which is what ingestion should do.
+    """
+    for _, image, objects in annotations:
+        for obj in objects:
+            if obj[3] == image.width:
+                obj[3] = image.width + 3
+                return
+            if obj[4] == image.height:
+                obj[4] = image.height + 3
+                return
+    # no defect reaches an edge (tiny corpora): stretch the first box past the right edge instead
+    for _, image, objects in annotations:
+        if objects:
+            objects[0][3] = image.width + 3
+            return
+
+
 # --- demo_billet_masks: magnetic-tile layout <Class>/Imgs/<name>.jpg + <name>.png -----------------------
 
 
@@ -222,7 +238,7 @@ def write_mask_folder(spec: SourceSpec, factory: ImageFactory, scale: float) -> 
     out = SourceOutput()
     per_class = max(3, int(round(spec.images * scale / (len(spec.defect_classes) + 2))))
     normal_folder = spec.normal_subfolders[0]
-    plan = [(folder.capitalize(), folder) for folder in spec.defect_classes for _ in range(per_class)]
+    plan = [(spec.label(kind), kind) for kind in spec.defect_classes for _ in range(per_class)]
     plan += [(normal_folder, None)] * max(8, 2 * per_class)
     for index, (folder, class_name) in enumerate(plan):
         rng = factory.rng(index, purpose=1)
@@ -238,13 +254,13 @@ def write_mask_folder(spec: SourceSpec, factory: ImageFactory, scale: float) -> 
 # --- demo_downstream: Ultralytics YOLO layout ---------------------------------------------------------
 
 
-def yolo_label(image: SyntheticImage, class_ids: dict[str, int]) -> bytes:
+def yolo_label(image: SyntheticImage, class_ids: dict[str, int], spec: SourceSpec) -> bytes:
     lines = []
     for defect in image.defects:
         x1, y1, x2, y2 = defect.box
         cx, cy = (x1 + x2) / 2 / image.width, (y1 + y2) / 2 / image.height
         bw, bh = (x2 - x1) / image.width, (y2 - y1) / image.height
-        lines.append(f"{class_ids[defect.class_name]} {cx:.6f} {cy:.6f} {bw:.6f} {bh:.6f}")
+        lines.append(f"{class_ids[spec.label(defect.class_name)]} {cx:.6f} {cy:.6f} {bw:.6f} {bh:.6f}")
     return ("\n".join(lines) + "\n" if lines else "").encode()
 
 
@@ -255,11 +271,12 @@ def write_yolo(spec: SourceSpec, factory: ImageFactory, scale: float) -> SourceO
         image = factory.image(index, 160, 160)
         stem = f"coil_{index + 1:04d}"
         out.images.append(WrittenImage(f"images/{stem}.jpg", encode_jpeg(image.pixels), image))
-        out.extra_files[f"labels/{stem}.txt"] = yolo_label(image, class_ids)
+        out.extra_files[f"labels/{stem}.txt"] = yolo_label(image, class_ids, spec)
     names = "\n".join(f"  {i}: {name}" for name, i in class_ids.items())
     out.extra_files["data.yaml"] = (
-        "# AGSSP demo downstream set (synthetic hot-rolled strip); Ultralytics dataset file\n"
-        f"path: .\ntrain: images\nval: images\nnc: {len(class_ids)}\nnames:\n{names}\n"
+        "# AGSSP demo downstream set (synthetic hot-rolled strip), Ultralytics dataset file.\n"
+        "# No 'path' key: Ultralytics then resolves train/val against this file's folder.\n"
+        f"train: images\nval: images\nnc: {len(class_ids)}\nnames:\n{names}\n"
     ).encode()
     return out
 

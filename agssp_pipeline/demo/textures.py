@@ -14,12 +14,19 @@ import numpy as np
 TextureFn = Callable[[np.random.Generator, int, int], np.ndarray]
 
 
-def value_noise(rng: np.random.Generator, height: int, width: int, cell: float) -> np.ndarray:
-    """Smooth zero-mean unit-variance noise with feature size ``cell`` pixels (bicubic-upsampled lattice)."""
-    grid_h = max(2, int(np.ceil(height / cell)) + 2)
+def value_noise(
+    rng: np.random.Generator, height: int, width: int, cell: float, stretch: float = 1.0
+) -> np.ndarray:
+    """Smooth zero-mean unit-variance noise, feature size ``cell`` px across and ``cell * stretch`` px down.
+
+    A bicubic-upsampled random lattice: cheap, and ``stretch`` > 1 gives the streakiness of rolled
+    products along the rolling direction.
+    """
+    cell_y = cell * stretch
+    grid_h = max(2, int(np.ceil(height / cell_y)) + 2)
     grid_w = max(2, int(np.ceil(width / cell)) + 2)
     lattice = rng.standard_normal((grid_h, grid_w)).astype(np.float32)
-    big = cv2.resize(lattice, (int(grid_w * cell), int(grid_h * cell)), interpolation=cv2.INTER_CUBIC)
+    big = cv2.resize(lattice, (int(grid_w * cell), int(grid_h * cell_y)), interpolation=cv2.INTER_CUBIC)
     off_y = int(rng.integers(0, max(1, big.shape[0] - height)))
     off_x = int(rng.integers(0, max(1, big.shape[1] - width)))
     field = big[off_y : off_y + height, off_x : off_x + width]
@@ -27,10 +34,16 @@ def value_noise(rng: np.random.Generator, height: int, width: int, cell: float) 
 
 
 def fractal_noise(
-    rng: np.random.Generator, height: int, width: int, cells: tuple[float, ...], gains: tuple[float, ...]
+    rng: np.random.Generator,
+    height: int,
+    width: int,
+    cells: tuple[float, ...],
+    gains: tuple[float, ...],
+    stretch: float = 1.0,
 ) -> np.ndarray:
     """Sum of value-noise octaves (feature sizes ``cells`` with weights ``gains``), standardised."""
-    field = sum(g * value_noise(rng, height, width, c) for c, g in zip(cells, gains, strict=True))
+    octaves = zip(cells, gains, strict=True)
+    field = sum(g * value_noise(rng, height, width, c, stretch) for c, g in octaves)
     return _standardise(np.asarray(field, dtype=np.float32))
 
 
@@ -69,10 +82,13 @@ def brushed_steel(rng: np.random.Generator, height: int, width: int) -> np.ndarr
 
 
 def rolled_strip(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
-    """Hot-rolled strip: mottled oxide scale with soft darker blotches elongated along the rolling direction."""
-    mottle = fractal_noise(rng, height, width, cells=(4.0, 9.0, 20.0), gains=(0.35, 0.5, 0.6))
-    blotch_field = fractal_noise(rng, height, width, cells=(18.0, 40.0), gains=(0.6, 1.0))
-    blotch_field = cv2.GaussianBlur(blotch_field, (0, 0), sigmaX=6.0, sigmaY=2.0)
+    """Hot-rolled strip (rolling direction = image columns): mottled oxide scale, streaky along the roll,
+    with soft darker scale blotches."""
+    stretch = float(rng.uniform(2.0, 4.0))
+    mottle = fractal_noise(
+        rng, height, width, cells=(2.0, 5.0, 12.0, 30.0), gains=(0.5, 0.55, 0.5, 0.45), stretch=stretch
+    )
+    blotch_field = fractal_noise(rng, height, width, cells=(14.0, 35.0), gains=(0.6, 1.0), stretch=stretch / 1.5)
     level = float(rng.uniform(0.3, 0.9))
     blotches = 1.0 / (1.0 + np.exp(-(_standardise(blotch_field) - level) * 4.0))
     grain = _standardise(rng.standard_normal((height, width)).astype(np.float32))
@@ -81,7 +97,7 @@ def rolled_strip(rng: np.random.Generator, height: int, width: int) -> np.ndarra
         base
         + rng.uniform(7.0, 11.0) * mottle
         - rng.uniform(8.0, 16.0) * blotches
-        + rng.uniform(1.5, 3.0) * grain
+        + rng.uniform(2.5, 4.5) * grain
     ).astype(np.float32)
 
 
