@@ -2,25 +2,44 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 
 class BackboneSettings(BaseModel):
+    """AGBP (backbone pretraining) settings; ``None``/``auto`` fields take the backbone family's defaults.
+
+    Family defaults (paper): CNNs SGD lr 0.01 momentum 0.9 cosine, cosine-distance distillation, MoCo v3
+    as the self-supervised base; Swin AdamW lr 1e-4, L2-of-normalised-maps distillation, SimMIM.
+    """
+
     model_config = ConfigDict(extra="forbid")
 
     backbones: list[str] = Field(default_factory=lambda: ["yolov8n"])
-    base_loss: Literal["cls", "moco", "simmim", "none"] = "cls"
+    # cls: supervised over pretraining categories; ssl: the family's self-supervised loss (moco/simmim)
+    base_loss: Literal["cls", "moco", "simmim", "ssl", "none"] = "cls"
     distill_loss: Literal["default", "l2norm", "cosine"] = "default"
     distill_weight: float | Literal["auto"] = "auto"
+    distill_stages: list[int] | None = None  # default: last two stages
+    freeze_stages: list[int] | None = None  # default: first two stages
     epochs: int = Field(1, ge=1)
-    batch_size: int = Field(16, ge=1)
+    batch_size: int = Field(16, ge=2)
     image_size: int = Field(128, ge=32)
     num_workers: int = Field(2, ge=0)
     device: str = "auto"
+    optimizer: Literal["auto", "sgd", "adamw"] = "auto"
+    lr: float | None = Field(None, gt=0)
+    weight_decay: float | None = Field(None, ge=0)
+    amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
     checkpoint_every: int = Field(1, ge=1)
     grad_clip: float | None = 10.0
+    max_steps_per_epoch: int | None = Field(None, ge=1)  # smoke runs and benchmarks
+    crop_scale_min: float = Field(0.35, gt=0.0, le=1.0)
+    hflip: float = Field(0.5, ge=0.0, le=1.0)
+    vflip: float = Field(0.0, ge=0.0, le=1.0)
+    resume: bool = True  # continue an unfinished run with the same config and data
+    log_every_steps: int = Field(10, ge=1)
     seed: int = 0
 
 
@@ -36,6 +55,12 @@ class DetectorSettings(BaseModel):
     device: str = "auto"
     seed: int = 0
     workers: int = Field(2, ge=0)
+    # share of pseudo-labelled images held out for ultralytics' validation during AGDP pretraining
+    val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    # negatives (images judged normal) kept per positive image; None keeps all
+    max_negative_ratio: float | None = Field(1.0, ge=0.0)
+    # further ultralytics train arguments (augmentation, lr0, ...), passed unchanged
+    train_args: dict[str, Any] = Field(default_factory=dict)
 
 
 class FinetuneSettings(BaseModel):
@@ -50,3 +75,12 @@ class FinetuneSettings(BaseModel):
     device: str = "auto"
     seed: int = 0
     workers: int = Field(2, ge=0)
+    # built-in variants to run (extra_weights add theirs): scratch, agbp (backbone only), agssp (AGDP detector)
+    variants: list[str] = Field(default_factory=lambda: ["scratch", "agbp", "agssp"])
+    # prediction settings for the COCO evaluation (COCO protocol: low confidence, 100 detections per image)
+    conf: float = Field(0.001, gt=0.0, lt=1.0)
+    iou: float = Field(0.7, gt=0.0, le=1.0)
+    max_det: int = Field(100, ge=1)
+    coco_backend: Literal["faster_coco_eval", "pycocotools"] = "faster_coco_eval"
+    # further ultralytics train arguments (augmentation, lr0, ...), the same for every variant
+    train_args: dict[str, Any] = Field(default_factory=dict)

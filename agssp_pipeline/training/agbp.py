@@ -1,0 +1,707 @@
+"""AGBP: anomaly-map-guided backbone pretraining (plain PyTorch; Dagster only wraps it).
+
+``L = L_base + lambda * L_distill``: a base loss (supervised classification over the pretraining
+categories, MoCo v3 or SimMIM, see ``losses.py``) plus attention distillation of the chosen stages
+towards the KeAD anomaly maps. ``lambda="auto"`` equalises both terms on the first iteration.
+
+Command line (one process, or many with torchrun; only rank 0 writes)::
+
+    python -m agssp_pipeline.training.agbp --config agssp.yaml --backbone yolov8n [--epochs 5] [--device cuda]
+    torchrun --nproc_per_node=4 -m agssp_pipeline.training.agbp --config agssp.yaml --backbone swin_b
+
+With ``WORLD_SIZE`` > 1 (set by torchrun) each rank joins the process group, trains on its
+DistributedSampler shard with DDP-synchronised gradients, and rank 0 writes checkpoints and logs.
+
+Crash safety: every ``checkpoint_every`` epochs the run directory gets the weights, the lineage sidecar
+(``status: running``) and ``training_state.pt`` (optimizer, scheduler, modules, RNG). Re-running with the
+same config and data (``resume: true``) continues the newest unfinished run at the next epoch. A completed
+run gets ``status: complete`` and becomes ``latest.json`` of its backbone.
+
+Library entry point: :func:`train_backbone`. Progress goes to :class:`TrainingCallback` objects
+(``LoggingCallback`` for logs / Dagster's ``context.log``, ``TqdmCallback`` for the CLI bar).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import secrets
+import time
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from agssp_pipeline.training import checkpoint as ckpt
+from agssp_pipeline.training.backbones import BackboneSpec, backbone_spec, build_backbone, freeze_stages
+from agssp_pipeline.training.data import (
+    JointAugment,
+    PretrainDataset,
+    PretrainTable,
+    make_loader,
+    pretrain_table_from_config,
+)
+from agssp_pipeline.training.distributed import (
+    DistContext,
+    barrier,
+    broadcast_object,
+    init_distributed,
+    mean_across_ranks,
+    shutdown,
+)
+from agssp_pipeline.training.lineage import code_version, data_lineage, stable_hash
+from agssp_pipeline.training.losses import auto_distill_weight, build_objective, distillation_loss
+from agssp_pipeline.training.settings import BackboneSettings
+
+log = logging.getLogger(__name__)
+
+OPTIMIZER_DEFAULTS = {
+    "sgd": {"lr": 0.01, "weight_decay": 1e-4},
+    "adamw": {"lr": 1e-4, "weight_decay": 0.05},
+}
+# settings that do not change what is learned: a resumed run may differ in these
+_RUNTIME_ONLY = ("device", "num_workers", "resume", "log_every_steps", "checkpoint_every", "backbones")
+
+
+# ---------------------------------------------------------------- progress reporting
+
+
+@dataclass
+class StepProgress:
+    epoch: int  # 1-based
+    epochs: int
+    step: int  # 1-based within the epoch
+    steps_per_epoch: int
+    global_step: int
+    total_steps: int
+    base_loss: float | None
+    distill_loss: float
+    total_loss: float
+    distill_weight: float
+    lr: float
+    images_per_s: float
+    eta_s: float
+
+
+@dataclass
+class EpochSummary:
+    epoch: int
+    epochs: int
+    base_loss: float | None
+    distill_loss: float
+    total_loss: float
+    images_per_s: float
+    seconds: float
+    eta_s: float
+
+
+class TrainingCallback:
+    """Hooks called on rank 0; subclass and override what you need."""
+
+    def on_train_start(self, info: dict[str, Any]) -> None: ...
+
+    def on_step_end(self, progress: StepProgress) -> None: ...
+
+    def on_epoch_end(self, summary: EpochSummary) -> None: ...
+
+    def on_checkpoint(self, run_dir: str, epoch: int) -> None: ...
+
+    def on_train_end(self, result: TrainResult) -> None: ...
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _fmt_eta(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+class LoggingCallback(TrainingCallback):
+    """Logs progress lines to any logger-like object (``logging.Logger`` or Dagster's ``context.log``)."""
+
+    def __init__(self, logger: Any = None, every_steps: int = 10):
+        self.logger = logger or log
+        self.every_steps = every_steps
+
+    def on_train_start(self, info):
+        self.logger.info(
+            f"AGBP {info['backbone']} run {info['run_id']}: {info['images']} images, {info['classes']} classes, "
+            f"epochs {info['start_epoch']}..{info['epochs']}, device {info['device']} x{info['world_size']}"
+        )
+
+    def on_step_end(self, p: StepProgress):
+        if p.step % self.every_steps == 0 or p.step == p.steps_per_epoch:
+            self.logger.info(
+                f"epoch {p.epoch}/{p.epochs} step {p.step}/{p.steps_per_epoch} base {_fmt(p.base_loss)} "
+                f"distill {_fmt(p.distill_loss)} (x{p.distill_weight:.3g}) total {_fmt(p.total_loss)} "
+                f"lr {p.lr:.2e} {p.images_per_s:.1f} img/s ETA {_fmt_eta(p.eta_s)}"
+            )
+
+    def on_epoch_end(self, s: EpochSummary):
+        self.logger.info(
+            f"epoch {s.epoch}/{s.epochs} done in {s.seconds:.1f}s: base {_fmt(s.base_loss)} distill "
+            f"{_fmt(s.distill_loss)} total {_fmt(s.total_loss)}, {s.images_per_s:.1f} img/s, ETA {_fmt_eta(s.eta_s)}"
+        )
+
+    def on_checkpoint(self, run_dir, epoch):
+        self.logger.info(f"checkpoint after epoch {epoch}: {run_dir}")
+
+
+class TqdmCallback(TrainingCallback):
+    """A progress bar over all steps of the run (CLI)."""
+
+    def __init__(self):
+        self.bar = None
+
+    def on_train_start(self, info):
+        from tqdm import tqdm
+
+        self.bar = tqdm(
+            total=info["total_steps"],
+            initial=info["start_step"],
+            desc=f"AGBP {info['backbone']}",
+            unit="step",
+        )
+
+    def on_step_end(self, p):
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(
+                epoch=f"{p.epoch}/{p.epochs}",
+                base=_fmt(p.base_loss),
+                distill=_fmt(p.distill_loss),
+                ips=f"{p.images_per_s:.0f}",
+            )
+
+    def on_train_end(self, result):
+        if self.bar is not None:
+            self.bar.close()
+
+
+# ---------------------------------------------------------------- result
+
+
+@dataclass
+class TrainResult:
+    backbone: str
+    run_id: str
+    run_dir: str
+    model_path: str
+    lineage: dict[str, Any]
+    epoch_history: list[dict[str, Any]]
+    step_history: dict[str, list[float]]  # global_step, base, distill, total
+    images_per_s: float
+    device: str
+    start_epoch: int  # 1 for a fresh run, k+1 when resumed after epoch k
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- training
+
+
+@dataclass
+class ResolvedSettings:
+    """The settings after applying the backbone family's defaults (what goes into the lineage)."""
+
+    base_loss: str
+    distill_distance: str
+    distill_stages: list[int]
+    freeze_stages: list[int]
+    optimizer: str
+    lr: float
+    weight_decay: float
+
+
+def resolve_settings(spec: BackboneSpec, settings: BackboneSettings) -> ResolvedSettings:
+    optimizer = spec.optimizer if settings.optimizer == "auto" else settings.optimizer
+    defaults = OPTIMIZER_DEFAULTS[optimizer]
+    base_loss = spec.self_supervised if settings.base_loss == "ssl" else settings.base_loss
+    distill_stages = list(
+        settings.distill_stages if settings.distill_stages is not None else spec.default_distill_stages()
+    )
+    frozen = list(
+        settings.freeze_stages if settings.freeze_stages is not None else spec.default_freeze_stages()
+    )
+    overlap = set(distill_stages) & set(frozen)
+    if overlap and settings.distill_weight != 0:
+        raise ValueError(
+            f"stages {sorted(overlap)} are both frozen and distilled; distillation could not change them"
+        )
+    return ResolvedSettings(
+        base_loss=base_loss,
+        distill_distance=spec.distill_loss if settings.distill_loss == "default" else settings.distill_loss,
+        distill_stages=distill_stages,
+        freeze_stages=frozen,
+        optimizer=optimizer,
+        lr=settings.lr or defaults["lr"],
+        weight_decay=defaults["weight_decay"] if settings.weight_decay is None else settings.weight_decay,
+    )
+
+
+def _build_optimizer(params: list[nn.Parameter], resolved: ResolvedSettings) -> torch.optim.Optimizer:
+    if resolved.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=resolved.lr, momentum=0.9, weight_decay=resolved.weight_decay)
+    return torch.optim.AdamW(params, lr=resolved.lr, weight_decay=resolved.weight_decay)
+
+
+def config_hash(backbone: str, settings: BackboneSettings) -> str:
+    payload = settings.model_dump(mode="json", exclude=set(_RUNTIME_ONLY))
+    return stable_hash({"backbone": backbone, "settings": payload})
+
+
+def _new_run_id() -> str:
+    return f"{datetime.now(UTC).strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(3)}"
+
+
+def _find_resumable_run(layout, backbone: str, cfg_hash: str, data_hash: str) -> str | None:
+    candidates = [
+        run_id
+        for run_id, lineage in ckpt.list_runs(layout, backbone)
+        if lineage.get("status") == "running"
+        and lineage.get("config_hash") == cfg_hash
+        and lineage.get("data_hash") == data_hash
+        and lineage.get("epochs_completed", 0) > 0
+    ]
+    return candidates[-1] if candidates else None
+
+
+def _autocast(device: torch.device, enabled: bool):
+    if enabled and device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def train_backbone(
+    config,
+    backbone: str,
+    *,
+    settings: BackboneSettings | None = None,
+    table: PretrainTable | None = None,
+    callbacks: Sequence[TrainingCallback] = (),
+    run_id: str | None = None,
+    dist_ctx: DistContext | None = None,
+) -> TrainResult:
+    """Pretrain ``backbone`` on the config's pretraining sources; write checkpoint + lineage.
+
+    ``config``: a ``PipelineConfig`` (storage layout, sources). ``settings`` defaults to
+    ``config.backbone``. ``table`` overrides the image/map table (tests, notebooks). Returns on rank 0
+    and on other ranks alike (others get the same paths; only rank 0 wrote them).
+    """
+    settings = settings or config.backbone
+    spec = backbone_spec(backbone)
+    resolved = resolve_settings(spec, settings)
+    ctx = dist_ctx or init_distributed(settings.device)
+    device = ctx.device
+    layout = config.layout()
+    table = table if table is not None else pretrain_table_from_config(config)
+    if len(table) < 2:
+        raise ValueError("AGBP needs at least 2 images with anomaly maps (batch statistics)")
+
+    data_info = data_lineage(config, table)
+    data_hash = stable_hash(
+        {
+            s: (v["index_version"], v["map_store_version"], v["images_used"])
+            for s, v in data_info["sources"].items()
+        }
+    )
+    cfg_hash = config_hash(backbone, settings)
+
+    # ---- run directory: resume an unfinished run with identical config and data, else a new one
+    resume_id = None
+    if ctx.is_main and settings.resume and run_id is None:
+        resume_id = _find_resumable_run(layout, backbone, cfg_hash, data_hash)
+    run_id = broadcast_object(run_id or resume_id or _new_run_id(), ctx)
+    run_dir = ckpt.run_dir(layout, backbone, run_id)
+    state = ckpt.load_training_state(run_dir) if ctx.is_main and settings.resume else None
+    state = broadcast_object(state, ctx)
+
+    # ---- model, objective, optimiser
+    torch.manual_seed(settings.seed)
+    np.random.seed(settings.seed)
+    num_classes = table.num_classes if resolved.base_loss == "cls" else 0
+    model = build_backbone(backbone, num_classes=num_classes, image_size=settings.image_size)
+    frozen_modules = freeze_stages(model.backbone, resolved.freeze_stages)
+    objective = build_objective(resolved.base_loss, model).to(device)
+    trainable = [p for p in objective.parameters() if p.requires_grad]
+    optimizer = _build_optimizer(trainable, resolved)
+
+    augment = JointAugment(
+        settings.image_size,
+        scale=(settings.crop_scale_min, 1.0),
+        hflip=settings.hflip,
+        vflip=settings.vflip,
+        color_jitter=0.4 if objective.views > 1 else 0.0,
+    )
+    dataset = PretrainDataset(table, augment, views=objective.views)
+    loader = make_loader(
+        dataset,
+        batch_size=settings.batch_size,
+        num_workers=settings.num_workers,
+        seed=settings.seed,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        pin_memory=device.type == "cuda",
+    )
+    steps_per_epoch = (
+        len(loader)
+        if settings.max_steps_per_epoch is None
+        else min(len(loader), settings.max_steps_per_epoch)
+    )
+    total_steps = steps_per_epoch * settings.epochs
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps, 1))
+
+    start_epoch = 1
+    distill_weight: float | None = (
+        None if settings.distill_weight == "auto" else float(settings.distill_weight)
+    )
+    step_history: dict[str, list[float]] = {"global_step": [], "base": [], "distill": [], "total": []}
+    epoch_history: list[dict[str, Any]] = []
+    created_at = datetime.now(UTC).isoformat()
+    if state is not None:
+        objective.load_state_dict(state["objective"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+        start_epoch = int(state["epoch"]) + 1
+        distill_weight = state.get("distill_weight", distill_weight)
+        step_history = state["step_history"]
+        epoch_history = state["epoch_history"]
+        created_at = state.get("created_at", created_at)
+        log.info("resuming %s run %s after epoch %d", backbone, run_id, start_epoch - 1)
+
+    train_module: nn.Module = objective
+    if ctx.distributed:
+        train_module = nn.parallel.DistributedDataParallel(
+            objective, device_ids=[device.index] if device.type == "cuda" else None
+        )
+
+    lineage_base = {
+        "backbone": backbone,
+        "backbone_description": spec.description,
+        "detector_compatible": spec.detector_compatible,
+        "weights_format": "ultralytics-yolov8-detectionmodel" if spec.detector_compatible else "timm",
+        "run_id": run_id,
+        "created_at": created_at,
+        "config": settings.model_dump(mode="json"),
+        "config_hash": cfg_hash,
+        "config_path": getattr(config, "config_path", None),
+        "resolved": asdict(resolved),
+        "data": data_info,
+        "data_hash": data_hash,
+        "code": code_version(),
+        "epochs": settings.epochs,
+        "image_size": settings.image_size,
+        "num_classes": num_classes,
+        "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
+        "world_size": ctx.world_size,
+    }
+
+    callbacks = list(callbacks) if ctx.is_main else []
+    start_step = (start_epoch - 1) * steps_per_epoch
+    for callback in callbacks:
+        callback.on_train_start(
+            {
+                "backbone": backbone,
+                "run_id": run_id,
+                "images": len(table),
+                "classes": table.num_classes,
+                "start_epoch": start_epoch,
+                "epochs": settings.epochs,
+                "device": str(device),
+                "world_size": ctx.world_size,
+                "total_steps": total_steps,
+                "start_step": start_step,
+                "run_dir": run_dir,
+            }
+        )
+
+    global_step = start_step
+    images_seen = 0
+    train_seconds = 0.0
+    distill_stages = resolved.distill_stages
+    use_distill = settings.distill_weight != 0
+
+    def snapshot_lineage(status: str, epochs_completed: int) -> dict[str, Any]:
+        last = epoch_history[-1] if epoch_history else {}
+        return {
+            **lineage_base,
+            "status": status,
+            "updated_at": datetime.now(UTC).isoformat(),
+            "epochs_completed": epochs_completed,
+            "distill_weight": distill_weight,
+            "final_losses": {k: last.get(k) for k in ("base_loss", "distill_loss", "total_loss")},
+            "epoch_history": epoch_history,
+            "images_per_s": (images_seen / train_seconds) if train_seconds > 0 else None,
+        }
+
+    for epoch in range(start_epoch, settings.epochs + 1):
+        loader.sampler.set_epoch(epoch)
+        objective.train()
+        for module in frozen_modules:
+            module.eval()  # frozen stages keep their BatchNorm statistics
+        sums = {"base": 0.0, "distill": 0.0, "total": 0.0}
+        epoch_start = tick = time.perf_counter()
+        epoch_images = 0
+        steps_done = 0
+        for step, batch in enumerate(loader, start=1):
+            if step > steps_per_epoch:
+                break
+            images = batch["image"].to(device, non_blocking=True)
+            maps = batch["map"].to(device, non_blocking=True)
+            labels = batch["label"].to(device, non_blocking=True)
+            with _autocast(device, settings.amp):
+                base_loss, view_features = train_module(images, labels)
+            if use_distill:
+                distill = sum(
+                    distillation_loss(features, maps[:, v], distill_stages, resolved.distill_distance)
+                    for v, features in enumerate(view_features)
+                ) / len(view_features)
+            else:
+                distill = torch.zeros((), device=device)
+            if distill_weight is None:  # "auto": equal contributions on the first iteration
+                base_value = mean_across_ranks(
+                    float(base_loss.detach()) if base_loss is not None else 0.0, ctx
+                )
+                distill_value = mean_across_ranks(float(distill.detach()), ctx)
+                distill_weight = (
+                    auto_distill_weight(base_value, distill_value) if base_loss is not None else 1.0
+                )
+                log.info(
+                    "auto distillation weight: %.4g (base %.4g, distill %.4g)",
+                    distill_weight,
+                    base_value,
+                    distill_value,
+                )
+            total = distill_weight * distill if base_loss is None else base_loss + distill_weight * distill
+            if not torch.isfinite(total):
+                raise FloatingPointError(
+                    f"non-finite loss at epoch {epoch} step {step}; lower lr or check the maps"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            if settings.grad_clip:
+                torch.nn.utils.clip_grad_norm_(trainable, settings.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            global_step += 1
+            objective.after_step(global_step / max(total_steps, 1))
+
+            batch_images = images.shape[0] * ctx.world_size
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            now = time.perf_counter()
+            train_seconds += now - tick  # includes waiting for data: the throughput a user gets
+            tick = now
+            steps_done += 1
+            images_seen += batch_images
+            epoch_images += batch_images
+            values = {
+                "base": float(base_loss.detach()) if base_loss is not None else None,
+                "distill": float(distill.detach()),
+                "total": float(total.detach()),
+            }
+            for key in sums:
+                sums[key] += values[key] or 0.0
+            step_history["global_step"].append(global_step)
+            for key in ("base", "distill", "total"):
+                step_history[key].append(values[key] if values[key] is not None else float("nan"))
+            rate = images_seen / train_seconds if train_seconds > 0 else 0.0
+            eta = (total_steps - global_step) * (train_seconds / max(global_step - start_step, 1))
+            progress = StepProgress(
+                epoch=epoch,
+                epochs=settings.epochs,
+                step=step,
+                steps_per_epoch=steps_per_epoch,
+                global_step=global_step,
+                total_steps=total_steps,
+                base_loss=values["base"],
+                distill_loss=values["distill"],
+                total_loss=values["total"],
+                distill_weight=distill_weight,
+                lr=scheduler.get_last_lr()[0],
+                images_per_s=rate,
+                eta_s=eta,
+            )
+            for callback in callbacks:
+                callback.on_step_end(progress)
+
+        means = {k: mean_across_ranks(v / max(steps_done, 1), ctx) for k, v in sums.items()}
+        seconds = time.perf_counter() - epoch_start
+        summary = EpochSummary(
+            epoch=epoch,
+            epochs=settings.epochs,
+            base_loss=means["base"] if resolved.base_loss != "none" else None,
+            distill_loss=means["distill"],
+            total_loss=means["total"],
+            images_per_s=epoch_images / seconds if seconds > 0 else 0.0,
+            seconds=seconds,
+            eta_s=(settings.epochs - epoch) * seconds,
+        )
+        epoch_history.append(
+            {
+                "epoch": epoch,
+                "base_loss": summary.base_loss,
+                "distill_loss": summary.distill_loss,
+                "total_loss": summary.total_loss,
+                "images_per_s": summary.images_per_s,
+                "seconds": seconds,
+            }
+        )
+        is_last = epoch == settings.epochs
+        if ctx.is_main and (epoch % settings.checkpoint_every == 0 or is_last):
+            ckpt.save_training_state(
+                run_dir,
+                {
+                    "epoch": epoch,
+                    "objective": objective.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "rng": _rng_state(),
+                    "distill_weight": distill_weight,
+                    "step_history": step_history,
+                    "epoch_history": epoch_history,
+                    "created_at": created_at,
+                },
+            )
+            ckpt.save_backbone_checkpoint(
+                run_dir,
+                model.backbone.native_state_dict(),
+                snapshot_lineage("complete" if is_last else "running", epoch),
+            )
+            for callback in callbacks:
+                callback.on_checkpoint(run_dir, epoch)
+        for callback in callbacks:
+            callback.on_epoch_end(summary)
+        barrier(ctx)
+
+    lineage = snapshot_lineage("complete", settings.epochs)
+    if ctx.is_main:
+        if start_epoch > settings.epochs:  # resumed a run whose last epoch was already saved
+            lineage = ckpt.load_backbone_checkpoint(run_dir)[1]
+        ckpt.write_json(f"{run_dir}/{ckpt.LINEAGE_FILE}", lineage)
+        ckpt.write_latest_pointer(layout, backbone, run_id, {"updated_at": lineage["updated_at"]})
+    barrier(ctx)
+    result = TrainResult(
+        backbone=backbone,
+        run_id=run_id,
+        run_dir=run_dir,
+        model_path=f"{run_dir}/{ckpt.MODEL_FILE}",
+        lineage=lineage,
+        epoch_history=epoch_history,
+        step_history=step_history,
+        images_per_s=float(lineage.get("images_per_s") or 0.0),
+        device=str(device),
+        start_epoch=start_epoch,
+    )
+    for callback in callbacks:
+        callback.on_train_end(result)
+    return result
+
+
+def plot_loss_curves(step_history: dict[str, list[float]], path: str, title: str = "AGBP losses") -> str:
+    """PNG of base / distillation / total loss per step (matplotlib Agg; no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = step_history["global_step"]
+    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
+    for key, label in (("base", "base"), ("distill", "distillation (unweighted)"), ("total", "total")):
+        values = [v for v in step_history[key]]
+        if values and not all(math.isnan(v) for v in values):
+            ax.plot(steps, values, label=label, linewidth=1.2)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    from pathlib import Path
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from agssp_pipeline.config import load_config
+
+    parser = argparse.ArgumentParser(
+        description="AGBP backbone pretraining (works under torchrun for multi-GPU)"
+    )
+    parser.add_argument("--config", help="agssp.yaml (default: $AGSSP_CONFIG)")
+    parser.add_argument(
+        "--backbone", required=True, help="registered backbone name, e.g. yolov8n, resnet50, swin_b"
+    )
+    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--image-size", type=int)
+    parser.add_argument("--device", help="auto, cpu, cuda, cuda:1")
+    parser.add_argument("--workers", type=int)
+    parser.add_argument("--base-loss", choices=["cls", "moco", "simmim", "ssl", "none"])
+    parser.add_argument("--max-steps-per-epoch", type=int)
+    parser.add_argument(
+        "--no-resume", action="store_true", help="start a new run even if an unfinished one matches"
+    )
+    parser.add_argument("--run-id", help="write into (or resume) this run id")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+
+    config = load_config(args.config)
+    overrides = {
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "image_size": args.image_size,
+        "device": args.device,
+        "num_workers": args.workers,
+        "base_loss": args.base_loss,
+        "max_steps_per_epoch": args.max_steps_per_epoch,
+    }
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if args.no_resume:
+        overrides["resume"] = False
+    settings = BackboneSettings.model_validate({**config.backbone.model_dump(), **overrides})
+    ctx = init_distributed(settings.device)
+    try:
+        callbacks: list[TrainingCallback] = [LoggingCallback(every_steps=settings.log_every_steps)]
+        if ctx.is_main:
+            callbacks.append(TqdmCallback())
+        result = train_backbone(
+            config, args.backbone, settings=settings, callbacks=callbacks, run_id=args.run_id, dist_ctx=ctx
+        )
+        if ctx.is_main:
+            print(f"checkpoint: {result.model_path}\nlineage: {result.run_dir}/{ckpt.LINEAGE_FILE}")
+            print(f"images/s: {result.images_per_s:.1f} on {result.device}")
+    finally:
+        shutdown(ctx)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
