@@ -385,6 +385,27 @@ def environment_versions() -> dict[str, str]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# YOLO-layout datasets (via the shared exporter in agssp_pipeline.boxes.export)
+
+
+def export_splits(splits: Mapping[str, pd.DataFrame], boxes: pd.DataFrame, class_names: Sequence[str],
+                  out_dir: str | Path) -> Path:
+    """Export several splits (records per split name) into one YOLO dataset; returns its data.yaml."""
+    from agssp_pipeline.boxes.export import export_yolo_dataset
+
+    if "train" not in splits or "val" not in splits:
+        raise ValueError(f"a training export needs 'train' and 'val' splits, got {sorted(splits)}")
+    data_yaml: Path | None = None
+    for split_name, records in splits.items():
+        if records.empty:
+            raise ValueError(f"split '{split_name}' of the export to {out_dir} has no images")
+        split_boxes = boxes[boxes["image_id"].isin(set(records["image_id"]))]
+        data_yaml = export_yolo_dataset(records, split_boxes, class_names, out_dir, split_name)
+    assert data_yaml is not None
+    return data_yaml
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # AGDP: the pseudo-box training set
 
 
@@ -393,33 +414,38 @@ class PretrainSet:
     """Images for detector pretraining: positives with pseudo boxes, negatives (judged normal) with none."""
 
     images: pd.DataFrame  # image_id, path, width, height, source, split ('train'/'val'), negative (bool)
-    boxes: pd.DataFrame  # image_id, class_name, x1, y1, x2, y2
-    tables: dict[str, dict[str, Any]]  # source -> {path, sha256, map_store_version, ...}
-    excluded_ambiguous: int = 0
+    boxes: pd.DataFrame  # image_id, class_id, x1, y1, x2, y2 (+ score)
+    tables: dict[str, dict[str, Any]]  # source -> {path, sha256, map_store_version, index_sha256}
+    negatives_dropped: int = 0
 
     def counts(self) -> dict[str, int]:
         split = self.images["split"]
         return {
             "images_train": int((split == "train").sum()),
             "images_val": int((split == "val").sum()),
+            "positives": int((~self.images["negative"]).sum()),
             "negatives": int(self.images["negative"].sum()),
+            "negatives_dropped": self.negatives_dropped,
             "boxes": len(self.boxes),
-            "excluded_ambiguous": self.excluded_ambiguous,
         }
 
 
-def _pseudo_rows_for_source(layout: StorageLayout, source: str) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
-    box_path = layout.pseudo_boxes(source)
-    index_path = layout.index(source)
-    for path, what in ((box_path, "pseudo boxes"), (index_path, "image index")):
-        if "://" not in path and not Path(path).is_file():
-            raise FileNotFoundError(f"{what} of source '{source}' missing at {path}: materialize it first")
-    table = pd.read_parquet(box_path)
-    index = pd.read_parquet(index_path, columns=["image_id", "path"]).drop_duplicates("image_id")
-    versions = sorted(set(table["map_store_version"].dropna().astype(str))) if "map_store_version" in table else []
-    info = {"path": box_path, "sha256": file_sha256(box_path), "map_store_version": versions,
-            "index_sha256": file_sha256(index_path)}
-    return table, index, info
+def pseudo_box_table_versions(layout: StorageLayout, sources: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Content hashes of the pseudo-box tables (and indexes) that a detector is trained on."""
+    versions = {}
+    for source in sorted(sources):
+        box_path, index_path = layout.pseudo_boxes(source), layout.index(source)
+        for path, what in ((box_path, "pseudo boxes"), (index_path, "image index")):
+            if "://" not in path and not Path(path).is_file():
+                raise FileNotFoundError(f"{what} of source '{source}' missing at {path}: materialize it first")
+        table = pd.read_parquet(box_path, columns=["map_store_version"])
+        versions[source] = {
+            "path": box_path,
+            "sha256": file_sha256(box_path),
+            "index_sha256": file_sha256(index_path),
+            "map_store_version": sorted(set(table["map_store_version"].dropna().astype(str))),
+        }
+    return versions
 
 
 def collect_pretrain_set(
@@ -429,51 +455,121 @@ def collect_pretrain_set(
     seed: int = 0,
     max_negative_ratio: float | None = 1.0,
 ) -> PretrainSet:
-    """Positives (judged defective, with boxes) and negatives (judged normal) of the pretraining sources.
+    """Positives (with pseudo boxes) and negatives (judged normal) of the pretraining sources, split train/val.
 
-    Images judged defective without any box are ambiguous and left out. ``max_negative_ratio`` caps negatives at a
-    multiple of the positives (seeded sample) so a large defect-free folder does not teach "predict nothing".
+    Which images qualify is the exporter's rule (``pseudo_box_training_set``: ambiguous images, judged defective
+    but without a box, are left out). ``max_negative_ratio`` caps negatives at a multiple of the positives (seeded
+    sample), so a large defect-free folder cannot teach the detector to predict nothing.
     """
-    frames, box_frames, tables = [], [], {}
-    excluded = 0
-    for source in sources:
-        table, index, info = _pseudo_rows_for_source(layout, source)
-        tables[source] = info
-        has_box = table["box_index"].notna()
-        per_image = table.groupby("image_id").agg(judged_defective=("judged_defective", "first"),
-                                                  width=("width", "first"), height=("height", "first"))
-        per_image["n_boxes"] = table[has_box].groupby("image_id").size().reindex(per_image.index, fill_value=0)
-        positive = per_image["judged_defective"].astype(bool) & (per_image["n_boxes"] > 0)
-        negative = ~per_image["judged_defective"].astype(bool)
-        excluded += int((~positive & ~negative).sum())
-        keep = per_image[positive | negative].copy()
-        keep["negative"] = negative[positive | negative]
-        keep["source"] = source
-        keep = keep.reset_index().merge(index, on="image_id", how="left")
-        if keep["path"].isna().any():
-            missing = keep.loc[keep["path"].isna(), "image_id"].head(3).tolist()
-            raise ValueError(f"pseudo boxes of '{source}' name images missing from its index (e.g. {missing}): "
-                             "rematerialize pseudo_boxes")
-        frames.append(keep)
-        boxes = table[has_box & table["image_id"].isin(keep.loc[~keep["negative"], "image_id"])]
-        box_frames.append(boxes[["image_id", "x1", "y1", "x2", "y2"]].assign(class_name=PRETRAIN_CLASS_NAMES[0]))
-    images = pd.concat(frames, ignore_index=True).drop_duplicates("image_id").sort_values("image_id")
+    from agssp_pipeline.boxes.export import pseudo_box_training_set
+
+    tables = pseudo_box_table_versions(layout, sources)
+    records, boxes = pseudo_box_training_set(layout, sources, include_negatives=True)
+    records = records.sort_values("image_id", kind="stable").reset_index(drop=True)
+    records["negative"] = ~records["image_id"].isin(set(boxes["image_id"]))
+    n_pos = int((~records["negative"]).sum())
+    if n_pos == 0:
+        raise ValueError(f"no pseudo boxes in sources {sorted(sources)}: nothing to pretrain the detector on")
     rng = np.random.default_rng(seed)
+    dropped = 0
     if max_negative_ratio is not None:
-        n_pos = int((~images["negative"]).sum())
-        neg_rows = np.flatnonzero(images["negative"].to_numpy())
-        cap = int(np.ceil(max_negative_ratio * max(n_pos, 1)))
-        if len(neg_rows) > cap:
-            drop = rng.permutation(neg_rows)[cap:]
-            images = images.drop(images.index[drop])
-    if (~images["negative"]).sum() == 0:
-        raise ValueError(f"no pseudo boxes in sources {list(sources)}: nothing to pretrain the detector on")
-    images = images.reset_index(drop=True)
-    is_val = np.zeros(len(images), dtype=bool)
-    n_val = max(1, int(round(val_fraction * len(images)))) if len(images) > 1 else 0
-    is_val[rng.permutation(len(images))[:n_val]] = True
-    images["split"] = np.where(is_val, "val", "train")
-    boxes = pd.concat(box_frames, ignore_index=True)
-    boxes = boxes[boxes["image_id"].isin(images["image_id"])].reset_index(drop=True)
-    columns = ["image_id", "path", "width", "height", "source", "split", "negative"]
-    return PretrainSet(images[columns], boxes[["image_id", "class_name", "x1", "y1", "x2", "y2"]], tables, excluded)
+        negatives = np.flatnonzero(records["negative"].to_numpy())
+        cap = int(np.ceil(max_negative_ratio * n_pos))
+        if len(negatives) > cap:
+            drop = rng.permutation(negatives)[cap:]
+            dropped = len(drop)
+            records = records.drop(index=drop).reset_index(drop=True)
+    is_val = np.zeros(len(records), dtype=bool)
+    n_val = min(len(records) - 1, max(1, int(round(val_fraction * len(records)))))
+    is_val[rng.permutation(len(records))[:n_val]] = True
+    records["split"] = np.where(is_val, "val", "train")
+    boxes = boxes[boxes["image_id"].isin(set(records["image_id"]))].reset_index(drop=True)
+    return PretrainSet(records, boxes, tables, dropped)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# AGDP: the stage
+
+
+@dataclass
+class DetectorCheckpoint:
+    run_dir: Path
+    weights: Path
+    lineage: dict[str, Any]
+    counts: dict[str, int]
+    injection: InjectionReport | None
+
+
+def detector_train_settings(detector) -> YoloTrainSettings:
+    """YoloTrainSettings of the ``detector:`` config section (backbone frozen = ultralytics freeze=10)."""
+    return YoloTrainSettings(
+        model=detector.model, epochs=detector.epochs, image_size=detector.image_size,
+        batch_size=detector.batch_size, device=detector.device, seed=detector.seed, workers=detector.workers,
+        freeze_layers=YOLOV8_BACKBONE_LAYERS if detector.freeze_backbone else None, val=True,
+        extra_args=dict(detector.train_args),
+    )
+
+
+def pretrain_detector(
+    config,
+    backbone_checkpoint: str | Path | None = None,
+    sources: Sequence[str] | None = None,
+    log: Callable[[str], None] = LOGGER.info,
+) -> DetectorCheckpoint:
+    """AGDP: train a single-class YOLOv8 on the pseudo boxes of the pretraining sources, from the AGBP backbone.
+
+    ``backbone_checkpoint``: a backbone run dir (default: latest completed run of ``detector.backbone``).
+    """
+    from agssp_pipeline.training.checkpoint import (
+        backbone_state_for_detector,
+        latest_checkpoint_dir,
+        load_backbone_checkpoint,
+    )
+
+    layout = config.layout()
+    detector = config.detector
+    sources = sorted(sources or [s.name for s in config.pretrain_sources()])
+    if not sources:
+        raise ValueError("no pretraining sources configured (role: pretrain or both)")
+    backbone_dir = str(backbone_checkpoint or latest_checkpoint_dir(layout, detector.backbone))
+    state, backbone_lineage = load_backbone_checkpoint(backbone_dir)
+    initial = InitialWeights("agbp", backbone_state_for_detector(state), BACKBONE_PREFIXES,
+                             {**backbone_lineage, "checkpoint": backbone_dir})
+    pretrain_set = collect_pretrain_set(layout, sources, detector.val_fraction, detector.seed,
+                                        detector.max_negative_ratio)
+    log(f"AGDP training set: {pretrain_set.counts()} from {sources}")
+    settings = detector_train_settings(detector)
+    run_id = new_run_id(initial.digest, json.dumps(pretrain_set.tables, sort_keys=True),
+                        json.dumps(settings_dict(settings), sort_keys=True, default=str))
+    run_dir = Path(layout.checkpoints(DETECTOR_KIND, detector.model, run_id))
+    images = pretrain_set.images
+    data_yaml = export_splits(
+        {"train": images[images["split"] == "train"], "val": images[images["split"] == "val"]},
+        pretrain_set.boxes, PRETRAIN_CLASS_NAMES, layout.exports("agdp", detector.model),
+    )
+    result = train_yolo(data_yaml, settings, run_dir, "ultralytics", initial=initial,
+                        num_classes=len(PRETRAIN_CLASS_NAMES))
+    lineage = {
+        "kind": DETECTOR_KIND,
+        "name": detector.model,
+        "run_id": run_id,
+        "created_at": datetime.now(UTC).isoformat(),
+        "model": detector.model,
+        "class_names": list(PRETRAIN_CLASS_NAMES),
+        "backbone": {"checkpoint": backbone_dir, "weights_digest": initial.digest, "lineage": backbone_lineage},
+        "pseudo_boxes": pretrain_set.tables,
+        "training_set": pretrain_set.counts(),
+        "settings": settings_dict(settings),
+        "train_args": result.train_args,
+        "injection": result.injection.summary() if result.injection else None,
+        "ultralytics_metrics": result.ultralytics_metrics,
+        "ultralytics_best_pt": str(result.best_pt) if result.best_pt else None,
+        "ultralytics_last_pt": str(result.last_pt),
+        "data_yaml": str(data_yaml),
+        "versions": environment_versions(),
+    }
+    weights = save_checkpoint(run_dir, result.final_state_dict, lineage)
+    write_latest_pointer(layout, DETECTOR_KIND, detector.model, run_dir, {"run_id": run_id})
+    log(f"AGDP checkpoint {weights} (val mAP50 on pseudo boxes: "
+        f"{result.ultralytics_metrics.get('metrics/mAP50(B)', float('nan')):.3f})")
+    return DetectorCheckpoint(run_dir, weights, read_lineage(run_dir), pretrain_set.counts(), result.injection)

@@ -1,0 +1,445 @@
+"""Finetune evaluations: does AGSSP pretraining help on small labelled sets? (the paper's Table 2).
+
+For every downstream dataset (sources with role downstream/both) and every variant of initial weights
+(``scratch``; ``agbp``: the AGBP backbone only; ``agssp``: the full AGDP detector; plus user files named in
+``finetune.extra_weights``) we finetune the same YOLOv8 with the same epochs, image size, seed, batch and
+augmentation on a fixed stored split (``training/splits.py``), then measure COCO mAP@0.5 and mAP@0.5:0.95 on the
+val split with faster-coco-eval, and ultralytics' own figures beside them.
+
+Choices that keep the comparison honest:
+- the weights evaluated are those of the *last* epoch (``last.pt``), not ``best.pt``: ultralytics picks best.pt on
+  the same val split we report, which would let each variant select its own lucky epoch on the test data;
+- pretraining and downstream image ids must not overlap (content hashes: copies across sources are caught too);
+- duplicate images inside a dataset are dropped before splitting, so a copy cannot sit in train and val at once.
+
+Outputs: ``storage_root/evaluations/<dataset>.parquet`` (one row per regime x variant) and
+``<dataset>.per_class.parquet`` (AP per class), YOLO exports under ``exports/finetune/<dataset>/``, runs under
+``runs/finetune/<dataset>/``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from agssp_pipeline.eval.coco_map import evaluate_detections
+from agssp_pipeline.storage import StorageLayout
+from agssp_pipeline.training.detector import (
+    BACKBONE_PREFIXES,
+    InitialWeights,
+    YoloTrainSettings,
+    export_splits,
+    latest_detector_checkpoint,
+    load_detector_checkpoint,
+    load_weight_file,
+    resolve_device,
+    train_yolo,
+)
+from agssp_pipeline.training.splits import SplitParams, load_or_create_split, split_summary
+
+LOGGER = logging.getLogger(__name__)
+BASELINE_VARIANT = "scratch"
+FULL_REGIME = "full"
+
+
+class DataOverlapError(ValueError):
+    """Pretraining and downstream sources share images: the evaluation would measure memorisation."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# data
+
+
+@dataclass
+class LabelledDataset:
+    """A downstream dataset as the evaluation sees it: deduplicated images and their GT boxes."""
+
+    name: str
+    images: pd.DataFrame  # image_id, path, width, height
+    annotations: pd.DataFrame  # image_id, class_name, x1, y1, x2, y2
+    class_names: list[str]
+    dropped_duplicates: int = 0
+
+
+def _read_index_ids(layout: StorageLayout, source: str) -> pd.Series:
+    path = layout.index(source)
+    if "://" not in path and not Path(path).is_file():
+        raise FileNotFoundError(f"image index of source '{source}' missing at {path}: materialize image_index first")
+    return pd.read_parquet(path, columns=["image_id"])["image_id"].astype(str)
+
+
+def check_no_overlap(layout: StorageLayout, pretrain_sources: Sequence[str], downstream_sources: Sequence[str]) -> None:
+    """Refuse image ids present both in a pretraining source and in a downstream source."""
+    pretrain: dict[str, str] = {}
+    for source in pretrain_sources:
+        for image_id in _read_index_ids(layout, source):
+            pretrain.setdefault(image_id, source)
+    problems = []
+    for source in downstream_sources:
+        ids = set(_read_index_ids(layout, source))
+        shared = sorted(ids & set(pretrain))
+        if shared:
+            examples = ", ".join(f"{i} (also in {pretrain[i]})" for i in shared[:3])
+            problems.append(f"downstream source '{source}' shares {len(shared)} of its {len(ids)} images with "
+                            f"pretraining sources, e.g. {examples}")
+    if problems:
+        raise DataOverlapError(
+            "pretraining and downstream images overlap, which would inflate the AGSSP rows: "
+            + "; ".join(problems)
+            + ". Give downstream datasets role 'downstream' only and keep their images out of pretraining sources."
+        )
+
+
+def load_labelled_dataset(layout: StorageLayout, source: str, classes: Sequence[str] = ()) -> LabelledDataset:
+    """Index + annotations of a downstream source, first copies only (duplicates dropped with their boxes)."""
+    index_path, annotation_path = layout.index(source), layout.annotations(source)
+    for path, what in ((index_path, "image index"), (annotation_path, "annotations")):
+        if "://" not in path and not Path(path).is_file():
+            raise FileNotFoundError(f"{what} of downstream source '{source}' missing at {path}")
+    index = pd.read_parquet(index_path)
+    annotations = pd.read_parquet(annotation_path)
+    keep = index["duplicate_of"].isna() if "duplicate_of" in index else pd.Series(True, index=index.index)
+    kept = index[keep].drop_duplicates("image_id")
+    dropped = len(index) - len(kept)
+    if "path" in annotations:
+        annotations = annotations[annotations["path"].isin(set(kept["path"]))]
+    else:
+        annotations = annotations[annotations["image_id"].isin(set(kept["image_id"]))]
+    names = list(classes) or sorted(annotations["class_name"].astype(str).unique())
+    if not names:
+        raise ValueError(f"downstream source '{source}' has no annotated boxes: nothing to evaluate")
+    unknown = set(annotations["class_name"]) - set(names)
+    if unknown:
+        raise ValueError(f"annotations of '{source}' use classes {sorted(unknown)} missing from its classes list")
+    images = kept[["image_id", "path", "width", "height"]].reset_index(drop=True)
+    boxes = annotations[["image_id", "class_name", "x1", "y1", "x2", "y2"]].reset_index(drop=True)
+    return LabelledDataset(source, images, boxes, names, dropped)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# variants: a registry of named ways to get initial weights
+
+
+@dataclass
+class VariantContext:
+    """What the variant builders may use: checkpoint locations and the user's extra files."""
+
+    backbone_checkpoint: str | None = None
+    detector_checkpoint: str | None = None
+    extra_weights: dict[str, str] = field(default_factory=dict)
+
+
+def _scratch(context: VariantContext) -> InitialWeights | None:
+    return None
+
+
+def _agbp(context: VariantContext) -> InitialWeights:
+    from agssp_pipeline.training.checkpoint import backbone_state_for_detector, load_backbone_checkpoint
+
+    if not context.backbone_checkpoint:
+        raise FileNotFoundError("variant 'agbp' needs a backbone checkpoint (materialize backbone_checkpoint)")
+    state, lineage = load_backbone_checkpoint(context.backbone_checkpoint)
+    lineage = {**lineage, "checkpoint": str(context.backbone_checkpoint)}
+    return InitialWeights("agbp", backbone_state_for_detector(state), BACKBONE_PREFIXES, lineage)
+
+
+def _agssp(context: VariantContext) -> InitialWeights:
+    if not context.detector_checkpoint:
+        raise FileNotFoundError("variant 'agssp' needs a detector checkpoint (materialize detector_checkpoint)")
+    state, lineage = load_detector_checkpoint(context.detector_checkpoint)
+    lineage = {**lineage, "checkpoint": str(context.detector_checkpoint)}
+    return InitialWeights("agssp", state, BACKBONE_PREFIXES, lineage)
+
+
+VARIANT_BUILDERS: dict[str, Callable[[VariantContext], InitialWeights | None]] = {
+    "scratch": _scratch,
+    "agbp": _agbp,
+    "agssp": _agssp,
+}
+
+
+def initial_weights_for(variant: str, context: VariantContext) -> InitialWeights | None:
+    if variant in VARIANT_BUILDERS:
+        return VARIANT_BUILDERS[variant](context)
+    if variant in context.extra_weights:
+        path = Path(context.extra_weights[variant]).expanduser()
+        return InitialWeights(variant, load_weight_file(path), (), {"checkpoint": str(path), "kind": "user file"})
+    raise ValueError(f"unknown finetune variant '{variant}' (built in: {sorted(VARIANT_BUILDERS)}; "
+                     f"extra_weights: {sorted(context.extra_weights)})")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# one variant: train, predict, score
+
+
+@dataclass
+class EvalSettings:
+    """Prediction settings of the COCO evaluation (the COCO protocol: low conf, 100 detections)."""
+
+    conf: float = 0.001
+    iou: float = 0.7
+    max_det: int = 100
+    coco_backend: str = "faster_coco_eval"
+
+
+def predict_detections(weights: Path, images: pd.DataFrame, class_names: Sequence[str], image_size: int,
+                       device: str, evaluation: EvalSettings, batch: int = 16) -> pd.DataFrame:
+    """Detection rows (image_id, class_name, score, x1..y2 in original pixels) of a trained model."""
+    from ultralytics import YOLO
+
+    model = YOLO(str(weights), task="detect")
+    rows: list[tuple] = []
+    paths = images["path"].tolist()
+    ids = images["image_id"].tolist()
+    for start in range(0, len(paths), batch):
+        results = model.predict(paths[start:start + batch], imgsz=image_size, conf=evaluation.conf,
+                                iou=evaluation.iou, max_det=evaluation.max_det, device=resolve_device(device),
+                                verbose=False)
+        for image_id, result in zip(ids[start:start + batch], results, strict=True):
+            boxes = result.boxes
+            if boxes is None or len(boxes) == 0:
+                continue
+            xyxy = boxes.xyxy.cpu().numpy().astype(float)
+            scores = boxes.conf.cpu().numpy().astype(float)
+            classes = boxes.cls.cpu().numpy().astype(int)
+            for (x1, y1, x2, y2), score, cls in zip(xyxy, scores, classes, strict=True):
+                rows.append((image_id, class_names[cls], score, x1, y1, x2, y2))
+    return pd.DataFrame(rows, columns=["image_id", "class_name", "score", "x1", "y1", "x2", "y2"])
+
+
+def ultralytics_val(weights: Path, data_yaml: Path, image_size: int, batch: int, device: str,
+                    evaluation: EvalSettings, project: Path) -> dict[str, float]:
+    """ultralytics' own mAP on the same val split (its matching and 101-point interpolation)."""
+    from ultralytics import YOLO
+
+    metrics = YOLO(str(weights), task="detect").val(
+        data=str(data_yaml), split="val", imgsz=image_size, batch=batch, conf=evaluation.conf, iou=evaluation.iou,
+        max_det=evaluation.max_det, device=resolve_device(device), plots=False, verbose=False,
+        project=str(project), name="val", exist_ok=True, workers=0,
+    )
+    return {"map50": float(metrics.box.map50), "map50_95": float(metrics.box.map)}
+
+
+@dataclass
+class VariantResult:
+    row: dict[str, Any]
+    per_class: pd.DataFrame
+    lineage: dict[str, Any]
+
+
+def run_variant(
+    dataset: LabelledDataset,
+    regime: str,
+    data_yaml: Path,
+    val_images: pd.DataFrame,
+    val_boxes: pd.DataFrame,
+    variant: str,
+    initial: InitialWeights | None,
+    train_settings: YoloTrainSettings,
+    evaluation: EvalSettings,
+    run_root: Path,
+) -> VariantResult:
+    started = time.perf_counter()
+    result = train_yolo(data_yaml, train_settings, run_root / regime, variant, initial=initial)
+    train_seconds = time.perf_counter() - started
+    detections = predict_detections(result.last_pt, val_images, dataset.class_names, train_settings.image_size,
+                                    train_settings.device, evaluation, batch=train_settings.batch_size)
+    metrics = evaluate_detections(val_images, val_boxes, detections, dataset.class_names,
+                                  backend=evaluation.coco_backend)
+    ultra = ultralytics_val(result.last_pt, data_yaml, train_settings.image_size, train_settings.batch_size,
+                            train_settings.device, evaluation, result.run_dir)
+    lineage = dict(initial.lineage) if initial is not None else {}
+    row = {
+        "dataset": dataset.name,
+        "regime": regime,
+        "variant": variant,
+        "map50": metrics.map50,
+        "map50_95": metrics.map50_95,
+        "ultralytics_map50": ultra["map50"],
+        "ultralytics_map50_95": ultra["map50_95"],
+        "model": train_settings.model,
+        "epochs": train_settings.epochs,
+        "imgsz": train_settings.image_size,
+        "batch": train_settings.batch_size,
+        "seed": train_settings.seed,
+        "val_images": len(val_images),
+        "val_boxes": len(val_boxes),
+        "detections": metrics.num_detections,
+        "initial_weights": initial.name if initial is not None else "random init",
+        "initial_digest": result.initial_digest,
+        "tensors_loaded": len(result.injection.loaded) if result.injection else 0,
+        "checkpoint": lineage.get("checkpoint"),
+        "checkpoint_run_id": lineage.get("run_id"),
+        "checkpoint_lineage": json.dumps(lineage, default=str, sort_keys=True) if lineage else None,
+        "evaluated_weights": str(result.last_pt),
+        "train_seconds": round(train_seconds, 1),
+    }
+    per_class = pd.DataFrame({
+        "dataset": dataset.name, "regime": regime, "variant": variant, "class_name": dataset.class_names,
+        "ap50": [metrics.per_class_ap50.get(n, np.nan) for n in dataset.class_names],
+        "ap50_95": [metrics.per_class_ap50_95.get(n, np.nan) for n in dataset.class_names],
+    })
+    return VariantResult(row, per_class, lineage)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# one dataset, all variants
+
+
+@dataclass
+class DatasetEvaluation:
+    dataset: str
+    table: pd.DataFrame
+    per_class: pd.DataFrame
+    split_meta: dict[str, Any]
+    split_counts: pd.DataFrame
+    lineage: dict[str, dict[str, Any]]  # variant -> checkpoint lineage
+    table_path: str
+    per_class_path: str
+
+
+def add_deltas(table: pd.DataFrame, baseline: str = BASELINE_VARIANT) -> pd.DataFrame:
+    """delta_* columns: each variant minus the baseline of the same dataset and regime (NaN without one)."""
+    table = table.copy()
+    for metric in ("map50", "map50_95"):
+        base = table[table["variant"] == baseline].set_index(["dataset", "regime"])[metric]
+        keys = pd.MultiIndex.from_frame(table[["dataset", "regime"]])
+        table[f"delta_{metric}"] = table[metric].to_numpy() - base.reindex(keys).to_numpy()
+    return table
+
+
+def _regimes(split: pd.DataFrame, few_shot: int | None) -> dict[str, pd.Series]:
+    regimes = {FULL_REGIME: split["split"] == "train"}
+    if few_shot is not None:
+        regimes[f"few{few_shot}"] = split["few_shot"].astype(bool)
+    return regimes
+
+
+def evaluate_dataset(
+    layout: StorageLayout,
+    dataset: LabelledDataset,
+    variants: Sequence[str],
+    context: VariantContext,
+    train_settings: YoloTrainSettings,
+    split_params: SplitParams,
+    evaluation: EvalSettings,
+    log: Callable[[str], None] = LOGGER.info,
+) -> DatasetEvaluation:
+    """Split (stored), export, and run every variant on every regime of one downstream dataset."""
+    split, split_meta = load_or_create_split(layout, dataset.name, dataset.images, dataset.annotations, split_params)
+    images = dataset.images.merge(split[["image_id", "split", "few_shot"]], on="image_id", validate="one_to_one")
+    val_images = images[images["split"] == "val"].reset_index(drop=True)
+    val_boxes = dataset.annotations[dataset.annotations["image_id"].isin(set(val_images["image_id"]))]
+    initial = {variant: initial_weights_for(variant, context) for variant in variants}  # fail before training
+    rows, per_class, lineage = [], [], {}
+    for regime, train_mask in _regimes(images, split_params.few_shot_train_images).items():
+        export_dir = Path(layout.exports("finetune", dataset.name, regime))
+        data_yaml = export_splits(
+            {"train": images[train_mask.to_numpy()], "val": val_images}, dataset.annotations,
+            dataset.class_names, export_dir,
+        )
+        for variant in variants:
+            log(f"finetune {dataset.name}/{regime}: variant {variant} ({train_settings.epochs} epochs)")
+            result = run_variant(dataset, regime, data_yaml, val_images, val_boxes, variant, initial[variant],
+                                 train_settings, evaluation, Path(layout.path("runs", "finetune", dataset.name)))
+            result.row["train_images"] = int(train_mask.sum())
+            rows.append(result.row)
+            per_class.append(result.per_class)
+            lineage[variant] = result.lineage
+    table = add_deltas(pd.DataFrame(rows))
+    per_class_table = pd.concat(per_class, ignore_index=True)
+    table_path = layout.evaluations(dataset.name)
+    per_class_path = layout.evaluations(f"{dataset.name}.per_class")
+    Path(table_path).parent.mkdir(parents=True, exist_ok=True)
+    table.to_parquet(table_path, index=False)
+    per_class_table.to_parquet(per_class_path, index=False)
+    return DatasetEvaluation(dataset.name, table, per_class_table, split_meta, split_summary(split), lineage,
+                             table_path, per_class_path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the whole stage from a pipeline config
+
+
+def train_settings_from(config) -> YoloTrainSettings:
+    finetune = config.finetune
+    return YoloTrainSettings(
+        model=config.detector.model, epochs=finetune.epochs, image_size=finetune.image_size,
+        batch_size=finetune.batch_size, device=finetune.device, seed=finetune.seed, workers=finetune.workers,
+        freeze_layers=None, val=True, extra_args=dict(finetune.train_args),
+    )
+
+
+def variant_context_from(config, backbone_checkpoint: str | None = None,
+                         detector_checkpoint: str | None = None) -> VariantContext:
+    """Checkpoints to use: the given ones, else the latest completed runs of the configured names."""
+    from agssp_pipeline.training.checkpoint import latest_checkpoint_dir
+
+    layout = config.layout()
+    variants = set(config.finetune.variants)
+    if backbone_checkpoint is None and "agbp" in variants:
+        backbone_checkpoint = latest_checkpoint_dir(layout, config.detector.backbone)
+    if detector_checkpoint is None and "agssp" in variants:
+        detector_checkpoint = str(latest_detector_checkpoint(layout, config.detector.model))
+    return VariantContext(backbone_checkpoint, detector_checkpoint, dict(config.finetune.extra_weights))
+
+
+def run_finetune_evaluation(
+    config,
+    datasets: Sequence[str] | None = None,
+    backbone_checkpoint: str | None = None,
+    detector_checkpoint: str | None = None,
+    log: Callable[[str], None] = LOGGER.info,
+) -> list[DatasetEvaluation]:
+    """Evaluate every variant on every downstream dataset of ``config`` (after the overlap guard)."""
+    layout = config.layout()
+    downstream = [s for s in config.downstream_sources() if datasets is None or s.name in datasets]
+    if not downstream:
+        raise ValueError("no downstream sources configured (role: downstream) to evaluate on")
+    pretrain = [s.name for s in config.pretrain_sources()]
+    check_no_overlap(layout, pretrain, [s.name for s in downstream])
+    finetune = config.finetune
+    variants = list(dict.fromkeys([*finetune.variants, *finetune.extra_weights]))
+    context = variant_context_from(config, backbone_checkpoint, detector_checkpoint)
+    split_params = SplitParams(finetune.val_fraction, finetune.seed, finetune.few_shot_train_images)
+    evaluation = EvalSettings(finetune.conf, finetune.iou, finetune.max_det, finetune.coco_backend)
+    settings = train_settings_from(config)
+    return [
+        evaluate_dataset(layout, load_labelled_dataset(layout, source.name, source.classes), variants, context,
+                         settings, split_params, evaluation, log)
+        for source in downstream
+    ]
+
+
+def comparison_markdown(table: pd.DataFrame) -> str:
+    """A Table-2-style comparison: mAP per variant with the change vs scratch, in points."""
+    lines = ["| dataset | regime | variant | mAP@0.5 | Δ vs scratch | mAP@0.5:0.95 | Δ vs scratch | "
+             "ultralytics mAP@0.5 | ultralytics mAP@0.5:0.95 |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+
+    def points(value: float) -> str:
+        return "—" if pd.isna(value) else f"{100 * value:.1f}"
+
+    def delta(value: float) -> str:
+        return "—" if pd.isna(value) else f"{100 * value:+.1f}"
+
+    for row in table.itertuples(index=False):
+        lines.append(
+            f"| {row.dataset} | {row.regime} | {row.variant} | {points(row.map50)} | {delta(row.delta_map50)} | "
+            f"{points(row.map50_95)} | {delta(row.delta_map50_95)} | {points(row.ultralytics_map50)} | "
+            f"{points(row.ultralytics_map50_95)} |"
+        )
+    return "\n".join(lines)
+
+
+def worse_than_scratch(table: pd.DataFrame, variants: Sequence[str] = ("agssp",)) -> pd.DataFrame:
+    """Rows of the given variants whose mAP@0.5:0.95 is below scratch on the same dataset and regime."""
+    return table[table["variant"].isin(variants) & (table["delta_map50_95"] < 0)]

@@ -1,0 +1,58 @@
+"""AGDP stage: pseudo boxes + AGBP backbone -> detector checkpoint with lineage."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from test_detector_data import make_pipeline_storage, save_fake_backbone_checkpoint
+
+from agssp_pipeline.training.checkpoint import backbone_state_for_detector, load_backbone_checkpoint
+from agssp_pipeline.training.detector import (
+    collect_pretrain_set,
+    latest_detector_checkpoint,
+    load_detector_checkpoint,
+    pretrain_detector,
+)
+
+
+def test_pretrain_set_positives_negatives_and_cap(tmp_path):
+    config = make_pipeline_storage(tmp_path)
+    full = collect_pretrain_set(config.layout(), ["plant"], val_fraction=0.25, seed=0, max_negative_ratio=None)
+    assert full.counts()["positives"] == 8 and full.counts()["negatives"] == 4
+    assert set(full.images.loc[full.images.negative, "image_id"]).isdisjoint(full.boxes["image_id"])
+    assert full.counts()["images_val"] == 3
+    capped = collect_pretrain_set(config.layout(), ["plant"], max_negative_ratio=0.25)
+    assert capped.counts()["negatives"] == 2 and capped.negatives_dropped == 2
+    assert full.tables["plant"]["map_store_version"] == ["v1"] and len(full.tables["plant"]["sha256"]) == 16
+
+
+def test_pretrain_detector_writes_checkpoint_with_lineage(tmp_path):
+    config = make_pipeline_storage(tmp_path)
+    backbone_dir = save_fake_backbone_checkpoint(config)
+    result = pretrain_detector(config)
+    assert result.weights.is_file() and result.run_dir.parent == Path(config.layout().checkpoints("detector", "yolov8n"))
+    assert latest_detector_checkpoint(config.layout(), "yolov8n") == result.run_dir
+    state, lineage = load_detector_checkpoint(result.run_dir)
+    assert lineage["backbone"]["checkpoint"] == backbone_dir
+    assert lineage["backbone"]["lineage"]["run_id"] == "run-test"
+    assert set(lineage["pseudo_boxes"]) == {"plant"} and lineage["pseudo_boxes"]["plant"]["sha256"]
+    assert lineage["settings"]["freeze_layers"] == 10
+    assert Path(lineage["ultralytics_last_pt"]).is_file()
+    assert str(lineage["ultralytics_last_pt"]).startswith(str(result.run_dir))
+    assert state["model.22.cv3.0.2.weight"].shape[0] == 1  # single class "defect"
+    # frozen backbone: the detector carries the AGBP weights unchanged
+    backbone = backbone_state_for_detector(load_backbone_checkpoint(backbone_dir)[0])
+    for key, value in backbone.items():
+        assert torch.allclose(state[key], value.float(), atol=1e-5), key
+    assert json.loads((result.run_dir / "lineage.json").read_text())["weights_digest"]
+
+
+def test_pretrain_detector_needs_pseudo_boxes(tmp_path):
+    config = make_pipeline_storage(tmp_path)
+    save_fake_backbone_checkpoint(config)
+    (Path(config.layout().pseudo_boxes("plant"))).unlink()
+    with pytest.raises(FileNotFoundError, match="pseudo boxes of source 'plant' missing"):
+        pretrain_detector(config)
