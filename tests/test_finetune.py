@@ -1,0 +1,90 @@
+"""Finetune evaluations: overlap guard, variants with their weights, COCO + ultralytics figures, outputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from test_detector_data import make_pipeline_storage, save_fake_backbone_checkpoint
+
+from agssp_pipeline.training.detector import (
+    DETECTOR_KIND,
+    build_detection_model,
+    save_checkpoint,
+    state_dict_digest,
+    write_latest_pointer,
+)
+from agssp_pipeline.training.finetune import (
+    DataOverlapError,
+    add_deltas,
+    check_no_overlap,
+    comparison_markdown,
+    run_finetune_evaluation,
+    worse_than_scratch,
+)
+
+
+def test_overlap_between_pretraining_and_downstream_is_refused(tmp_path):
+    config = make_pipeline_storage(tmp_path, shared_ids=3)
+    with pytest.raises(DataOverlapError, match=r"'labelled' shares 3 of its 16 images") as error:
+        check_no_overlap(config.layout(), ["plant"], ["labelled"])
+    assert "aa00000000000000 (also in plant)" in str(error.value)
+    with pytest.raises(DataOverlapError):
+        run_finetune_evaluation(config)
+    clean = make_pipeline_storage(tmp_path / "clean")
+    check_no_overlap(clean.layout(), ["plant"], ["labelled"])  # no error
+
+
+def _fake_detector_checkpoint(config) -> tuple[Path, str]:
+    torch.manual_seed(7)
+    state = build_detection_model("yolov8n", num_classes=1).state_dict()
+    run_dir = Path(config.layout().checkpoints(DETECTOR_KIND, "yolov8n", "run-det"))
+    save_checkpoint(run_dir, state, {"kind": DETECTOR_KIND, "run_id": "run-det"})
+    write_latest_pointer(config.layout(), DETECTOR_KIND, "yolov8n", run_dir, {"run_id": "run-det"})
+    return run_dir, state_dict_digest(state)
+
+
+def test_finetune_evaluation_runs_every_variant_with_its_weights(tmp_path):
+    config = make_pipeline_storage(tmp_path)
+    backbone_dir = save_fake_backbone_checkpoint(config)
+    detector_dir, detector_digest = _fake_detector_checkpoint(config)
+    user_pt = tmp_path / "user.pt"
+    torch.manual_seed(9)
+    torch.save({"model": build_detection_model("yolov8n", num_classes=5).half(), "train_args": {}}, user_pt)
+    config.finetune.extra_weights = {"user_coco": str(user_pt)}
+    [evaluation] = run_finetune_evaluation(config)
+
+    table = evaluation.table
+    assert table["variant"].tolist() == ["scratch", "agbp", "agssp", "user_coco"]
+    assert (table["regime"] == "full").all() and (table["train_images"] == 12).all() and (table["val_images"] == 4).all()
+    for column in ("map50", "map50_95", "ultralytics_map50", "ultralytics_map50_95"):
+        assert table[column].between(0.0, 1.0).all(), column
+    assert (table["map50"] >= table["map50_95"]).all()
+    assert table.loc[table.variant == "scratch", "delta_map50"].iloc[0] == 0.0
+    assert (table[["epochs", "imgsz", "seed", "batch"]].nunique() == 1).all()  # same recipe for every variant
+    by_variant = table.set_index("variant")
+    assert by_variant.loc["agssp", "initial_digest"] == detector_digest
+    assert by_variant.loc["agbp", "tensors_loaded"] > 0 and by_variant.loc["scratch", "tensors_loaded"] == 0
+    assert json.loads(by_variant.loc["agbp", "checkpoint_lineage"])["checkpoint"] == backbone_dir
+    assert by_variant.loc["agssp", "checkpoint"] == str(detector_dir)
+    assert by_variant.loc["user_coco", "checkpoint"] == str(user_pt)
+    assert Path(evaluation.table_path).is_file() and Path(evaluation.per_class_path).is_file()
+    stored = pd.read_parquet(evaluation.table_path)
+    assert len(stored) == 4 and "delta_map50_95" in stored
+    assert set(evaluation.per_class["class_name"]) == {"dark", "bright"} and len(evaluation.per_class) == 8
+    assert Path(config.layout().path("splits", "labelled.parquet")).is_file()
+    markdown = comparison_markdown(table)
+    assert markdown.count("\n") == 5 and "| labelled | full | agssp |" in markdown
+
+
+def test_deltas_and_worse_than_scratch_flags():
+    table = pd.DataFrame({
+        "dataset": ["d"] * 3, "regime": ["full"] * 3, "variant": ["scratch", "agbp", "agssp"],
+        "map50": [0.5, 0.6, 0.4], "map50_95": [0.3, 0.35, 0.2],
+    })
+    table = add_deltas(table)
+    assert table["delta_map50_95"].round(6).tolist() == [0.0, 0.05, -0.1]
+    assert worse_than_scratch(table)["variant"].tolist() == ["agssp"]
