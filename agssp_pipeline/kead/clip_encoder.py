@@ -117,7 +117,8 @@ class ClipEngine:
             precision = "bf16" if self.device.type == "cuda" else "fp32"
         self.precision = precision
         if loaded.weights.identity == RANDOM_INIT:
-            text_cache = text_cache or TextEmbeddingCache(None)  # random towers: never persist to disk
+            if text_cache is None or text_cache.cache_dir is not None:  # random towers: never on disk
+                text_cache = shared_text_cache(None)
         self.text_cache = text_cache or shared_text_cache(default_text_cache_dir())
         self.batch_size = int(batch_size)
         self.image_size = loaded.image_size
