@@ -1,0 +1,154 @@
+"""Automation policy (jobs/automation.py) evaluated tick by tick with Dagster's own evaluator.
+
+A stand-in graph with the pipeline's shape (observable plant folders -> image_index -> anomaly_maps ->
+category_thresholds -> pseudo_boxes) isolates the policy from the assets' work; a last test checks
+that the project's real Definitions attach the policy to exactly the cheap assets.
+"""
+
+# no `from __future__ import annotations`: Dagster inspects the context annotation at runtime
+import dagster as dg
+import pytest
+
+from jobs.automation import (
+    AUTOMATION_SENSOR_NAME,
+    CHEAP_ASSET_AUTOMATION,
+    CHEAP_ASSETS,
+    EXPENSIVE_ASSETS,
+    SENSORS,
+)
+
+PARTITIONS = dg.DynamicPartitionsDefinition(name="image_source")
+
+
+def build_graph(index_code_version: str = "1", maps_versions: dict[str, str] | None = None) -> list:
+    """Assets shaped like the pipeline; each returns a fixed data version so tests control changes."""
+    maps_versions = maps_versions or {}
+
+    @dg.observable_source_asset(partitions_def=PARTITIONS, name="plant_files")
+    def plant_files():
+        raise NotImplementedError("observations are reported by the test")
+
+    @dg.asset(partitions_def=PARTITIONS, deps=[plant_files], code_version=index_code_version,
+              automation_condition=CHEAP_ASSET_AUTOMATION)
+    def image_index(context: dg.AssetExecutionContext):
+        return dg.MaterializeResult(data_version=dg.DataVersion(f"index-{context.partition_key}"))
+
+    @dg.asset(partitions_def=PARTITIONS, deps=[image_index], code_version="1")
+    def anomaly_maps(context: dg.AssetExecutionContext):
+        version = maps_versions.get(context.partition_key, "m1")
+        return dg.MaterializeResult(data_version=dg.DataVersion(version))
+
+    @dg.asset(deps=[anomaly_maps], code_version="1", automation_condition=CHEAP_ASSET_AUTOMATION)
+    def category_thresholds():
+        return dg.MaterializeResult(data_version=dg.DataVersion("t1"))
+
+    @dg.asset(partitions_def=PARTITIONS, deps=[anomaly_maps, category_thresholds], code_version="1",
+              automation_condition=CHEAP_ASSET_AUTOMATION)
+    def pseudo_boxes(context: dg.AssetExecutionContext):
+        return dg.MaterializeResult(data_version=dg.DataVersion(f"boxes-{context.partition_key}"))
+
+    return [plant_files, image_index, anomaly_maps, category_thresholds, pseudo_boxes]
+
+
+def observe_plant_folder(instance: dg.DagsterInstance, source: str, fingerprint: str) -> None:
+    """What a folder observation reports: a data version that changes when the files change."""
+    instance.report_runless_asset_event(
+        dg.AssetObservation(
+            asset_key="plant_files", partition=source, tags={"dagster/data_version": fingerprint}
+        )
+    )
+
+
+def materialize(assets: list, instance: dg.DagsterInstance, names: list[str], partitions: list[str | None]):
+    selection = [a for a in assets if a.key.to_user_string() in names]
+    for partition in partitions:
+        result = dg.materialize(selection, instance=instance, partition_key=partition,
+                                selection=dg.AssetSelection.keys(*names))
+        assert result.success
+
+
+def requested(result) -> dict[str, set]:
+    out = {}
+    for key in ("image_index", "category_thresholds", "pseudo_boxes", "anomaly_maps"):
+        partitions = result.get_requested_partitions(dg.AssetKey(key))
+        if partitions:
+            out[key] = set(partitions)
+    return out
+
+
+@pytest.fixture
+def world():
+    """Two sources, every asset materialised once, and a first tick that requests nothing."""
+    instance = dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions("image_source", ["line1", "line2"])
+    assets = build_graph()
+    for source in ("line1", "line2"):
+        observe_plant_folder(instance, source, "files-v1")
+    materialize(assets, instance, ["image_index", "anomaly_maps"], ["line1", "line2"])
+    materialize(assets, instance, ["category_thresholds"], [None])
+    materialize(assets, instance, ["pseudo_boxes"], ["line1", "line2"])
+    first = dg.evaluate_automation_conditions(defs=assets, instance=instance)
+    assert requested(first) == {}
+    return instance, assets, first.cursor
+
+
+def test_new_images_in_one_plant_folder_reindex_only_that_source(world):
+    instance, assets, cursor = world
+    observe_plant_folder(instance, "line1", "files-v2")
+    result = dg.evaluate_automation_conditions(defs=assets, instance=instance, cursor=cursor)
+    assert requested(result) == {"image_index": {"line1"}}
+    # the request is handled: the next tick does not repeat it
+    again = dg.evaluate_automation_conditions(defs=assets, instance=instance, cursor=result.cursor)
+    assert requested(again) == {}
+
+
+def test_an_observation_with_unchanged_files_requests_nothing(world):
+    instance, assets, cursor = world
+    observe_plant_folder(instance, "line2", "files-v1")
+    result = dg.evaluate_automation_conditions(defs=assets, instance=instance, cursor=cursor)
+    assert requested(result) == {}
+
+
+def test_code_version_change_requests_every_partition_of_that_asset_only(world):
+    instance, _, cursor = world
+    changed = build_graph(index_code_version="2")
+    result = dg.evaluate_automation_conditions(defs=changed, instance=instance, cursor=cursor)
+    assert requested(result) == {"image_index": {"line1", "line2"}}
+
+
+def test_expensive_assets_are_never_requested_and_new_maps_flow_to_cheap_assets(world):
+    instance, assets, cursor = world
+    # reindexing changes image_index data? No: same data version; anomaly_maps must stay manual anyway
+    materialize(assets, instance, ["image_index"], ["line2"])
+    result = dg.evaluate_automation_conditions(defs=assets, instance=instance, cursor=cursor)
+    assert "anomaly_maps" not in requested(result)
+    # maps rebuilt by hand with identical content: nothing downstream moves
+    materialize(assets, instance, ["anomaly_maps"], ["line1"])
+    result = dg.evaluate_automation_conditions(defs=assets, instance=instance, cursor=result.cursor)
+    assert requested(result) == {}
+    # maps of line1 rebuilt with new content: thresholds (all categories) and then boxes follow
+    new_maps = build_graph(maps_versions={"line1": "m2"})
+    materialize(new_maps, instance, ["anomaly_maps"], ["line1"])
+    result = dg.evaluate_automation_conditions(defs=new_maps, instance=instance, cursor=result.cursor)
+    got = requested(result)
+    assert got["category_thresholds"] == {None}
+    assert "line1" in got["pseudo_boxes"]
+    assert "anomaly_maps" not in got and "image_index" not in got
+
+
+def test_a_new_source_is_indexed_once_its_folder_is_observed(world):
+    instance, assets, cursor = world
+    instance.add_dynamic_partitions("image_source", ["line3"])
+    # not yet observed: its plant folder partition is missing, so indexing waits
+    result = dg.evaluate_automation_conditions(defs=assets, instance=instance, cursor=cursor)
+    assert "line3" not in requested(result).get("image_index", set())
+    observe_plant_folder(instance, "line3", "files-v1")
+    result = dg.evaluate_automation_conditions(defs=assets, instance=instance, cursor=result.cursor)
+    assert requested(result).get("image_index") == {"line3"}
+
+
+def test_sensor_is_exported_and_running_by_default():
+    (sensor,) = [s for s in SENSORS if isinstance(s, dg.AutomationConditionSensorDefinition)]
+    assert sensor.name == AUTOMATION_SENSOR_NAME
+    assert sensor.default_status == dg.DefaultSensorStatus.RUNNING
+    assert not set(CHEAP_ASSETS) & set(EXPENSIVE_ASSETS)
