@@ -1,1 +1,112 @@
-"""Jobs, sensors and schedules for ingestion."""
+"""Ingestion automation: a job per source partition, a sensor that watches the source folders, and a
+daily schedule that catches whatever the sensor missed (sensor stopped, cursor reset).
+
+Both compare folder fingerprints (paths, sizes, mtimes; no file contents) and launch ``image_index`` only
+for sources whose folder changed. Run keys are ``<source>:<fingerprint>``, so a folder state is
+ingested once however many ticks see it.
+"""
+
+import json
+
+import dagster as dg
+
+from agssp_pipeline.config import PipelineConfig
+from agssp_pipeline.sources import source_fingerprint
+from assets.ingestion import image_index, plant_images
+from assets.partitions import image_source_partitions
+from assets.resources import PipelineConfigResource
+
+ingest_job = dg.define_asset_job(
+    "ingest_job",
+    selection=dg.AssetSelection.assets(image_index),
+    partitions_def=image_source_partitions,
+    description="Re-index one image source (its partition): index, annotations and quarantine Parquet files.",
+)
+
+
+def fingerprints(config: PipelineConfig, log=None) -> dict[str, str]:
+    """source name -> folder fingerprint for every source whose root exists (missing roots are logged)."""
+    found: dict[str, str] = {}
+    for source in config.sources:
+        try:
+            found[source.name] = source_fingerprint(source)
+        except FileNotFoundError as error:
+            if log is not None:
+                log.warning(f"{error}; no run requested until it appears")
+    return found
+
+
+def ingestion_requests(current: dict[str, str], previous: dict[str, str]) -> list[dg.RunRequest]:
+    """One run per source whose fingerprint differs from ``previous`` (new sources included)."""
+    return [
+        dg.RunRequest(partition_key=name, run_key=f"{name}:{fingerprint}",
+                      tags={"agssp/source": name, "agssp/folder_fingerprint": fingerprint})
+        for name, fingerprint in sorted(current.items())
+        if previous.get(name) != fingerprint
+    ]
+
+
+def _unregistered(instance: dg.DagsterInstance, config: PipelineConfig) -> list[str]:
+    registered = set(instance.get_dynamic_partitions(image_source_partitions.name))
+    return [name for name in config.source_names if name not in registered]
+
+
+@dg.sensor(
+    job=ingest_job,
+    minimum_interval_seconds=60,
+    description="Registers every configured source as a partition and re-ingests sources whose folder changed.",
+)
+def new_plant_images_sensor(context: dg.SensorEvaluationContext,
+                            pipeline_config: PipelineConfigResource) -> dg.SensorResult:
+    config = pipeline_config.load()
+    previous: dict[str, str] = json.loads(context.cursor) if context.cursor else {}
+    current = fingerprints(config, context.log)
+    new_partitions = _unregistered(context.instance, config)
+    run_requests = ingestion_requests(current, previous)
+    observations = [
+        dg.AssetObservation(asset_key=plant_images.key, partition=name, tags={"dagster/data_version": fingerprint})
+        for name, fingerprint in sorted(current.items()) if previous.get(name) != fingerprint
+    ]
+    cursor = json.dumps({**previous, **current}, sort_keys=True)
+    return dg.SensorResult(
+        run_requests=run_requests,
+        dynamic_partitions_requests=[image_source_partitions.build_add_request(new_partitions)] if new_partitions else [],
+        asset_events=observations,
+        cursor=cursor,
+        skip_reason=None if run_requests else dg.SkipReason("no source folder changed"),
+    )
+
+
+def last_ingested_fingerprints(instance: dg.DagsterInstance, names: list[str]) -> dict[str, str]:
+    """folder_fingerprint recorded by the latest image_index materialization of each partition."""
+    found: dict[str, str] = {}
+    for name in names:
+        records = instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=image_index.key, asset_partitions=[name]), limit=1
+        ).records
+        if records and records[0].asset_materialization is not None:
+            value = records[0].asset_materialization.metadata.get("folder_fingerprint")
+            if value is not None:
+                found[name] = str(value.value)
+    return found
+
+
+@dg.schedule(
+    job=ingest_job,
+    cron_schedule="0 2 * * *",
+    description="Nightly: re-ingests every source whose folder differs from what its index was built from.",
+)
+def nightly_ingest_schedule(context: dg.ScheduleEvaluationContext,
+                            pipeline_config: PipelineConfigResource) -> list[dg.RunRequest] | dg.SkipReason:
+    config = pipeline_config.load()
+    new_partitions = _unregistered(context.instance, config)
+    if new_partitions:  # schedules cannot return partition requests; registering is idempotent
+        context.instance.add_dynamic_partitions(image_source_partitions.name, new_partitions)
+    current = fingerprints(config, context.log)
+    requests = ingestion_requests(current, last_ingested_fingerprints(context.instance, sorted(current)))
+    return requests or dg.SkipReason("every source index matches its folder")
+
+
+JOBS = [ingest_job]
+SENSORS = [new_plant_images_sensor]
+SCHEDULES = [nightly_ingest_schedule]

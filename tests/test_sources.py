@@ -149,3 +149,27 @@ def test_missing_root_names_source_and_root(tmp_path):
     source = SourceConfig(name="gone", format="voc", root=str(tmp_path / "nowhere"), category="x")
     with pytest.raises(FileNotFoundError, match="source 'gone'.*nowhere"):
         ingest_source(source)
+
+
+def test_mask_folder_dagm_label_subdir_and_normal_conventions(tmp_path):
+    from sources_fixtures import write_mask
+
+    for number, cls in enumerate(("Class1", "Class2")):
+        write_image(tmp_path / cls / "Train" / "0001.PNG", size=(16, 16), seed=2 * number, mode="L", fmt="PNG")
+        write_image(tmp_path / cls / "Train" / "0002.PNG", size=(16, 16), seed=2 * number + 1, mode="L", fmt="PNG")
+        write_mask(tmp_path / cls / "Train" / "Label" / "0002_label.PNG", (16, 16), [(3, 3, 6, 6)])
+    source = SourceConfig(name="dagm", format="mask_folder", root=str(tmp_path), category_from="subfolder",
+                          options={"mask_subdir": "Label", "mask_suffix": "_label", "mask_ext": ".PNG",
+                                   "defect_class": "defect", "missing_mask_is_normal": True})
+    result = ingest_source(source)
+    images = result.images
+    assert len(images) == 4 and set(images.category) == {"Class1", "Class2"}
+    assert images.set_index(images.path.str[-8:]).is_normal.to_dict() == {"0001.PNG": True, "0002.PNG": False}
+    assert len(result.annotations) == 2 and result.quarantine.empty
+
+
+def test_mask_folder_empty_mask_is_normal_option(tmp_path):
+    source = make_masks(tmp_path)
+    source.options["empty_mask_is_normal"] = True
+    images = by_name(ingest_source(source))
+    assert images.loc["c2.jpg", "is_normal"] == True  # noqa: E712

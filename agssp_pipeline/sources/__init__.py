@@ -5,7 +5,7 @@ whose ``write(layout, name)`` stores ``index/<name>.parquet`` and its two compan
 adapters in ``FORMAT_ADAPTERS`` (see ``formats.py`` for their options). No Dagster here.
 """
 
-from agssp_pipeline.sources.fingerprint import folder_fingerprint
+from agssp_pipeline.sources.fingerprint import folder_fingerprint, source_fingerprint
 from agssp_pipeline.sources.formats import FORMAT_ADAPTERS
 from agssp_pipeline.sources.ingest import (
     IngestResult,
@@ -13,6 +13,7 @@ from agssp_pipeline.sources.ingest import (
     known_hashes_from,
     parquet_exists,
     read_parquet,
+    require_source_root,
 )
 from agssp_pipeline.sources.probe import ImageProbe, probe_image
 from agssp_pipeline.sources.schema import ANNOTATION_SCHEMA, INDEX_SCHEMA, QUARANTINE_SCHEMA
@@ -30,4 +31,6 @@ __all__ = [
     "parquet_exists",
     "probe_image",
     "read_parquet",
+    "require_source_root",
+    "source_fingerprint",
 ]

@@ -31,3 +31,10 @@ def folder_fingerprint(root: str | os.PathLike[str]) -> str:
     for record in sorted(records):
         digest.update(record.encode("utf-8", "surrogateescape") + b"\n")
     return digest.hexdigest()[:16]
+
+
+def source_fingerprint(source) -> str:
+    """``folder_fingerprint`` of a configured source's root, with an error that names the source."""
+    from agssp_pipeline.sources.ingest import require_source_root
+
+    return folder_fingerprint(require_source_root(source))

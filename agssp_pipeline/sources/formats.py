@@ -12,10 +12,12 @@ yolo          names (list or {index: name}); else data.yaml/dataset.yaml 'names'
               'labels', suffix .txt (the ultralytics rule). Split from the folder next to 'images'.
 coco          annotation_files: {split: path} or a list of paths (default: *.json in root/annotations and
               root); images (folder file_name is relative to, default root/images if present, else root).
-mask_folder   images (default root), mask_dir (parallel folder mirroring images/; default: masks beside the
-              images), mask_suffix (default "" -> same stem), mask_ext (default .png), mask_threshold (127),
+mask_folder   images (default root); masks beside the images (default), or mask_dir (folder under root
+              mirroring images/), or mask_subdir (a subfolder of each image folder, DAGM's Label/);
+              mask_suffix (default "" -> same stem), mask_ext (default .png), mask_threshold (127),
               min_component_area (1), defect_class (fixed class name; default: first subfolder name with
-              class_strip_prefix removed, e.g. "MT_").
+              class_strip_prefix removed, e.g. "MT_"), empty_mask_is_normal / missing_mask_is_normal
+              (default false: outside normal_subfolders such images get is_normal null and a flag row).
 severstal_rle csv (default train.csv), images (default train_images), class_names ({ClassId: name}).
 """
 
@@ -302,33 +304,41 @@ def scan_coco(source: SourceConfig, root: Path) -> Scan:
 def scan_mask_folder(source: SourceConfig, root: Path) -> Scan:
     scan = Scan()
     images_dir = _subdir(root, option(source, "images"))
-    mask_dir_name = option(source, "mask_dir")
+    if not images_dir.is_dir():
+        raise FileNotFoundError(f"source '{source.name}': images folder {images_dir} does not exist")
+    mask_dir_name, mask_subdir = option(source, "mask_dir"), option(source, "mask_subdir")
     mask_dir = root / mask_dir_name if mask_dir_name else None
-    suffix, mask_ext = option(source, "mask_suffix", ""), option(source, "mask_ext", ".png").lower()
+    suffix, mask_ext = option(source, "mask_suffix", ""), option(source, "mask_ext", ".png")
     fixed_class, strip_prefix = option(source, "defect_class"), option(source, "class_strip_prefix", "")
     files = list_images(images_dir, exclude=[mask_dir] if mask_dir else ())
-    if mask_dir is not None:
-        candidates = files
-        mask_of = {p: mask_dir / p.relative_to(images_dir).parent / f"{p.stem}{suffix}{mask_ext}" for p in candidates}
-    else:
-        stems_by_folder: dict[tuple[Path, str], list[Path]] = {}
-        for path in files:
-            stems_by_folder.setdefault((path.parent, path.stem), []).append(path)
+    if mask_subdir:  # DAGM: <folder>/Label/<stem>_label.PNG beside <folder>/<stem>.PNG
+        files = [p for p in files if mask_subdir not in relative_parts(p, images_dir)[:-1]]
+    stems_by_folder: dict[tuple[Path, str], list[Path]] = {}
+    for path in files:
+        stems_by_folder.setdefault((path.parent, path.stem), []).append(path)
 
-        def is_mask(path: Path) -> bool:
-            if path.suffix.lower() != mask_ext:
-                return False
-            if suffix:
-                return path.stem.endswith(suffix)
-            return any(other.suffix.lower() != mask_ext for other in stems_by_folder[(path.parent, path.stem)])
+    def is_mask_beside(path: Path) -> bool:
+        if mask_dir is not None or mask_subdir or path.suffix.lower() != mask_ext.lower():
+            return False
+        if suffix:
+            return path.stem.endswith(suffix)
+        return any(other.suffix.lower() != mask_ext.lower() for other in stems_by_folder[(path.parent, path.stem)])
 
-        candidates = [p for p in files if not is_mask(p)]
-        mask_of = {p: p.parent / f"{p.stem}{suffix}{mask_ext}" for p in candidates}
-    for path in candidates:
-        mask_path = mask_of[path] if mask_of[path].is_file() else None
+    def mask_of(path: Path) -> Path:
+        name = f"{path.stem}{suffix}{mask_ext}"
+        if mask_dir is not None:
+            return mask_dir / path.relative_to(images_dir).parent / name
+        return path.parent / mask_subdir / name if mask_subdir else path.parent / name
+
+    for path in files:
+        if is_mask_beside(path):
+            continue
+        mask_path = mask_of(path)
         rel = relative_parts(path, images_dir)
         mask_class = fixed_class or (rel[0].removeprefix(strip_prefix) if len(rel) > 1 else source.category or source.name)
-        make_entry(scan, source, root, images_dir, path, mask_path=mask_path, mask_class=mask_class)
+        is_normal = True if (not mask_path.is_file() and option(source, "missing_mask_is_normal", False)) else None
+        make_entry(scan, source, root, images_dir, path, mask_path=mask_path if mask_path.is_file() else None,
+                   mask_class=mask_class, is_normal=is_normal)
     return scan
 
 

@@ -89,6 +89,8 @@ def _mask_outcome(outcome: _Outcome, source: SourceConfig) -> None:
             reason = "non-empty mask in a normal subfolder: image treated as defective"
             outcome.notes.append(QuarantineRow(mask_file, KIND_MASK, ACTION_FLAGGED, reason))
         outcome.is_normal = False
+    elif option(source, "empty_mask_is_normal", False):
+        outcome.is_normal = True
     elif not entry.in_normal_folder:
         reason = "empty mask outside normal_subfolders: is_normal left unknown (null)"
         outcome.notes.append(QuarantineRow(mask_file, KIND_MASK, ACTION_FLAGGED, reason))
@@ -117,7 +119,7 @@ def _process(entry: ImageEntry, source: SourceConfig) -> _Outcome:
         outcome.notes.append(QuarantineRow(probe.path, KIND_IMAGE, ACTION_CONVERTED, probe.conversion))
     if entry.mask_path is not None:
         _mask_outcome(outcome, source)
-    elif source.format == "mask_folder" and not entry.in_normal_folder:
+    elif source.format == "mask_folder" and entry.is_normal is None:
         outcome.notes.append(QuarantineRow(probe.path, KIND_MASK, ACTION_FLAGGED, "no mask found: is_normal unknown"))
     if entry.rle:
         _rle_outcome(outcome)
@@ -242,7 +244,8 @@ def known_hashes_from(layout: StorageLayout, sources: list[str]) -> dict[str, st
     return known
 
 
-def _source_root(source: SourceConfig) -> Path:
+def require_source_root(source: SourceConfig) -> Path:
+    """The source's root folder, or FileNotFoundError naming source and path (fails one partition only)."""
     root = Path(source.root)
     if not root.is_dir():
         raise FileNotFoundError(f"source '{source.name}': root folder {root} does not exist (or is not a folder)")
@@ -253,7 +256,7 @@ def ingest_source(source: SourceConfig, known_hashes: dict[str, str] | None = No
                   workers: int | None = None) -> IngestResult:
     """Index one source. Raises FileNotFoundError only when the source's folders are missing;
     every problem with an individual file becomes a quarantine row instead."""
-    root = _source_root(source)
+    root = require_source_root(source)
     known = known_hashes or {}
     scan = FORMAT_ADAPTERS[source.format](source, root)
     entries = sorted({str(e.path): e for e in scan.entries}.values(), key=lambda e: str(e.path))

@@ -1,0 +1,41 @@
+"""A small contact sheet of indexed images with their boxes, for the asset's metadata page."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pandas as pd
+
+
+def contact_sheet(images: pd.DataFrame, annotations: pd.DataFrame, count: int = 8, tile: int = 96,
+                  columns: int = 4) -> bytes | None:
+    """PNG bytes of up to ``count`` images (defective first, then the rest) with boxes drawn in red;
+    None when no image can be read. Images are read with OpenCV, which also reduces 16-bit to 8-bit."""
+    unique = images[images["duplicate_of"].isna()]
+    if unique.empty:
+        return None
+    order = unique.assign(_boxed=unique["path"].isin(set(annotations["path"]))).sort_values(
+        ["_boxed", "path"], ascending=[False, True], kind="stable")
+    tiles = []
+    for row in order.head(count).itertuples(index=False):
+        data = np.fromfile(row.path, dtype=np.uint8)
+        image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+        if image is None:
+            continue
+        scale = tile / max(image.shape[:2])
+        image = cv2.resize(image, (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale))),
+                           interpolation=cv2.INTER_AREA)
+        for box in annotations[annotations["path"] == row.path].itertuples(index=False):
+            p1 = (int(box.x1 * scale), int(box.y1 * scale))
+            p2 = (int(box.x2 * scale) - 1, int(box.y2 * scale) - 1)
+            cv2.rectangle(image, p1, p2, (0, 0, 255), 1)
+        canvas = np.full((tile, tile, 3), 255, dtype=np.uint8)
+        canvas[: image.shape[0], : image.shape[1]] = image
+        tiles.append(canvas)
+    if not tiles:
+        return None
+    while len(tiles) % columns and len(tiles) > columns:
+        tiles.append(np.full((tile, tile, 3), 255, dtype=np.uint8))
+    rows = [np.hstack(tiles[i : i + columns]) for i in range(0, len(tiles), columns)]
+    ok, encoded = cv2.imencode(".png", np.vstack(rows))
+    return encoded.tobytes() if ok else None
