@@ -1,5 +1,5 @@
 """Jobs, schedules, sensors and automation. Each module may define JOBS, SCHEDULES and SENSORS lists."""
 
-from jobs import ingestion
+from jobs import automation, ingestion
 
-JOB_MODULES = [ingestion]
+JOB_MODULES = [ingestion, automation]
