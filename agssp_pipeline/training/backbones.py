@@ -116,13 +116,17 @@ class YoloV8Backbone(StagedBackbone):
                 raise RuntimeError("yolov8 backbone layers are expected to be purely sequential (from=-1)")
         body = _YoloBackboneBody(nn.Sequential(*layers))
         stages = [[body.model[i] for i in group] for group in self.STAGE_LAYERS]
-        channels = [self._out_channels(body.model[group[-1]]) for group in self.STAGE_LAYERS]
-        super().__init__(body, stages, channels)
+        super().__init__(body, stages, [])
+        self.out_channels = self._probe_channels()
 
-    @staticmethod
-    def _out_channels(layer: nn.Module) -> int:
-        convs = [m for m in layer.modules() if isinstance(m, nn.Conv2d)]
-        return convs[-1].out_channels
+    @torch.no_grad()
+    def _probe_channels(self) -> list[int]:
+        """Channels per stage from a tiny eval-mode forward (eval: BatchNorm statistics stay untouched)."""
+        was_training = self.training
+        self.eval()
+        channels = [int(f.shape[1]) for f in self.forward_stages(torch.zeros(1, 3, 64, 64))]
+        self.train(was_training)
+        return channels
 
 
 class ResNetBackbone(StagedBackbone):
