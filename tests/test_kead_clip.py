@@ -309,3 +309,14 @@ def test_winclip_scores_zero_and_few_shot(winclip, images):
 def test_winclip_from_settings_rejects_windows_larger_than_grid(settings):
     with pytest.raises(ValueError, match="window sizes"):
         WinClipEncoder.from_settings(settings.model_copy(update={"winclip_windows": [2, 7]}), "cpu")
+
+
+def test_settings_overrides_and_validation(kead):
+    engine = kead.engine
+    custom = ClipKeadEncoder(engine, vv_start_block=0, tap_layers=[4, 2])
+    assert custom.tap_layers == (2, 4) and custom.identity.extra["vv_start_block"] == 0
+    assert custom.identity.as_dict() != kead.identity.as_dict()
+    with pytest.raises(ValueError, match="tap_layers"):
+        ClipKeadEncoder(engine, tap_layers=[0, 5])
+    with pytest.raises(ValueError, match="vv_start_block"):
+        ClipKeadEncoder(engine, vv_start_block=4)

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from agssp_pipeline.kead.base import EncoderIdentity, MapBatch
-from agssp_pipeline.kead.open_clip_models import RANDOM_INIT, LoadedClip, load_clip_model
+from agssp_pipeline.kead.open_clip_models import RANDOM_INIT, LoadedClip, default_tap_layers, load_clip_model
 from agssp_pipeline.kead.prompts import (
     KnowledgeBase,
     TextEmbeddingCache,
@@ -241,10 +241,10 @@ class ClipKeadEncoder:
         if not 0 <= self.vv_start_block < depth:
             raise ValueError(f"vv_start_block {self.vv_start_block} outside 0..{depth - 1} for {preset.model_name}")
         if tap_layers is None:
-            tap_layers = preset.tap_layers if preset.depth == depth else tuple(
-                sorted({max(1, round(depth * i / 4)) for i in range(1, 5)})
-            )
-        self.tap_layers = tuple(int(t) for t in tap_layers)
+            tap_layers = default_tap_layers(depth)
+        self.tap_layers = tuple(sorted({int(t) for t in tap_layers}))
+        if not self.tap_layers or self.tap_layers[0] < 1 or self.tap_layers[-1] > depth:
+            raise ValueError(f"tap_layers {list(tap_layers)} must be 1-based block numbers in 1..{depth}")
         if fewshot_tokens not in ("original", "vv"):
             raise ValueError(f"fewshot_tokens must be 'original' or 'vv', got {fewshot_tokens!r}")
         self.fewshot_tokens = fewshot_tokens

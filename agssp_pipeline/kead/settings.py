@@ -21,7 +21,7 @@ class KeadSettings(BaseModel):
     # reference selection: "normal" (rows marked normal), "lowest_zero_shot", or "explicit"
     reference_strategy: Literal["normal", "lowest_zero_shot", "explicit", "auto"] = "auto"
     reference_images: dict[str, list[str]] = Field(default_factory=dict)  # category -> paths or image ids
-    vv_start_block: int | None = None
+    vv_start_block: int | None = None  # 0-based first block with the V-V path; None = encoder preset
     image_size: int | None = None
     batch_size: int = Field(16, ge=1)
     num_workers: int = Field(2, ge=0)

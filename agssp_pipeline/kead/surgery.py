@@ -14,6 +14,8 @@ V-V attention (CLIP Surgery, Li et al. 2023, "dual paths"), as implemented here:
   As in the CLIP Surgery reference: the V-V attention reads the ORIGINAL path's block input (the new
   path does not feed itself), the residual is kept, the FFN is skipped on the surgery path, and the
   surgery path starts as the original residual stream at the input of the first V-V block.
+  Cost: one extra value projection and out_proj per V-V block (about 1/6 of a block's FLOPs), paid so
+  that the original path runs through the model's own modules and stays bit-exact.
 * Patch tokens are tapped after the chosen (1-based) block outputs from both paths and passed through
   ``ln_post`` and ``proj`` (so they live in the joint image-text space). A tap before the first V-V
   block returns the original tokens on the surgery side (the two paths are still equal there).
