@@ -5,7 +5,7 @@ T_c, connected components (cv2), components below a size floor dropped, box = th
 rectangle, score = the map's maximum over the component's pixels; then NMS and the top-k by score.
 
 Vectorised per chunk of same-size images: one cv2 resize per image (C loop), one cv2 labelling call and
-unbuffered-ufunc statistics for the whole chunk, one ``torchvision.ops.batched_nms`` for all boxes. Images whose map maximum is below T_c are skipped outright: bilinear interpolation is a
+unbuffered-ufunc statistics for the whole chunk, one ``torchvision.ops.nms`` for all boxes. Images whose map maximum is below T_c are skipped outright: bilinear interpolation is a
 convex combination of map values, so such an image cannot have a single pixel at or above T_c.
 
 Box convention: pixel edges, ``x2 = left + width`` (exclusive), so ``(x2 - x1) * (y2 - y1)`` is the
@@ -21,7 +21,7 @@ import cv2
 import numpy as np
 import pandas as pd
 import torch
-from torchvision.ops import batched_nms
+from torchvision.ops import nms
 
 from agssp_pipeline.boxes.settings import BoxesSettings
 
@@ -73,50 +73,52 @@ def _label_chunk(
 ) -> pd.DataFrame:
     """Components of one chunk of same-size images; ``rows`` index into ``maps``/``thresholds``.
 
-    The chunk is stacked into one mosaic (images one above the other, separated by a row that can never
-    be foreground) so that a single cv2 labelling call covers it; component statistics (area, bounding
-    rectangle, score) come from the sparse foreground pixels with unbuffered ufuncs, which is cheaper
-    than cv2's own statistics pass over every pixel.
+    Per image (buffers reused, so each step stays in cache): cv2 resize, threshold, cv2 labelling without
+    statistics; only the foreground pixels are kept. Component statistics (area, bounding rectangle,
+    score) for the whole chunk then come from those sparse pixels with unbuffered ufuncs, which is much
+    cheaper than cv2's own statistics pass over every pixel of every image.
     """
-    count = len(rows)
-    stride = height + 1
-    upsampled = np.empty((count, stride, width), np.float32)
-    upsampled[:, height, :] = -np.inf
-    for slot, row in enumerate(rows):
-        cv2.resize(maps[row], (width, height), dst=upsampled[slot, :height], interpolation=cv2.INTER_LINEAR)
-    binary = upsampled >= thresholds[rows][:, None, None]
-    n, labels = cv2.connectedComponentsWithAlgorithm(
-        binary.view(np.uint8).reshape(count * stride, width), params.connectivity, cv2.CV_32S, cv2.CCL_DEFAULT
-    )
-    if n <= 1:
+    upsampled = np.empty((height, width), np.float32)
+    binary = np.empty((height, width), np.uint8)
+    label_parts, value_parts, position_parts, owner_parts = [], [], [], []
+    offset = 0
+    for row in rows:
+        cv2.resize(maps[row], (width, height), dst=upsampled, interpolation=cv2.INTER_LINEAR)
+        np.greater_equal(upsampled, thresholds[row], out=binary.view(bool))
+        n, labels = cv2.connectedComponentsWithAlgorithm(binary, params.connectivity, cv2.CV_32S, cv2.CCL_DEFAULT)
+        if n <= 1:
+            continue
+        foreground = np.flatnonzero(binary.view(bool))
+        label_parts.append(labels.ravel()[foreground] + (offset - 1))
+        value_parts.append(upsampled.ravel()[foreground])
+        position_parts.append(foreground)
+        owner_parts.append(np.full(n - 1, row, np.int64))
+        offset += n - 1
+    if not offset:
         return _empty_boxes()
-    foreground = np.flatnonzero(binary)
-    label = labels.ravel()[foreground]
-    values = upsampled.ravel()[foreground]
-    y, x = np.divmod(foreground, width)
-    area = np.bincount(label, minlength=n)
-    x1 = np.full(n, np.iinfo(np.int64).max)
-    y1 = np.full(n, np.iinfo(np.int64).max)
-    x2 = np.full(n, -1, np.int64)
-    y2 = np.full(n, -1, np.int64)
-    score = np.full(n, -np.inf, np.float32)
+    label = np.concatenate(label_parts)
+    y, x = np.divmod(np.concatenate(position_parts), width)
+    area = np.bincount(label, minlength=offset)
+    x1 = np.full(offset, width, np.int64)
+    y1 = np.full(offset, height, np.int64)
+    x2 = np.full(offset, -1, np.int64)
+    y2 = np.full(offset, -1, np.int64)
+    score = np.full(offset, -np.inf, np.float32)
     np.minimum.at(x1, label, x)
     np.minimum.at(y1, label, y)
     np.maximum.at(x2, label, x)
     np.maximum.at(y2, label, y)
-    np.maximum.at(score, label, values)
+    np.maximum.at(score, label, np.concatenate(value_parts))
     keep = np.flatnonzero(area >= min_component_area(height, width, params))
-    keep = keep[keep > 0]
     if keep.size == 0:
         return _empty_boxes()
-    slot, top = np.divmod(y1[keep], stride)
     return pd.DataFrame(
         {
-            "row": rows[slot],
+            "row": np.concatenate(owner_parts)[keep],
             "x1": x1[keep].astype(np.float32),
-            "y1": top.astype(np.float32),
+            "y1": y1[keep].astype(np.float32),
             "x2": (x2[keep] + 1).astype(np.float32),
-            "y2": (y2[keep] - slot * stride + 1).astype(np.float32),
+            "y2": (y2[keep] + 1).astype(np.float32),
             "score": score[keep],
             "area": area[keep],
         }
@@ -124,18 +126,28 @@ def _label_chunk(
 
 
 def nms_top_k(boxes: pd.DataFrame, nms_iou: float, top_k: int) -> pd.DataFrame:
-    """Per-image NMS (one batched call) then the ``top_k`` highest-scoring boxes of each image.
+    """Per-image NMS (one ``torchvision.ops.nms`` call) then the ``top_k`` highest-scoring boxes per image.
 
-    NMS runs first so that an image keeps up to ``top_k`` distinct boxes rather than losing some of its
-    ten to suppression. Output sorted by row, then score descending (deterministic).
+    Only images with two or more boxes need NMS; their boxes are shifted per image by more than the
+    largest coordinate so that boxes of different images never overlap (torchvision's own batched-NMS
+    trick, without its per-image loop that kicks in above 4,000 boxes on CPU). NMS runs before top-k so
+    that an image keeps up to ``top_k`` distinct boxes. Output sorted by row, then score descending.
     """
     if boxes.empty:
         return boxes.reset_index(drop=True)
-    coords = torch.from_numpy(boxes[["x1", "y1", "x2", "y2"]].to_numpy(np.float32))
-    scores = torch.from_numpy(boxes["score"].to_numpy(np.float32, copy=True))
-    rows = torch.from_numpy(boxes["row"].to_numpy(np.int64, copy=True))
-    kept = batched_nms(coords, scores, rows, nms_iou).numpy()
-    result = boxes.iloc[np.sort(kept)]
+    rows = boxes["row"].to_numpy()
+    crowded = np.isin(rows, np.flatnonzero(np.bincount(rows) > 1))
+    keep = ~crowded
+    if crowded.any():
+        coords = boxes.loc[crowded, ["x1", "y1", "x2", "y2"]].to_numpy(np.float64)
+        shift = (coords.max() + 1.0) * np.unique(rows[crowded], return_inverse=True)[1].astype(np.float64)
+        kept = nms(
+            torch.from_numpy(coords + shift[:, None]),
+            torch.from_numpy(boxes.loc[crowded, "score"].to_numpy(np.float64)),
+            nms_iou,
+        ).numpy()
+        keep[np.flatnonzero(crowded)[kept]] = True
+    result = boxes[keep]
     order = np.lexsort((result["x1"].to_numpy(), -result["score"].to_numpy(), result["row"].to_numpy()))
     result = result.iloc[order].reset_index(drop=True)
     rank = result.groupby("row", sort=False).cumcount().to_numpy()

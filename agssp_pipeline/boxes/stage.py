@@ -1,0 +1,176 @@
+"""The boxes stage over the storage layout: what the Dagster assets and the benchmarks call.
+
+Reads the map stores (``kead.store.read_map_table``), the ingestion index and the thresholds table, and
+writes ``thresholds.parquet``, ``pseudo_boxes/<source>.parquet`` and
+``evaluations/pseudo_box_quality_<source>.parquet``. No Dagster here.
+
+Thresholds pool the sources used for pretraining only: data held apart for downstream evaluation must not
+shape the pseudo labels the backbone is pretrained on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import fsspec
+import numpy as np
+import pandas as pd
+
+from agssp_pipeline.boxes.pseudo import build_pseudo_boxes, write_table
+from agssp_pipeline.boxes.quality import evaluate_source, has_ground_truth
+from agssp_pipeline.boxes.settings import BoxesSettings
+from agssp_pipeline.boxes.thresholds import compute_category_thresholds, map_statistics
+from agssp_pipeline.config import PipelineConfig
+from agssp_pipeline.storage import StorageLayout
+
+
+def uri_exists(uri: str) -> bool:
+    fs, path = fsspec.core.url_to_fs(uri)
+    return bool(fs.exists(path))
+
+
+def table_fingerprint(table: pd.DataFrame) -> str:
+    """Content hash of a table (row order included): the Dagster data version of what was written."""
+    hashed = pd.util.hash_pandas_object(table, index=False).to_numpy()
+    return hashlib.sha256(hashed.tobytes() + ",".join(table.columns).encode()).hexdigest()[:16]
+
+
+def read_index(layout: StorageLayout, source: str) -> pd.DataFrame:
+    uri = layout.index(source)
+    if not uri_exists(uri):
+        raise FileNotFoundError(f"no image index for source '{source}' at {uri}: materialize image_index first")
+    return pd.read_parquet(uri)
+
+
+def read_annotations(layout: StorageLayout, source: str) -> pd.DataFrame | None:
+    uri = layout.annotations(source)
+    return pd.read_parquet(uri) if uri_exists(uri) else None
+
+
+def load_maps(layout: StorageLayout, source: str):
+    """The current map table of a source (``MapTable``); a missing store is a clear error."""
+    from agssp_pipeline.kead.store import read_map_table
+
+    uri = layout.maps_store(source)
+    if not uri_exists(uri):
+        raise FileNotFoundError(f"no anomaly maps for source '{source}' at {uri}: materialize anomaly_maps first")
+    return read_map_table(uri)
+
+
+def categories_of(image_ids: np.ndarray, index: pd.DataFrame) -> np.ndarray:
+    lookup = index.drop_duplicates("image_id").set_index("image_id")["category"]
+    ids = pd.Index(np.asarray(image_ids, dtype=str))
+    unknown = ids.difference(lookup.index)
+    if len(unknown):
+        raise ValueError(
+            f"{len(unknown)} mapped images are not in the image index (e.g. {list(unknown[:3])}): "
+            "the map store is stale, rematerialize anomaly_maps"
+        )
+    return lookup.loc[ids].astype(str).to_numpy()
+
+
+@dataclass
+class ThresholdRun:
+    table: pd.DataFrame
+    stats: pd.DataFrame
+    sources: list[str]
+    missing_sources: list[str] = field(default_factory=list)
+    uri: str = ""
+
+
+def compute_thresholds(
+    config: PipelineConfig, settings: BoxesSettings | None = None, sources: Sequence[str] | None = None
+) -> ThresholdRun:
+    """T_c over the map stores of ``sources`` (default: every pretraining source that has maps)."""
+    settings = settings or config.boxes
+    layout = config.layout()
+    wanted = list(sources) if sources is not None else [s.name for s in config.pretrain_sources()]
+    parts, versions, used, missing = [], {}, [], []
+    for source in wanted:
+        if not uri_exists(layout.maps_store(source)):
+            missing.append(source)
+            continue
+        maps = load_maps(layout, source)
+        index = read_index(layout, source)
+        parts.append(
+            map_statistics(
+                source, maps.image_id, maps.maps, maps.image_score, categories_of(maps.image_id, index)
+            )
+        )
+        versions[source] = str(maps.attrs.get("version"))
+        used.append(source)
+    if not parts:
+        raise FileNotFoundError(f"no anomaly maps for any of {wanted}: materialize anomaly_maps first")
+    stats = pd.concat(parts, ignore_index=True)
+    table = compute_category_thresholds(stats, settings, versions)
+    return ThresholdRun(table=table, stats=stats, sources=used, missing_sources=missing)
+
+
+def write_thresholds(config: PipelineConfig, run: ThresholdRun) -> str:
+    run.uri = write_table(run.table, config.layout().thresholds())
+    return run.uri
+
+
+def read_thresholds(layout: StorageLayout) -> pd.DataFrame:
+    uri = layout.thresholds()
+    if not uri_exists(uri):
+        raise FileNotFoundError(f"no thresholds at {uri}: materialize category_thresholds first")
+    return pd.read_parquet(uri)
+
+
+def compute_pseudo_boxes(
+    config: PipelineConfig, source: str, settings: BoxesSettings | None = None, thresholds: pd.DataFrame | None = None
+) -> pd.DataFrame:
+    """The pseudo-box table of one source from its current maps and the thresholds table."""
+    settings = settings or config.boxes
+    layout = config.layout()
+    maps = load_maps(layout, source)
+    thresholds = read_thresholds(layout) if thresholds is None else thresholds
+    return build_pseudo_boxes(
+        source,
+        maps.image_id,
+        maps.maps,
+        maps.image_score,
+        read_index(layout, source),
+        thresholds,
+        settings,
+        str(maps.attrs.get("version")),
+    )
+
+
+def quality_name(source: str) -> str:
+    return f"pseudo_box_quality_{source}"
+
+
+def source_has_ground_truth(config: PipelineConfig, source: str) -> bool:
+    layout = config.layout()
+    return has_ground_truth(read_index(layout, source), read_annotations(layout, source))
+
+
+def compute_quality(config: PipelineConfig, source: str, settings: BoxesSettings | None = None) -> pd.DataFrame:
+    """The quality table of one source (needs its pseudo-box table, maps and ground truth)."""
+    settings = settings or config.boxes
+    layout = config.layout()
+    uri = layout.pseudo_boxes(source)
+    if not uri_exists(uri):
+        raise FileNotFoundError(f"no pseudo boxes for '{source}' at {uri}: materialize pseudo_boxes first")
+    pseudo = pd.read_parquet(uri)
+    maps = load_maps(layout, source)
+    versions = set(pseudo["map_store_version"].dropna().unique())
+    if versions and versions != {str(maps.attrs.get("version"))}:
+        raise ValueError(
+            f"pseudo boxes of '{source}' were built from map store version(s) {sorted(versions)} but the store "
+            f"is at {maps.attrs.get('version')}: rematerialize pseudo_boxes"
+        )
+    return evaluate_source(
+        source,
+        maps.image_id,
+        maps.maps,
+        read_index(layout, source),
+        read_annotations(layout, source),
+        pseudo,
+        read_thresholds(layout),
+        settings,
+    )
