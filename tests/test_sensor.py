@@ -1,0 +1,90 @@
+"""new_plant_images_sensor and the nightly schedule: partitions registered, runs only for changed folders."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import dagster as dg
+import pytest
+import yaml
+from sources_fixtures import write_image
+
+from assets.partitions import image_source_partitions
+from assets.resources import PipelineConfigResource
+from jobs.ingestion import new_plant_images_sensor, nightly_ingest_schedule
+
+
+@pytest.fixture
+def plant_config(tmp_path) -> tuple[Path, dict[str, Path]]:
+    folders = {name: tmp_path / name for name in ("line_a", "line_b")}
+    for number, folder in enumerate(folders.values()):
+        write_image(folder / "cam1" / "0001.jpg", seed=number)
+    sources = [{"name": name, "kind": "plant", "format": "image_folder", "root": str(folder), "category": "rolled_strip"}
+               for name, folder in folders.items()]
+    sources.append({"name": "line_offline", "kind": "plant", "format": "image_folder", "root": str(tmp_path / "nas_down"),
+                    "category": "rolled_strip"})
+    path = tmp_path / "agssp.yaml"
+    path.write_text(yaml.safe_dump({"storage_root": str(tmp_path / "store"), "sources": sources}))
+    return path, folders
+
+
+def tick(instance, config_path: Path, cursor: str | None) -> dg.SensorResult:
+    context = dg.build_sensor_context(instance=instance, cursor=cursor,
+                                      resources={"pipeline_config": PipelineConfigResource(config_path=str(config_path))})
+    return new_plant_images_sensor(context)
+
+
+def test_sensor_registers_partitions_and_runs_only_changed_folders(plant_config):
+    config_path, folders = plant_config
+    with dg.instance_for_test() as instance:
+        first = tick(instance, config_path, None)
+        # every configured source becomes a partition, even the one whose folder is missing today
+        (add_request,) = first.dynamic_partitions_requests
+        assert add_request.partitions_def_name == image_source_partitions.name
+        assert sorted(add_request.partition_keys) == ["line_a", "line_b", "line_offline"]
+        assert sorted(r.partition_key for r in first.run_requests) == ["line_a", "line_b"]
+        assert all(r.run_key == f"{r.partition_key}:{r.tags['agssp/folder_fingerprint']}" for r in first.run_requests)
+        assert {e.partition for e in first.asset_events} == {"line_a", "line_b"}
+        cursor = json.loads(first.cursor)
+        assert set(cursor) == {"line_a", "line_b"}
+
+        instance.add_dynamic_partitions(image_source_partitions.name, list(add_request.partition_keys))
+        unchanged = tick(instance, config_path, first.cursor)
+        assert not unchanged.run_requests and not unchanged.dynamic_partitions_requests
+        assert unchanged.skip_reason is not None
+
+        write_image(folders["line_b"] / "cam2" / "0002.jpg", seed=7)
+        changed = tick(instance, config_path, unchanged.cursor)
+        assert [r.partition_key for r in changed.run_requests] == ["line_b"]
+        assert json.loads(changed.cursor)["line_a"] == cursor["line_a"]
+        assert json.loads(changed.cursor)["line_b"] != cursor["line_b"]
+
+        # the offline share comes back: a run for it alone
+        write_image(Path(str(config_path.parent / "nas_down")) / "0001.jpg", seed=9)
+        back = tick(instance, config_path, changed.cursor)
+        assert [r.partition_key for r in back.run_requests] == ["line_offline"]
+
+
+def test_nightly_schedule_compares_with_last_materialization(plant_config):
+    config_path, folders = plant_config
+    resource = PipelineConfigResource(config_path=str(config_path))
+    with dg.instance_for_test() as instance:
+        context = dg.build_schedule_context(instance=instance, resources={"pipeline_config": resource})
+        requests = nightly_ingest_schedule(context)
+        assert sorted(r.partition_key for r in requests) == ["line_a", "line_b"]
+        assert sorted(instance.get_dynamic_partitions(image_source_partitions.name)) == ["line_a", "line_b", "line_offline"]
+
+        from assets.ingestion import image_index
+
+        for name in ("line_a", "line_b"):
+            assert dg.materialize([image_index], instance=instance, partition_key=name,
+                                  resources={"pipeline_config": resource}).success
+        context = dg.build_schedule_context(instance=instance, resources={"pipeline_config": resource})
+        assert isinstance(nightly_ingest_schedule(context), dg.SkipReason)
+
+        stat = (folders["line_a"] / "cam1" / "0001.jpg").stat()
+        os.utime(folders["line_a"] / "cam1" / "0001.jpg", ns=(stat.st_atime_ns, stat.st_mtime_ns + 5_000_000_000))
+        context = dg.build_schedule_context(instance=instance, resources={"pipeline_config": resource})
+        assert [r.partition_key for r in nightly_ingest_schedule(context)] == ["line_a"]
