@@ -374,7 +374,8 @@ def train_settings_from(config) -> YoloTrainSettings:
     return YoloTrainSettings(
         model=config.detector.model, epochs=finetune.epochs, image_size=finetune.image_size,
         batch_size=finetune.batch_size, device=finetune.device, seed=finetune.seed, workers=finetune.workers,
-        freeze_layers=None, val=True, extra_args=dict(finetune.train_args),
+        # no per-epoch validation: we evaluate the last epoch, so ultralytics' epoch selection would only cost time
+        freeze_layers=None, val=False, extra_args=dict(finetune.train_args),
     )
 
 
