@@ -1,1 +1,198 @@
-"""Dagster assets: training (wiring only; the work lives in agssp_pipeline)."""
+"""Dagster assets: training (wiring only; the work lives in ``agssp_pipeline.training``).
+
+``backbone_checkpoint`` is partitioned by backbone name (``yolov8n``, ``yolov8s``, ``resnet50``,
+``swin_b``: the registered backbones a plant would pretrain; ``agssp_pipeline.training.backbones``
+has more, e.g. small test variants, which are not partitions). Each partition pretrains one backbone
+with AGBP on all pretraining sources at once, so it depends on *every* partition of ``anomaly_maps``
+and ``image_index`` of those sources.
+
+It runs in the ``gpu`` pool and is materialised by hand (or by a schedule a deployment adds): it
+deliberately has no automation condition, because a pretraining run costs GPU hours and must not
+start on every upstream change; the UI shows it unsynced when the maps or index moved on.
+"""
+
+import base64
+import json
+from pathlib import Path
+
+import dagster as dg
+
+from agssp_pipeline.training import checkpoint as ckpt
+from agssp_pipeline.training.agbp import LoggingCallback, plot_loss_curves, train_backbone
+from agssp_pipeline.training.lineage import file_hash
+from agssp_pipeline.training.settings import BackboneSettings
+from assets.resources import PipelineConfigResource
+
+BACKBONE_PARTITION_NAMES = ["yolov8n", "yolov8s", "resnet50", "swin_b"]
+backbone_partitions = dg.StaticPartitionsDefinition(BACKBONE_PARTITION_NAMES)
+
+# bump when a change in agssp_pipeline.training changes what a run with the same inputs produces
+AGBP_CODE_VERSION = "agbp-1"
+UPSTREAM_ASSETS = ("anomaly_maps", "image_index")
+
+
+class BackboneRunConfig(dg.Config):
+    """Per-run overrides of the ``backbone`` section of agssp.yaml (unset = the file's value)."""
+
+    epochs: int | None = None
+    batch_size: int | None = None
+    device: str | None = None  # auto, cpu, cuda, cuda:1
+    image_size: int | None = None
+    base_loss: str | None = None  # cls, moco, simmim, ssl, none
+    max_steps_per_epoch: int | None = None
+    resume: bool | None = None  # continue an unfinished run with the same config and data
+
+
+def run_settings(base: BackboneSettings, overrides: BackboneRunConfig) -> BackboneSettings:
+    values = {k: v for k, v in overrides.model_dump().items() if v is not None}
+    return BackboneSettings.model_validate({**base.model_dump(), **values})
+
+
+def _upstream_versions(
+    context: dg.AssetExecutionContext, sources: list[str]
+) -> dict[str, dict[str, str | None]]:
+    """Data versions Dagster recorded for the upstream partitions (None where never materialised here)."""
+    versions: dict[str, dict[str, str | None]] = {}
+    for asset in UPSTREAM_ASSETS:
+        versions[asset] = {}
+        for source in sources:
+            records = context.instance.fetch_materializations(
+                dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[source]), limit=1
+            ).records
+            tags = records[0].asset_materialization.tags if records else {}
+            versions[asset][source] = (tags or {}).get("dagster/data_version")
+    return versions
+
+
+def consumed_inputs_table(lineage: dict, upstream: dict[str, dict[str, str | None]]) -> str:
+    """Markdown: which partitions and data versions fed this checkpoint."""
+    lines = [
+        "| source (partition) | images used | index sha256[:16] | map store version | encoder "
+        "| image_index data version | anomaly_maps data version |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for source, info in sorted(lineage["data"]["sources"].items()):
+        encoder = info.get("encoder") or {}
+        encoder_text = "/".join(str(encoder[k]) for k in ("encoder", "model", "mode") if k in encoder) or "-"
+        lines.append(
+            f"| {source} | {info['images_used']} | {info['index_version'] or '-'} | {info['map_store_version'] or '-'} "
+            f"| {encoder_text} | {upstream['image_index'].get(source) or '-'} | {upstream['anomaly_maps'].get(source) or '-'} |"
+        )
+    return "\n".join(lines)
+
+
+def _loss_table(history: list[dict]) -> str:
+    lines = ["| epoch | base | distill | total | images/s |", "|---|---|---|---|---|"]
+    for row in history:
+        base = "-" if row["base_loss"] is None else f"{row['base_loss']:.4f}"
+        lines.append(
+            f"| {row['epoch']} | {base} | {row['distill_loss']:.4f} | {row['total_loss']:.4f} | {row['images_per_s']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+@dg.asset(
+    partitions_def=backbone_partitions,
+    deps=[dg.AssetDep(name, partition_mapping=dg.AllPartitionMapping()) for name in UPSTREAM_ASSETS],
+    pool="gpu",
+    code_version=AGBP_CODE_VERSION,
+    group_name="training",
+    kinds={"pytorch", "safetensors"},
+    description=(
+        "AGBP-pretrained backbone (one partition per backbone): attention maps of the last stages distilled "
+        "towards the KeAD anomaly maps of all pretraining sources, plus the base loss. Writes "
+        "checkpoints/backbone/<name>/<run_id>/model.safetensors + lineage.json (sources, index and map store "
+        "versions, code commit, losses) and moves latest.json. GPU pool; manual or scheduled, never eager."
+    ),
+)
+def backbone_checkpoint(
+    context: dg.AssetExecutionContext, config: BackboneRunConfig, pipeline_config: PipelineConfigResource
+) -> dg.MaterializeResult:
+    pipeline = pipeline_config.load()
+    name = context.partition_key
+    settings = run_settings(pipeline.backbone, config)
+    sources = [s.name for s in pipeline.pretrain_sources()]
+    upstream = _upstream_versions(context, sources)
+    result = train_backbone(
+        pipeline,
+        name,
+        settings=settings,
+        callbacks=[LoggingCallback(context.log, every_steps=settings.log_every_steps)],
+    )
+    lineage = result.lineage
+    plot_path = pipeline.layout().previews("backbone", name, f"{result.run_id}_losses.png")
+    plot_loss_curves(result.step_history, plot_path, title=f"AGBP {name} ({result.run_id})")
+    encoded = base64.b64encode(Path(plot_path).read_bytes()).decode()
+    # the Dagster view of the inputs goes into the sidecar too, so it survives outside the Dagster instance
+    lineage["dagster_upstream_data_versions"] = upstream
+    ckpt.write_json(f"{result.run_dir}/{ckpt.LINEAGE_FILE}", lineage)
+    final = lineage["final_losses"]
+    metadata = {
+        "checkpoint_path": dg.MetadataValue.path(result.model_path),
+        "lineage_path": dg.MetadataValue.path(f"{result.run_dir}/{ckpt.LINEAGE_FILE}"),
+        "run_id": dg.MetadataValue.text(result.run_id),
+        "device": dg.MetadataValue.text(lineage["device"]),
+        "images_per_s": dg.MetadataValue.float(float(result.images_per_s)),
+        "epochs": dg.MetadataValue.int(int(lineage["epochs_completed"])),
+        "resumed_from_epoch": dg.MetadataValue.int(result.start_epoch - 1),
+        "final_distill_loss": dg.MetadataValue.float(float(final["distill_loss"])),
+        "final_total_loss": dg.MetadataValue.float(float(final["total_loss"])),
+        "distill_weight": dg.MetadataValue.float(float(lineage["distill_weight"])),
+        "base_loss": dg.MetadataValue.text(lineage["resolved"]["base_loss"]),
+        "consumed_inputs": dg.MetadataValue.md(consumed_inputs_table(lineage, upstream)),
+        "consumed_inputs_json": dg.MetadataValue.json(
+            {"sources": lineage["data"]["sources"], "dagster_upstream_data_versions": upstream}
+        ),
+        "loss_per_epoch": dg.MetadataValue.md(_loss_table(result.epoch_history)),
+        "loss_curves": dg.MetadataValue.md(f"![losses](data:image/png;base64,{encoded})"),
+        "loss_curves_path": dg.MetadataValue.path(plot_path),
+        "code": dg.MetadataValue.json(lineage["code"]),
+        "config_hash": dg.MetadataValue.text(lineage["config_hash"]),
+    }
+    if final["base_loss"] is not None:
+        metadata["final_base_loss"] = dg.MetadataValue.float(float(final["base_loss"]))
+    return dg.MaterializeResult(
+        metadata=metadata, data_version=dg.DataVersion(file_hash(result.model_path) or result.run_id)
+    )
+
+
+@dg.asset_check(
+    asset=backbone_checkpoint,
+    partitions_def=backbone_partitions,
+    description="The latest checkpoint loads without pickle, is complete, has finite losses, and (YOLOv8) fits a detector.",
+)
+def backbone_checkpoint_loads(
+    context: dg.AssetCheckExecutionContext, pipeline_config: PipelineConfigResource
+) -> dg.AssetCheckResult:
+    import math
+
+    name = context.partition_key
+    layout = pipeline_config.layout()
+    try:
+        state, lineage = ckpt.load_backbone_checkpoint(ckpt.latest_checkpoint_dir(layout, name))
+    except FileNotFoundError as error:
+        return dg.AssetCheckResult(passed=False, description=str(error))
+    problems = []
+    if lineage.get("status") != "complete":
+        problems.append(f"status {lineage.get('status')!r}")
+    losses = [v for v in (lineage.get("final_losses") or {}).values() if v is not None]
+    if not losses or not all(math.isfinite(v) for v in losses):
+        problems.append(f"losses not finite: {losses}")
+    loaded = 0
+    if lineage.get("detector_compatible"):
+        from ultralytics.nn.tasks import DetectionModel
+
+        detector = DetectionModel(f"{name}.yaml", nc=1, verbose=False)
+        try:
+            loaded = len(ckpt.load_backbone_into_detector(detector, ckpt.backbone_state_for_detector(state)))
+        except ValueError as error:
+            problems.append(str(error))
+    return dg.AssetCheckResult(
+        passed=not problems,
+        description="; ".join(problems) or "ok",
+        metadata={
+            "tensors": len(state),
+            "detector_tensors_loaded": loaded,
+            "lineage": json.dumps(lineage.get("data", {}))[:2000],
+        },
+    )

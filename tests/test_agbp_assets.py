@@ -1,0 +1,121 @@
+"""Dagster wiring of AGBP: backbone_checkpoint partitions, pool, deps, lineage metadata, check."""
+
+from __future__ import annotations
+
+import json
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+import pytest
+
+from agssp_pipeline.config import PipelineConfig, SourceConfig, dump_config
+from agssp_pipeline.training import checkpoint as ckpt
+from agssp_pipeline.training import data as agbp_data
+from agssp_pipeline.training.data import InMemoryMaps, make_synthetic_pretrain_table
+from assets.resources import PipelineConfigResource
+from assets.training import (
+    BACKBONE_PARTITION_NAMES,
+    backbone_checkpoint,
+    backbone_checkpoint_loads,
+)
+
+
+def test_asset_definition_is_gpu_pooled_partitioned_and_not_eager():
+    spec = backbone_checkpoint.specs_by_key[dg.AssetKey("backbone_checkpoint")]
+    assert backbone_checkpoint.partitions_def.get_partition_keys() == BACKBONE_PARTITION_NAMES
+    assert backbone_checkpoint.op.pool == "gpu"
+    assert spec.automation_condition is None
+    assert {dep.asset_key.path[0] for dep in spec.deps} == {"anomaly_maps", "image_index"}
+    for dep in spec.deps:
+        assert isinstance(dep.partition_mapping, dg.AllPartitionMapping)
+    assert backbone_checkpoint.code_versions_by_key[dg.AssetKey("backbone_checkpoint")]
+
+
+@pytest.fixture
+def pipeline(tmp_path, monkeypatch):
+    """A config with one pretraining source whose index and maps exist (maps served from memory)."""
+    table = make_synthetic_pretrain_table(str(tmp_path / "images"), images=4, size=64)
+    source = SourceConfig(
+        name="synth", format="image_folder", root=str(tmp_path / "images"), category="steel"
+    )
+    downstream = SourceConfig(
+        name="held_out", format="yolo", root=str(tmp_path), category="steel", role="downstream"
+    )
+    config = PipelineConfig(storage_root=str(tmp_path / "storage"), sources=[source, downstream])
+    layout = config.layout()
+    layout.ensure_dir("index")
+    index = table.rows.assign(source="synth", duplicate_of=None)[
+        ["image_id", "path", "source", "category", "duplicate_of"]
+    ]
+    index.to_parquet(layout.index("synth"))
+    maps = InMemoryMaps(
+        {row.image_id: table.maps["synthetic"][row.image_id] for row in table.rows.itertuples()},
+        version="store-v7",
+        attrs={"version": "store-v7", "encoder": "kead_clip", "model": "ViT-B-16", "mode": "zero+few"},
+    )
+    opened = []
+
+    def fake_open(uri: str):
+        opened.append(uri)
+        assert uri == layout.maps_store("synth")
+        return maps
+
+    monkeypatch.setattr(agbp_data, "open_lazy_maps", fake_open)
+    config_path = tmp_path / "agssp.yaml"
+    dump_config(config, config_path)
+    return config_path, layout, opened
+
+
+def test_materialise_records_consumed_partitions_versions_and_curves(pipeline):
+    config_path, layout, opened = pipeline
+    instance = dg.DagsterInstance.ephemeral()
+    instance.report_runless_asset_event(
+        dg.AssetMaterialization("anomaly_maps", partition="synth", tags={"dagster/data_version": "maps-dv-1"})
+    )
+    result = dg.materialize(
+        [backbone_checkpoint, backbone_checkpoint_loads],
+        partition_key="yolov8n",
+        instance=instance,
+        resources={"pipeline_config": PipelineConfigResource(config_path=str(config_path))},
+        run_config={
+            "ops": {
+                "backbone_checkpoint": {
+                    "config": {
+                        "epochs": 1,
+                        "batch_size": 4,
+                        "image_size": 64,
+                        "device": "cpu",
+                        "max_steps_per_epoch": 1,
+                    }
+                }
+            }
+        },
+    )
+    assert result.success
+    assert opened  # the map store of the pretraining source was read, the downstream one was not
+    materialization = result.asset_materializations_for_node("backbone_checkpoint")[0]
+    metadata = materialization.metadata
+    table = metadata["consumed_inputs"].value
+    assert (
+        "| synth | 4 |" in table and "store-v7" in table and "maps-dv-1" in table and "held_out" not in table
+    )
+    assert metadata["images_per_s"].value > 0 and metadata["device"].value.startswith("cpu")
+    assert metadata["loss_curves"].value.startswith("![losses](data:image/png;base64,")
+    assert metadata["epochs"].value == 1
+    checkpoint_path = metadata["checkpoint_path"].value
+    state, lineage = ckpt.load_backbone_checkpoint(checkpoint_path)
+    assert lineage["dagster_upstream_data_versions"]["anomaly_maps"]["synth"] == "maps-dv-1"
+    assert lineage["data"]["sources"]["synth"]["encoder"]["encoder"] == "kead_clip"
+    assert (
+        json.loads(json.dumps(metadata["consumed_inputs_json"].value))["sources"]["synth"][
+            "map_store_version"
+        ]
+        == "store-v7"
+    )
+    assert ckpt.latest_checkpoint_dir(layout, "yolov8n") in checkpoint_path
+    checks = result.get_asset_check_evaluations()
+    assert checks and all(c.passed for c in checks)
+    assert checks[0].metadata["detector_tensors_loaded"].value == len(state)
+    assert np.isfinite(metadata["final_total_loss"].value)
+    assert isinstance(pd.read_parquet(layout.index("synth")), pd.DataFrame)
