@@ -173,3 +173,17 @@ def test_mask_folder_empty_mask_is_normal_option(tmp_path):
     source.options["empty_mask_is_normal"] = True
     images = by_name(ingest_source(source))
     assert images.loc["c2.jpg", "is_normal"] == True  # noqa: E712
+
+
+def test_boxes_from_mask_components_with_offsets_and_min_area():
+    import numpy as np
+
+    from agssp_pipeline.sources.regions import boxes_from_mask
+
+    mask = np.zeros((20, 30), dtype=np.uint8)
+    assert boxes_from_mask(mask) == []
+    mask[5:8, 10:14] = 1  # 12 px
+    mask[15, 25] = 1  # 1 px speck
+    mask[8, 14] = 1  # touches the first block diagonally: same 8-connected component
+    assert sorted(boxes_from_mask(mask)) == [(10.0, 5.0, 15.0, 9.0), (25.0, 15.0, 26.0, 16.0)]
+    assert boxes_from_mask(mask, min_area=5) == [(10.0, 5.0, 15.0, 9.0)]
