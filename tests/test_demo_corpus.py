@@ -9,6 +9,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 from PIL import Image
@@ -22,7 +23,9 @@ from agssp_pipeline.demo import (
     image_id_of,
     read_instance_mask,
 )
+from agssp_pipeline.demo.__main__ import main as demo_main
 from agssp_pipeline.demo.defects import DEFECTS, plant_defect
+from agssp_pipeline.demo.inspect import contact_sheet, defect_contrast, local_contrast, read_grey
 from agssp_pipeline.demo.textures import TEXTURES, make_texture
 
 SMALL = 0.25  # a quarter-size corpus keeps the byte-comparison tests fast
@@ -34,13 +37,6 @@ def _tree_digest(root: Path) -> dict[str, str]:
         for p in sorted(root.rglob("*"))
         if p.is_file()
     }
-
-
-def _grey(path: Path) -> np.ndarray:
-    with Image.open(path) as image:
-        if image.mode.startswith("I"):  # 16-bit PNG: keep the top byte
-            return (np.asarray(image).astype(np.uint32) >> 8).astype(np.uint8)
-        return np.asarray(image.convert("L"))
 
 
 @pytest.fixture(scope="module")
@@ -146,37 +142,47 @@ def test_boxes_match_masks_and_files(corpus, source):
             assert (box.x1, box.y1, box.x2, box.y2) == (x, y, x + w, y + h)
 
 
-def _local_contrast(grey: np.ndarray, mask: np.ndarray) -> float:
-    """|mean inside - mean of a surrounding ring| in units of the ring's standard deviation."""
-    grey = grey.astype(np.float32)
-    near = cv2.dilate(mask.astype(np.uint8), np.ones((15, 15), np.uint8)).astype(bool)
-    gap = cv2.dilate(mask.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
-    ring = near & ~gap
-    return abs(float(grey[mask].mean() - grey[ring].mean())) / (float(grey[ring].std()) + 1e-6)
-
-
 def test_defects_visible_but_not_trivial(corpus):
-    contrasts, saturated = [], []
+    stats = pd.concat([defect_contrast(corpus.root, source) for source in corpus.sources])
+    assert len(stats) > 200 and set(stats["defect_type"]) == set(DEFECTS)
+    # visible: almost every defect stands out from its own neighbourhood ...
+    assert (stats["contrast"] > 0.5).mean() > 0.9
+    # ... but as a rule not a black-on-white blob (NEU-DET-like: a few background standard deviations)
+    for defect_type, group in stats.groupby("defect_type"):
+        assert 1.0 < group["contrast"].median() < 6.0, defect_type
+    assert stats["saturated"].max() < 0.05
     for source in corpus.sources:
-        for row in ground_truth_images(corpus.root, source).itertuples():
-            grey = _grey(Path(row.path))
-            saturated.append(float(((grey == 0) | (grey == 255)).mean()))
-            labels = read_instance_mask(row.mask_path)
-            contrasts += [_local_contrast(grey, labels == k) for k in range(1, int(labels.max()) + 1)]
-    contrasts_arr = np.asarray(contrasts)
-    assert len(contrasts_arr) > 100
-    # visible: almost every defect stands out from its neighbourhood ...
-    assert np.mean(contrasts_arr > 0.5) > 0.9
-    # ... but not as a trivial black-on-white blob
-    assert 0.8 < np.median(contrasts_arr) < 6.0
-    assert max(saturated) < 0.01
+        for path in ground_truth_images(corpus.root, source)["path"]:
+            grey = read_grey(path)
+            assert ((grey == 0) | (grey == 255)).mean() < 0.01
+
+
+def test_local_contrast_measures_what_it_says():
+    rng = np.random.default_rng(0)
+    grey = np.clip(rng.normal(120, 10, (64, 64)), 0, 255).astype(np.uint8)
+    mask = np.zeros((64, 64), dtype=bool)
+    mask[30:34, 30:34] = True
+    assert local_contrast(grey, mask) < 1.0
+    grey[mask] = 80
+    assert 3.0 < local_contrast(grey, mask) < 6.0
+
+
+def test_contact_sheet_and_command_line(corpus, tmp_path, capsys):
+    sheet = contact_sheet(corpus.root, "demo_rolled_voc", limit=8, columns=4, tile=96)
+    assert sheet.shape == (192, 384, 3)
+    red = (sheet[:, :, 2] == 255) & (sheet[:, :, 0] == 0) & (sheet[:, :, 1] == 0)
+    assert red.sum() > 20  # outlines of the planted defects
+    assert demo_main([str(tmp_path / "cli"), "--scale", "0.25", "--preview"]) == 0
+    printed = capsys.readouterr().out
+    assert "demo_plant_line1" in printed and "contrast" in printed
+    assert (tmp_path / "cli" / "ground_truth" / "previews" / "demo_downstream.png").is_file()
 
 
 def test_backgrounds_have_texture(corpus):
     for source in corpus.sources:
         normal = ground_truth_images(corpus.root, source).query("is_normal")
         for row in normal.head(3).itertuples():
-            grey = _grey(Path(row.path)).astype(np.float32)
+            grey = read_grey(row.path).astype(np.float32)
             assert 4.0 < grey.std() < 40.0
             assert 40 < grey.mean() < 210
 

@@ -37,7 +37,7 @@ DEMO_SOURCES: tuple[SourceSpec, ...] = (
     ),
     SourceSpec(
         name="demo_rolled_voc", kind="public", format="voc", category="rolled_strip", role="pretrain",
-        defect_classes=("scratch", "pit", "inclusion", "patch"), images=48, normal_fraction=0.1, max_defects=3,
+        defect_classes=("scratch", "pit", "inclusion", "patch"), images=48, normal_fraction=0.15, max_defects=3,
         classes=("scratch", "pit", "inclusion", "patch"),
         options={"images": "IMAGES", "annotations": "ANNOTATIONS"},
     ),

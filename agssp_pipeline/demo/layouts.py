@@ -79,11 +79,17 @@ class ImageFactory:
     def rng(self, index: int, purpose: int = 0) -> np.random.Generator:
         return np.random.default_rng([self.seed, self._source_key, index, purpose])
 
+    def is_normal_slot(self, index: int) -> bool:
+        """Evenly spread defect-free images, exactly ``floor(n * normal_fraction)`` among the first n:
+        few-shot references must exist even in a small corpus, so this is not left to chance."""
+        fraction = self.spec.normal_fraction
+        return int(np.floor((index + 1) * fraction)) > int(np.floor(index * fraction))
+
     def image(self, index: int, height: int, width: int, forced_classes: list[str] | None = None) -> SyntheticImage:
         rng = self.rng(index)
         if forced_classes is not None:
             classes = forced_classes
-        elif rng.random() < self.spec.normal_fraction:
+        elif self.is_normal_slot(index):
             classes = []
         else:
             count = int(rng.integers(1, self.spec.max_defects + 1))
