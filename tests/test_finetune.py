@@ -88,3 +88,28 @@ def test_deltas_and_worse_than_scratch_flags():
     table = add_deltas(table)
     assert table["delta_map50_95"].round(6).tolist() == [0.0, 0.05, -0.1]
     assert worse_than_scratch(table)["variant"].tolist() == ["agssp"]
+
+
+def test_regimes_and_weight_files(tmp_path):
+    from safetensors.torch import save_file
+
+    from agssp_pipeline.training.finetune import VariantContext, _regimes, initial_weights_for
+
+    split = pd.DataFrame({"image_id": list("abcdef"), "split": ["train"] * 4 + ["val"] * 2,
+                          "few_shot": [True, False, True, False, False, False]})
+    regimes = _regimes(split, 2)
+    assert regimes["full"].tolist() == [True] * 4 + [False] * 2
+    assert regimes["few2"].tolist() == [True, False, True, False, False, False]
+    assert list(_regimes(split, None)) == ["full"]
+    weights = {"model.0.conv.weight": torch.ones(16, 3, 3, 3, dtype=torch.float16)}
+    save_file(weights, str(tmp_path / "w.safetensors"))
+    (tmp_path / "w.onnx").write_bytes(b"x")
+    context = VariantContext(extra_weights={"mine": str(tmp_path / "w.safetensors"), "bad": str(tmp_path / "w.onnx")})
+    initial = initial_weights_for("mine", context)
+    assert initial.state_dict["model.0.conv.weight"].dtype == torch.float32 and initial.name == "mine"
+    with pytest.raises(ValueError, match="unsupported weights file"):
+        initial_weights_for("bad", context)
+    with pytest.raises(ValueError, match="unknown finetune variant 'other'"):
+        initial_weights_for("other", context)
+    with pytest.raises(FileNotFoundError, match="needs a detector checkpoint"):
+        initial_weights_for("agssp", context)
