@@ -1,4 +1,4 @@
-"""Dagster wiring of AGBP: backbone_checkpoint partitions, pool, deps, lineage metadata, check."""
+"""Dagster wiring of AGBP (backbone_checkpoint partitions, pool, deps, lineage metadata, check) and its CLI."""
 
 from __future__ import annotations
 
@@ -119,3 +119,33 @@ def test_materialise_records_consumed_partitions_versions_and_curves(pipeline):
     assert checks[0].metadata["detector_tensors_loaded"].value == len(state)
     assert np.isfinite(metadata["final_total_loss"].value)
     assert isinstance(pd.read_parquet(layout.index("synth")), pd.DataFrame)
+
+
+def test_command_line_entry_point_trains_and_prints_the_checkpoint(pipeline, capsys, monkeypatch):
+    from agssp_pipeline.training.agbp import main
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    config_path, layout, _ = pipeline
+    argv = [
+        "--config",
+        str(config_path),
+        "--backbone",
+        "yolov8n",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "2",
+        "--image-size",
+        "64",
+    ]
+    assert (
+        main(
+            [*argv, "--device", "cpu", "--workers", "0", "--max-steps-per-epoch", "1", "--base-loss", "none"]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "checkpoint: " in out and "images/s: " in out
+    state, lineage = ckpt.load_backbone_checkpoint(ckpt.latest_checkpoint_dir(layout, "yolov8n"))
+    assert lineage["config"]["base_loss"] == "none" and lineage["config"]["batch_size"] == 2
+    assert lineage["config_path"] == str(config_path)
