@@ -11,8 +11,13 @@ import json
 import dagster as dg
 
 from agssp_pipeline.config import PipelineConfig
-from agssp_pipeline.sources import source_fingerprint
-from assets.ingestion import image_index, plant_images
+from assets.ingestion import (
+    combined_fingerprint,
+    fingerprint_metadata,
+    image_index,
+    plant_images,
+    source_fingerprints,
+)
 from assets.partitions import image_source_partitions
 from assets.resources import PipelineConfigResource
 
@@ -22,18 +27,6 @@ ingest_job = dg.define_asset_job(
     partitions_def=image_source_partitions,
     description="Re-index one image source (its partition): index, annotations and quarantine Parquet files.",
 )
-
-
-def fingerprints(config: PipelineConfig, log=None) -> dict[str, str]:
-    """source name -> folder fingerprint for every source whose root exists (missing roots are logged)."""
-    found: dict[str, str] = {}
-    for source in config.sources:
-        try:
-            found[source.name] = source_fingerprint(source)
-        except FileNotFoundError as error:
-            if log is not None:
-                log.warning(f"{error}; no run requested until it appears")
-    return found
 
 
 def ingestion_requests(current: dict[str, str], previous: dict[str, str]) -> list[dg.RunRequest]:
@@ -60,14 +53,14 @@ def new_plant_images_sensor(context: dg.SensorEvaluationContext,
                             pipeline_config: PipelineConfigResource) -> dg.SensorResult:
     config = pipeline_config.load()
     previous: dict[str, str] = json.loads(context.cursor) if context.cursor else {}
-    current = fingerprints(config, context.log)
+    current = source_fingerprints(config, context.log)
     new_partitions = _unregistered(context.instance, config)
     run_requests = ingestion_requests(current, previous)
-    observations = [
-        dg.AssetObservation(asset_key=plant_images.key, partition=name, tags={"dagster/data_version": fingerprint})
-        for name, fingerprint in sorted(current.items()) if previous.get(name) != fingerprint
-    ]
-    cursor = json.dumps({**previous, **current}, sort_keys=True)
+    state = {**previous, **current}
+    # a runless observation of plant_images: the UI marks image_index stale right away
+    observations = [dg.AssetObservation(asset_key=plant_images.key, metadata=fingerprint_metadata(current),
+                                        tags={"dagster/data_version": combined_fingerprint(current)})] if run_requests else []
+    cursor = json.dumps(state, sort_keys=True)
     return dg.SensorResult(
         run_requests=run_requests,
         dynamic_partitions_requests=[image_source_partitions.build_add_request(new_partitions)] if new_partitions else [],
@@ -102,7 +95,7 @@ def nightly_ingest_schedule(context: dg.ScheduleEvaluationContext,
     new_partitions = _unregistered(context.instance, config)
     if new_partitions:  # schedules cannot return partition requests; registering is idempotent
         context.instance.add_dynamic_partitions(image_source_partitions.name, new_partitions)
-    current = fingerprints(config, context.log)
+    current = source_fingerprints(config, context.log)
     requests = ingestion_requests(current, last_ingested_fingerprints(context.instance, sorted(current)))
     return requests or dg.SkipReason("every source index matches its folder")
 

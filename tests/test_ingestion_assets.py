@@ -104,3 +104,28 @@ def test_definitions_load_with_ingestion_wiring(fixture_config):
     assert {s.name for s in repo.schedule_defs} >= {"nightly_ingest_schedule"}
     graph = defs.resolve_asset_graph()
     assert dg.AssetKey("plant_images") in graph.get(dg.AssetKey("image_index")).parent_keys
+
+
+def test_plant_images_observation_makes_image_index_stale(fixture_config):
+    from dagster._core.definitions.data_version import StaleStatus
+    from dagster._core.definitions.observe import observe
+    from dagster._utils.test.data_versions import get_stale_status_resolver
+
+    from assets.ingestion import plant_images
+
+    resources = {"pipeline_config": PipelineConfigResource(config_path=str(fixture_config))}
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions(image_source_partitions.name, ["plant_line"])
+        observed = observe([plant_images], instance=instance, resources=resources)
+        (observation,) = [e.asset_observation_data.asset_observation for e in observed.all_events
+                          if e.event_type_value == "ASSET_OBSERVATION"]
+        assert "plant_line" in observation.metadata["fingerprints"].value
+        assert dg.materialize([image_index], instance=instance, partition_key="plant_line", resources=resources).success
+
+        def status() -> StaleStatus:
+            return get_stale_status_resolver(instance, [plant_images, image_index]).get_status(image_index.key, "plant_line")
+
+        assert status() == StaleStatus.FRESH
+        write_image(fixture_config.parent / "plant_line" / "new_frame.jpg", seed=55)
+        observe([plant_images], instance=instance, resources=resources)
+        assert status() == StaleStatus.STALE

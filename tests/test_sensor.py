@@ -46,18 +46,20 @@ def test_sensor_registers_partitions_and_runs_only_changed_folders(plant_config)
         assert sorted(add_request.partition_keys) == ["line_a", "line_b", "line_offline"]
         assert sorted(r.partition_key for r in first.run_requests) == ["line_a", "line_b"]
         assert all(r.run_key == f"{r.partition_key}:{r.tags['agssp/folder_fingerprint']}" for r in first.run_requests)
-        assert {e.partition for e in first.asset_events} == {"line_a", "line_b"}
+        (observation,) = first.asset_events  # plant_images: one version over all folders, per-source table
+        assert observation.asset_key == dg.AssetKey("plant_images") and "line_b" in observation.metadata["fingerprints"].value
         cursor = json.loads(first.cursor)
         assert set(cursor) == {"line_a", "line_b"}
 
         instance.add_dynamic_partitions(image_source_partitions.name, list(add_request.partition_keys))
         unchanged = tick(instance, config_path, first.cursor)
-        assert not unchanged.run_requests and not unchanged.dynamic_partitions_requests
+        assert not unchanged.run_requests and not unchanged.dynamic_partitions_requests and not unchanged.asset_events
         assert unchanged.skip_reason is not None
 
         write_image(folders["line_b"] / "cam2" / "0002.jpg", seed=7)
         changed = tick(instance, config_path, unchanged.cursor)
         assert [r.partition_key for r in changed.run_requests] == ["line_b"]
+        assert changed.asset_events[0].tags["dagster/data_version"] != observation.tags["dagster/data_version"]
         assert json.loads(changed.cursor)["line_a"] == cursor["line_a"]
         assert json.loads(changed.cursor)["line_b"] != cursor["line_b"]
 
