@@ -1,4 +1,4 @@
-"""The synthetic demo corpus: deterministic, native layouts, exact ground truth, visible-not-trivial defects."""
+"""The synthetic demo corpus: deterministic, native layouts, exact ground truth, visible defects."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from PIL import Image
 from agssp_pipeline.config import load_config
 from agssp_pipeline.demo import (
     DEMO_SOURCES,
+    DemoCorpusConflict,
     generate_demo,
     ground_truth,
     ground_truth_images,
@@ -74,6 +75,20 @@ def test_different_seed_different_images(tmp_path):
     assert shared
     differing = sum(images_a[k] != images_b[k] for k in shared)
     assert differing >= 0.9 * len(shared)
+
+
+def test_regenerating_smaller_corpus_in_place_is_refused(tmp_path):
+    generate_demo(tmp_path, seed=0, scale=SMALL * 2)
+    with pytest.raises(DemoCorpusConflict, match="without ground truth"):
+        generate_demo(tmp_path, seed=0, scale=SMALL)
+    # another seed at the same scale replaces every file: allowed, and ground truth follows
+    corpus = generate_demo(tmp_path, seed=5, scale=SMALL * 2)
+    images = ground_truth_images(tmp_path, "demo_downstream")
+    assert all(
+        image_id_of(Path(path).read_bytes()) == id_
+        for path, id_ in zip(images["path"], images["image_id"], strict=True)
+    )
+    assert corpus.seed == 5
 
 
 def test_scale_changes_image_count(tmp_path):
@@ -230,7 +245,9 @@ def test_voc_layout_with_missing_image_and_out_of_bounds_box(corpus):
         assert len(objects) == len(truth)
         for obj, box in zip(objects, truth.itertuples(), strict=True):
             assert obj.findtext("name") == box.class_name
-            xmin, ymin, xmax, ymax = (int(obj.findtext(f"bndbox/{k}")) for k in ("xmin", "ymin", "xmax", "ymax"))
+            xmin, ymin, xmax, ymax = (
+                int(obj.findtext(f"bndbox/{k}")) for k in ("xmin", "ymin", "xmax", "ymax")
+            )
             assert (xmin, ymin) == (box.x1, box.y1)
             if xmax > width or ymax > height:
                 out_of_bounds += 1

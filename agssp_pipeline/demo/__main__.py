@@ -17,11 +17,15 @@ from agssp_pipeline.demo.inspect import contact_sheet, defect_contrast
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m agssp_pipeline.demo", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m agssp_pipeline.demo", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("root", type=Path, help="folder for the corpus (created; other files are left alone)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies the images per source")
-    parser.add_argument("--preview", action="store_true", help="write contact sheets to ground_truth/previews/")
+    parser.add_argument(
+        "--preview", action="store_true", help="write contact sheets to ground_truth/previews/"
+    )
     args = parser.parse_args(argv)
 
     started = time.perf_counter()
@@ -29,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.perf_counter() - started
     print(f"demo corpus: {corpus.root} (seed {corpus.seed}, scale {corpus.scale}) written in {elapsed:.2f} s")
     print(f"config: {corpus.config_path}")
-    header = f"{'source':<20} {'images':>6} {'normal':>6} {'defects':>7} {'bad':>3}  {'contrast p10/p50':>16}  by type"
+    columns = f"{'source':<20} {'images':>6} {'normal':>6} {'defects':>7} {'bad':>3}"
+    header = f"{columns}  {'contrast p10/p50':>16}  by type"
     print(header)
     print("-" * len(header))
     for source in corpus.sources:
@@ -38,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         p10, p50 = stats["contrast"].quantile([0.1, 0.5])
         print(
             f"{source:<20} {corpus.images[source]:>6} {corpus.normal_images[source]:>6} "
-            f"{corpus.defects[source]:>7} {len(corpus.bad_files[source]):>3}  {p10:>7.2f} /{p50:>7.2f}  {by_type}"
+            f"{corpus.defects[source]:>7} {len(corpus.bad_files[source]):>3}  "
+            f"{p10:>7.2f} /{p50:>7.2f}  {by_type}"
         )
         if args.preview:
             target = corpus.ground_truth_dir / "previews" / f"{source}.png"

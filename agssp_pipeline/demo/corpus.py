@@ -8,9 +8,11 @@ ingestion never sees it (plant data is unlabelled), yet quality evaluations can 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -28,38 +30,85 @@ from agssp_pipeline.demo.layouts import (
 CONFIG_NAME = "agssp.yaml"
 SOURCES_DIR = "sources"
 GROUND_TRUTH_DIR = "ground_truth"
+MANIFEST = f"{GROUND_TRUTH_DIR}/manifest.json"
 STORAGE_DIR = "storage"
 
 DEMO_SOURCES: tuple[SourceSpec, ...] = (
     SourceSpec(
-        name="demo_plant_line1", kind="plant", format="image_folder", category="brushed_steel", role="pretrain",
-        defect_classes=("scratch", "pit", "crack", "patch"), images=48, normal_fraction=0.25, max_defects=3,
+        name="demo_plant_line1",
+        kind="plant",
+        format="image_folder",
+        category="brushed_steel",
+        role="pretrain",
+        defect_classes=("scratch", "pit", "crack", "patch"),
+        images=48,
+        normal_fraction=0.25,
+        max_defects=3,
     ),
     SourceSpec(
-        name="demo_rolled_voc", kind="public", format="voc", category="rolled_strip", role="pretrain",
-        defect_classes=("scratch", "pit", "inclusion", "patch"), images=48, normal_fraction=0.15, max_defects=3,
+        name="demo_rolled_voc",
+        kind="public",
+        format="voc",
+        category="rolled_strip",
+        role="pretrain",
+        defect_classes=("scratch", "pit", "inclusion", "patch"),
+        images=48,
+        normal_fraction=0.15,
+        max_defects=3,
         classes=("scratch", "pit", "inclusion", "patch"),
         options={"images": "IMAGES", "annotations": "ANNOTATIONS"},
     ),
     SourceSpec(
-        name="demo_billet_masks", kind="public", format="mask_folder", category="cast_billet", role="pretrain",
-        defect_classes=("crack", "pit", "inclusion"), images=50, normal_fraction=0.0, max_defects=2,
-        normal_subfolders=("Free",), native_labels={"crack": "Crack", "pit": "Pit", "inclusion": "Inclusion"},
+        name="demo_billet_masks",
+        kind="public",
+        format="mask_folder",
+        category="cast_billet",
+        role="pretrain",
+        defect_classes=("crack", "pit", "inclusion"),
+        images=50,
+        normal_fraction=0.0,
+        max_defects=2,
+        normal_subfolders=("Free",),
+        native_labels={"crack": "Crack", "pit": "Pit", "inclusion": "Inclusion"},
     ),
     SourceSpec(
-        name="demo_downstream", kind="public", format="yolo", category="rolled_strip", role="downstream",
-        defect_classes=("scratch", "pit", "inclusion"), images=60, normal_fraction=0.1, max_defects=3,
+        name="demo_downstream",
+        kind="public",
+        format="yolo",
+        category="rolled_strip",
+        role="downstream",
+        defect_classes=("scratch", "pit", "inclusion"),
+        images=60,
+        normal_fraction=0.1,
+        max_defects=3,
         classes=("scratch", "pit", "inclusion"),
     ),
 )
 SOURCE_SPECS = {spec.name: spec for spec in DEMO_SOURCES}
 
 IMAGE_COLUMNS = [
-    "source", "file", "image_id", "width", "height", "is_normal", "n_defects", "duplicate_of_file",
+    "source",
+    "file",
+    "image_id",
+    "width",
+    "height",
+    "is_normal",
+    "n_defects",
+    "duplicate_of_file",
     "mask_file",
 ]
 BOX_COLUMNS = [
-    "source", "file", "image_id", "instance", "class_name", "defect_type", "x1", "y1", "x2", "y2", "mask_area",
+    "source",
+    "file",
+    "image_id",
+    "instance",
+    "class_name",
+    "defect_type",
+    "x1",
+    "y1",
+    "x2",
+    "y2",
+    "mask_area",
 ]
 
 
@@ -92,11 +141,17 @@ def image_id_of(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
 
 
+class DemoCorpusConflict(RuntimeError):
+    """``root`` holds a demo corpus whose files a new generation would leave behind without ground truth."""
+
+
 def generate_demo(root: Path, seed: int = 0, scale: float = 1.0) -> DemoCorpus:
     """Write (or rewrite identically) the demo corpus under ``root``; files not written by it are left alone.
 
     ``scale`` multiplies the number of images per source (1.0 = about 50 per source, sized for a full
-    pipeline run in about ten minutes on two CPU cores).
+    pipeline run in about ten minutes on two CPU cores). Everything is rendered in memory first and a
+    file is only written when its bytes change, so regenerating keeps mtimes (and ingestion caches) intact.
+    Raises ``DemoCorpusConflict`` rather than leave images of an earlier, larger generation behind.
     """
     if scale <= 0:
         raise ValueError(f"scale must be positive, got {scale}")
@@ -112,52 +167,80 @@ def generate_demo(root: Path, seed: int = 0, scale: float = 1.0) -> DemoCorpus:
         seed=seed,
         scale=scale,
     )
-    manifest: dict[str, object] = {"seed": seed, "scale": scale, "sources": {}}
+    files: dict[str, bytes] = {}  # path relative to root -> bytes
+    manifest: dict[str, Any] = {"seed": seed, "scale": scale, "sources": {}}
     for spec in DEMO_SOURCES:
         output = WRITERS[spec.format](spec, ImageFactory(seed, spec), scale)
-        source_root = corpus.source_roots[spec.name]
-        _write_source(source_root, output)
-        images, boxes = _ground_truth_tables(spec, output, gt_dir)
-        _write_parquet(gt_dir / spec.name / "images.parquet", images)
-        _write_parquet(gt_dir / spec.name / "boxes.parquet", boxes)
+        prefix = f"{SOURCES_DIR}/{spec.name}"
+        files.update({f"{prefix}/{w.file}": w.data for w in output.images})
+        files.update({f"{prefix}/{name}": data for name, data in output.extra_files.items()})
+        files.update({f"{prefix}/{bad.file}": bad.data for bad in output.bad_files})
+        images, boxes, masks = _ground_truth_tables(spec, output)
+        gt_prefix = f"{GROUND_TRUTH_DIR}/{spec.name}"
+        files.update({f"{gt_prefix}/{name}": data for name, data in masks.items()})
+        files[f"{gt_prefix}/images.parquet"] = _parquet_bytes(images)
+        files[f"{gt_prefix}/boxes.parquet"] = _parquet_bytes(boxes)
         corpus.images[spec.name] = len(images)
         corpus.defects[spec.name] = len(boxes)
         corpus.normal_images[spec.name] = int(images["is_normal"].sum())
         corpus.bad_files[spec.name] = [bad.file for bad in output.bad_files]
-        manifest["sources"][spec.name] = {  # type: ignore[index]
+        manifest["sources"][spec.name] = {
             "images": len(images),
             "defects": len(boxes),
             "normal_images": corpus.normal_images[spec.name],
             "bad_files": [{"file": bad.file, "problem": bad.problem} for bad in output.bad_files],
         }
-    write_if_changed(gt_dir / "manifest.json", (json.dumps(manifest, indent=2) + "\n").encode())
-    write_if_changed(corpus.config_path, render_config().encode())
-    write_if_changed(root / "README.txt", README_TEXT.encode())
+    files[CONFIG_NAME] = render_config().encode()
+    files["README.txt"] = README_TEXT.encode()
+    manifest["files"] = sorted(files)
+    _refuse_leftovers(root, set(files))
+    files[MANIFEST] = (json.dumps(manifest, indent=1) + "\n").encode()
+    for relative, data in files.items():
+        write_if_changed(root / relative, data)
     corpus.storage_root.mkdir(parents=True, exist_ok=True)
     return corpus
 
 
-def _write_source(source_root: Path, output: SourceOutput) -> None:
-    for written in output.images:
-        write_if_changed(source_root / written.file, written.data)
-    for relative, data in output.extra_files.items():
-        write_if_changed(source_root / relative, data)
-    for bad in output.bad_files:
-        write_if_changed(source_root / bad.file, bad.data)
+def _refuse_leftovers(root: Path, new_files: set[str]) -> None:
+    manifest_path = root / MANIFEST
+    if not manifest_path.is_file():
+        return
+    try:
+        previous = json.loads(manifest_path.read_text())
+        old_files = set(previous.get("files", []))
+    except (ValueError, AttributeError):
+        raise DemoCorpusConflict(
+            f"unreadable demo manifest {manifest_path}: remove {root} or pick another root"
+        ) from None
+    leftovers = sorted(f for f in old_files - new_files if (root / f).exists())
+    if leftovers:
+        raise DemoCorpusConflict(
+            f"{root} holds a demo corpus generated with seed {previous.get('seed')} and scale "
+            f"{previous.get('scale')}; regenerating it here would leave {len(leftovers)} of its files "
+            f"(e.g. {leftovers[0]}) without ground truth. Remove that folder or choose another root."
+        )
 
 
-def _ground_truth_tables(spec: SourceSpec, output: SourceOutput, gt_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Per-image and per-box tables; instance masks saved as label PNGs (0 = background, k = instance k)."""
-    image_rows, box_rows = [], []
+def _ground_truth_tables(
+    spec: SourceSpec, output: SourceOutput
+) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, bytes]]:
+    """Per-image and per-box tables, plus instance-label PNGs (0 = background, k = instance k) by name."""
+    image_rows, box_rows, masks = [], [], {}
     for written in output.images:
         image = written.image
         image_id = image_id_of(written.data)
         mask_file = f"masks/{Path(written.duplicate_of or written.file).with_suffix('.png').as_posix()}"
         image_rows.append(
             {
-                "source": spec.name, "file": written.file, "image_id": image_id, "width": image.width,
-                "height": image.height, "is_normal": image.is_normal, "n_defects": len(image.defects),
-                "duplicate_of_file": written.duplicate_of, "mask_file": mask_file,
+                "source": spec.name,
+                "file": written.file,
+                "image_id": image_id,
+                "width": image.width,
+                "height": image.height,
+                "is_normal": image.is_normal,
+                "n_defects": len(image.defects),
+                "duplicate_of_file": written.duplicate_of,
+                "mask_file": mask_file,
             }
         )
         if written.duplicate_of is not None:
@@ -168,24 +251,29 @@ def _ground_truth_tables(spec: SourceSpec, output: SourceOutput, gt_dir: Path) -
             x1, y1, x2, y2 = defect.box
             box_rows.append(
                 {
-                    "source": spec.name, "file": written.file, "image_id": image_id, "instance": instance,
-                    "class_name": spec.label(defect.class_name), "defect_type": defect.class_name, "x1": float(x1), "y1": float(y1), "x2": float(x2),
-                    "y2": float(y2), "mask_area": defect.area,
+                    "source": spec.name,
+                    "file": written.file,
+                    "image_id": image_id,
+                    "instance": instance,
+                    "class_name": spec.label(defect.class_name),
+                    "defect_type": defect.class_name,
+                    "x1": float(x1),
+                    "y1": float(y1),
+                    "x2": float(x2),
+                    "y2": float(y2),
+                    "mask_area": defect.area,
                 }
             )
-        write_if_changed(gt_dir / spec.name / mask_file, encode_png(labels))
+        masks[mask_file] = encode_png(labels)
     images = pd.DataFrame(image_rows, columns=IMAGE_COLUMNS)
     boxes = pd.DataFrame(box_rows, columns=BOX_COLUMNS)
-    return images, boxes
+    return images, boxes, masks
 
 
-def _write_parquet(path: Path, frame: pd.DataFrame) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    import io
-
+def _parquet_bytes(frame: pd.DataFrame) -> bytes:
     buffer = io.BytesIO()
     frame.to_parquet(buffer, index=False)
-    write_if_changed(path, buffer.getvalue())
+    return buffer.getvalue()
 
 
 def _check_source(root: Path, source: str) -> Path:
@@ -193,7 +281,9 @@ def _check_source(root: Path, source: str) -> Path:
     if source not in SOURCE_SPECS:
         raise KeyError(f"unknown demo source '{source}' (known: {', '.join(SOURCE_SPECS)})")
     if not (folder / "images.parquet").is_file():
-        raise FileNotFoundError(f"no demo ground truth for '{source}' under {folder}: run generate_demo({root}) first")
+        raise FileNotFoundError(
+            f"no demo ground truth for '{source}' under {folder}: run generate_demo({root}) first"
+        )
     return folder
 
 
@@ -277,6 +367,7 @@ kead:
   mode: fewshot
   k_shot: 4
   reference_strategy: auto
+  image_size: 224           # 160 px frames upsampled: small defects survive the stride-8 grid, CPU-cheap
   batch_size: 16
   num_workers: 0
   device: auto
@@ -325,7 +416,7 @@ be tried end to end without plant data. Do not draw conclusions about real detec
                    demo_plant_line1   plain image folder (unlabelled plant data, incl. a few broken files)
                    demo_rolled_voc    Pascal VOC (IMAGES/ + ANNOTATIONS/), like NEU-DET
                    demo_billet_masks  <Class>/Imgs/<name>.jpg + <name>.png masks, defect-free in Free/
-                   demo_downstream    Ultralytics YOLO (images/ + labels/ + data.yaml), held out for finetuning
+                   demo_downstream    Ultralytics YOLO (images/ + labels/ + data.yaml), finetuning only
   ground_truth/  what was planted (boxes, instance masks) for quality checks; never read by ingestion
   storage/       pipeline outputs
 

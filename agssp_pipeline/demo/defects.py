@@ -80,7 +80,7 @@ def _random_point(rng: np.random.Generator, shape: tuple[int, int], margin: floa
 
 
 def scratch(rng: np.random.Generator, surface: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Thin long bright or dark line, straight or gently curved (quadratic Bezier), fading along its length."""
+    """Thin long bright or dark line, straight or gently curved (quadratic Bezier), fading along it."""
     h, w = surface.shape
     length = rng.uniform(0.35, 0.85) * min(h, w)
     start = _random_point(rng, surface.shape, 4)

@@ -46,7 +46,9 @@ def defect_contrast(root: Path, source: str) -> pd.DataFrame:
     cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for row in boxes.itertuples():
         if row.path not in cache:
-            cache = {row.path: (read_grey(row.path), read_instance_mask(row.mask_path))}  # rows come per image
+            cache = {
+                row.path: (read_grey(row.path), read_instance_mask(row.mask_path))
+            }  # rows come per image
         grey, labels = cache[row.path]
         mask = labels == row.instance
         contrast.append(local_contrast(grey, mask))
@@ -64,7 +66,9 @@ def contact_sheet(root: Path, source: str, limit: int = 16, columns: int = 8, ti
         grey = read_grey(row.path)
         labels = read_instance_mask(row.mask_path)
         sx, sy = tile / row.width, tile / row.height
-        canvas = cv2.cvtColor(cv2.resize(grey, (tile, tile), interpolation=cv2.INTER_AREA), cv2.COLOR_GRAY2BGR)
+        canvas = cv2.cvtColor(
+            cv2.resize(grey, (tile, tile), interpolation=cv2.INTER_AREA), cv2.COLOR_GRAY2BGR
+        )
         outline = cv2.resize((labels > 0).astype(np.uint8), (tile, tile), interpolation=cv2.INTER_NEAREST)
         contours, _ = cv2.findContours(outline, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
         cv2.drawContours(canvas, contours, -1, (0, 0, 255), 1)

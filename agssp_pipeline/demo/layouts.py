@@ -85,7 +85,9 @@ class ImageFactory:
         fraction = self.spec.normal_fraction
         return int(np.floor((index + 1) * fraction)) > int(np.floor(index * fraction))
 
-    def image(self, index: int, height: int, width: int, forced_classes: list[str] | None = None) -> SyntheticImage:
+    def image(
+        self, index: int, height: int, width: int, forced_classes: list[str] | None = None
+    ) -> SyntheticImage:
         rng = self.rng(index)
         if forced_classes is not None:
             classes = forced_classes
@@ -146,18 +148,30 @@ def write_plant_folder(spec: SourceSpec, factory: ImageFactory, scale: float) ->
     # valid but unusual encodings that ingestion must convert (they keep their ground truth)
     deep = factory.image(total, 160, 192)
     out.images.append(
-        WrittenImage(f"2026-03-03_cam2/L1C2_20260303_{total:05d}_16bit.png", encode_png(deep.pixels.astype(np.uint16) * 257), deep)
+        WrittenImage(
+            f"2026-03-03_cam2/L1C2_20260303_{total:05d}_16bit.png",
+            encode_png(deep.pixels.astype(np.uint16) * 257),
+            deep,
+        )
     )
     cmyk = factory.image(total + 1, 160, 160)
-    out.images.append(WrittenImage(f"2026-03-02_cam1/L1C1_20260302_{total + 1:05d}_cmyk.jpg", encode_cmyk_jpeg(cmyk.pixels), cmyk))
+    out.images.append(
+        WrittenImage(
+            f"2026-03-02_cam1/L1C1_20260302_{total + 1:05d}_cmyk.jpg", encode_cmyk_jpeg(cmyk.pixels), cmyk
+        )
+    )
     # the same frame exported twice by the line PC
     original = out.images[0]
-    out.images.append(WrittenImage("2026-03-03_cam2/export_copy_00000.jpg", original.data, original.image, original.file))
+    out.images.append(
+        WrittenImage("2026-03-03_cam2/export_copy_00000.jpg", original.data, original.image, original.file)
+    )
     # broken files: quarantine material, no ground truth
     complete = encode_jpeg(factory.image(total + 2, 160, 160).pixels)
     out.bad_files += [
         BadFile("2026-03-02_cam1/L1C1_20260302_zero_bytes.jpg", b"", "empty file"),
-        BadFile("2026-03-02_cam1/L1C1_20260302_truncated.jpg", complete[: len(complete) // 2], "truncated JPEG"),
+        BadFile(
+            "2026-03-02_cam1/L1C1_20260302_truncated.jpg", complete[: len(complete) // 2], "truncated JPEG"
+        ),
         BadFile(
             "2026-03-03_cam2/L1C2_20260303_not_an_image.png",
             b"line PC export log: camera 2 lost sync at 03:14:07, frame skipped\n",
@@ -171,7 +185,7 @@ def write_plant_folder(spec: SourceSpec, factory: ImageFactory, scale: float) ->
 
 
 def voc_xml(filename: str, width: int, height: int, objects: list[tuple[str, int, int, int, int]]) -> bytes:
-    """Pascal VOC annotation; ``objects`` hold pixel-edge corners (x2/y2 exclusive), as LabelImg writes them."""
+    """Pascal VOC annotation; ``objects`` hold pixel-edge corners (x2/y2 exclusive), as LabelImg writes."""
     parts = [
         "<annotation>",
         "\t<folder>IMAGES</folder>",
@@ -252,7 +266,9 @@ def write_mask_folder(spec: SourceSpec, factory: ImageFactory, scale: float) -> 
         forced = [] if class_name is None else [class_name] * int(rng.integers(1, 3))
         image = factory.image(index, height, width, forced)
         stem = f"billet_{index + 1:04d}"
-        out.images.append(WrittenImage(f"{folder}/Imgs/{stem}.jpg", encode_jpeg(image.pixels, rgb=False), image))
+        out.images.append(
+            WrittenImage(f"{folder}/Imgs/{stem}.jpg", encode_jpeg(image.pixels, rgb=False), image)
+        )
         out.extra_files[f"{folder}/Imgs/{stem}.png"] = soft_mask_png(image.union_mask())
     return out
 

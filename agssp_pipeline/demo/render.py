@@ -58,7 +58,7 @@ def apply_camera(rng: np.random.Generator, surface: np.ndarray) -> np.ndarray:
 def synthesize(
     rng: np.random.Generator, category: str, height: int, width: int, defect_classes: list[str]
 ) -> SyntheticImage:
-    """Render one frame of ``category`` with the listed defects (a defect that cannot be placed is dropped)."""
+    """Render one frame of ``category`` with the listed defects (one that cannot be placed is dropped)."""
     surface = make_texture(category, rng, height, width)
     occupied = np.zeros((height, width), dtype=bool)
     planted: list[PlantedDefect] = []

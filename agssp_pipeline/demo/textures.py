@@ -56,7 +56,9 @@ def _rotate(image: np.ndarray, angle_deg: float, height: int, width: int) -> np.
     """Rotate a larger canvas about its centre and crop the central ``height x width`` window."""
     rows, cols = image.shape
     matrix = cv2.getRotationMatrix2D((cols / 2, rows / 2), angle_deg, 1.0)
-    rotated = cv2.warpAffine(image, matrix, (cols, rows), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
+    rotated = cv2.warpAffine(
+        image, matrix, (cols, rows), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT
+    )
     top, left = (rows - height) // 2, (cols - width) // 2
     return rotated[top : top + height, left : left + width]
 
@@ -70,7 +72,9 @@ def brushed_steel(rng: np.random.Generator, height: int, width: int) -> np.ndarr
     streaks = cv2.blur(white, (streak_len, 1))
     streaks = cv2.GaussianBlur(streaks, (0, 0), sigmaX=1.0, sigmaY=float(rng.uniform(0.5, 1.1)))
     streaks = _rotate(_standardise(streaks), float(rng.uniform(-6, 6)), height, width)
-    grain = _standardise(cv2.GaussianBlur(rng.standard_normal((height, width)).astype(np.float32), (0, 0), 0.7))
+    grain = _standardise(
+        cv2.GaussianBlur(rng.standard_normal((height, width)).astype(np.float32), (0, 0), 0.7)
+    )
     sheen = value_noise(rng, height, width, cell=float(rng.uniform(50, 90)))
     base = rng.uniform(125, 165)
     return (
@@ -88,7 +92,9 @@ def rolled_strip(rng: np.random.Generator, height: int, width: int) -> np.ndarra
     mottle = fractal_noise(
         rng, height, width, cells=(2.0, 5.0, 12.0, 30.0), gains=(0.5, 0.55, 0.5, 0.45), stretch=stretch
     )
-    blotch_field = fractal_noise(rng, height, width, cells=(14.0, 35.0), gains=(0.6, 1.0), stretch=stretch / 1.5)
+    blotch_field = fractal_noise(
+        rng, height, width, cells=(14.0, 35.0), gains=(0.6, 1.0), stretch=stretch / 1.5
+    )
     level = float(rng.uniform(0.3, 0.9))
     blotches = 1.0 / (1.0 + np.exp(-(_standardise(blotch_field) - level) * 4.0))
     grain = _standardise(rng.standard_normal((height, width)).astype(np.float32))
@@ -102,9 +108,13 @@ def rolled_strip(rng: np.random.Generator, height: int, width: int) -> np.ndarra
 
 
 def cast_billet(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
-    """Continuously cast billet: coarse granular skin and periodic wavy oscillation marks across the strand."""
-    coarse = _standardise(cv2.GaussianBlur(rng.standard_normal((height, width)).astype(np.float32), (0, 0), 1.8))
-    granules = _standardise(cv2.GaussianBlur(rng.standard_normal((height, width)).astype(np.float32), (0, 0), 0.8))
+    """Continuously cast billet: coarse granular skin, periodic wavy oscillation marks across the strand."""
+    coarse = _standardise(
+        cv2.GaussianBlur(rng.standard_normal((height, width)).astype(np.float32), (0, 0), 1.8)
+    )
+    granules = _standardise(
+        cv2.GaussianBlur(rng.standard_normal((height, width)).astype(np.float32), (0, 0), 0.8)
+    )
     period = float(rng.uniform(18, 30))
     rows = np.arange(height, dtype=np.float32)[:, None]
     wobble = 0.25 * period * value_noise(rng, 1, width, cell=40.0)[0][None, :]
