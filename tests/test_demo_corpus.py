@@ -278,6 +278,10 @@ def test_yolo_layout(corpus):
     data = yaml.safe_load((root / "data.yaml").read_text())
     names = data["names"]
     assert len(names) == 3
+    from ultralytics.data.utils import check_det_dataset  # the trainer's own reading of data.yaml
+
+    resolved = check_det_dataset(str(root / "data.yaml"))
+    assert Path(resolved["train"]) == root / "images" and resolved["names"] == names
     boxes = ground_truth(corpus.root, "demo_downstream")
     for row in ground_truth_images(corpus.root, "demo_downstream").itertuples():
         label = root / "labels" / (Path(row.file).stem + ".txt")

@@ -438,4 +438,8 @@ checkpoints, and replace the sources list with your own, e.g.
       options: {images: IMAGES, annotations: ANNOTATIONS}
 
 Then run the pipeline with AGSSP_CONFIG=/path/to/agssp.yaml (or --config).
+
+Regenerating the demo (same seed) rewrites agssp.yaml, README.txt, sources/ and ground_truth/ with
+identical bytes and leaves every other file alone: edit a copy of agssp.yaml, not this one.
+Inspect it with:  python -m agssp_pipeline.demo <this folder> --preview   (contact sheets with outlines)
 """
