@@ -231,10 +231,12 @@ def train_yolo(
     project: str | Path,
     name: str,
     initial: InitialWeights | None = None,
-    num_classes: int | None = None,
     callbacks: Mapping[str, Iterable[Callable[[Any], None]]] | None = None,
 ) -> YoloTrainResult:
-    """Train a YOLOv8 detector on a YOLO-layout dataset, starting from ``initial`` (None = scratch)."""
+    """Train a YOLOv8 detector on a YOLO-layout dataset, starting from ``initial`` (None = scratch).
+
+    The number of classes comes from ``data_yaml``; ultralytics' run folder is ``project/name``.
+    """
     from ultralytics import YOLO
 
     seed_everything(settings.seed)
@@ -547,8 +549,7 @@ def pretrain_detector(
         {"train": images[images["split"] == "train"], "val": images[images["split"] == "val"]},
         pretrain_set.boxes, PRETRAIN_CLASS_NAMES, layout.exports("agdp", detector.model),
     )
-    result = train_yolo(data_yaml, settings, run_dir, "ultralytics", initial=initial,
-                        num_classes=len(PRETRAIN_CLASS_NAMES))
+    result = train_yolo(data_yaml, settings, run_dir, "ultralytics", initial=initial)
     lineage = {
         "kind": DETECTOR_KIND,
         "name": detector.model,
