@@ -17,7 +17,8 @@ def folder_fingerprint(root: str | os.PathLike[str]) -> str:
     if not root.is_dir():
         raise FileNotFoundError(f"folder {root} does not exist (or is not a folder)")
     records: list[str] = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+    # like the adapters, symlinked subfolders are not followed
+    for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
         for name in filenames:
             full = os.path.join(dirpath, name)

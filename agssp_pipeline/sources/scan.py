@@ -69,9 +69,10 @@ def list_files(folder: Path, extensions: Iterable[str] | None = None, exclude: I
     wanted = None if extensions is None else {e.lower() for e in extensions}
     excluded = {Path(p).resolve() for p in exclude}
     found: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+    # symlinked subfolders are not followed (a link loop on a plant share would never end); a symlinked root is
+    for dirpath, dirnames, filenames in os.walk(folder):
         here = Path(dirpath)
-        dirnames[:] = sorted(d for d in dirnames if not is_hidden(d) and (here / d).resolve() not in excluded)
+        dirnames[:] = sorted(d for d in dirnames if not is_hidden(d) and not (excluded and (here / d).resolve() in excluded))
         for name in filenames:
             if is_hidden(name):
                 continue
