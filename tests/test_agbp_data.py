@@ -102,3 +102,48 @@ def test_unreadable_image_names_the_file(tmp_path):
     )
     with pytest.raises(OSError, match="broken.png"):
         PretrainDataset(table, JointAugment(32))[0]
+
+
+def test_config_table_reads_index_and_lazy_map_store_in_workers(tmp_path):
+    """End to end with the real map store: index parquet + write_map_table -> loader with a worker process."""
+    store = pytest.importorskip("agssp_pipeline.kead.store")
+    from agssp_pipeline.config import PipelineConfig, SourceConfig
+    from agssp_pipeline.training.data import pretrain_table_from_config
+    from agssp_pipeline.training.lineage import data_lineage
+
+    synthetic = make_synthetic_pretrain_table(str(tmp_path / "images"), images=4, size=64)
+    config = PipelineConfig(
+        storage_root=str(tmp_path / "storage"),
+        sources=[
+            SourceConfig(name="synth", format="image_folder", root=str(tmp_path / "images"), category="steel")
+        ],
+    )
+    layout = config.layout()
+    layout.ensure_dir("index")
+    rows = synthetic.rows.assign(source="synth", duplicate_of=None)
+    rows.loc[3, "duplicate_of"] = rows.loc[0, "image_id"]
+    rows[["image_id", "path", "source", "category", "duplicate_of"]].to_parquet(layout.index("synth"))
+    ids = rows["image_id"].to_numpy(dtype=str)
+    maps = np.stack([synthetic.maps["synthetic"][i] for i in ids]).astype(np.float16)
+    table = store.MapTable(
+        image_id=ids,
+        maps=maps,
+        image_score=np.ones(len(ids), dtype=np.float32),
+        zero_shot_score=np.full(len(ids), np.nan, dtype=np.float32),
+        attrs={"encoder": "test", "model": "none", "weights": "random-init", "mode": "few_shot"},
+    )
+    store.write_map_table(layout.maps_store("synth"), table)
+
+    pretrain = pretrain_table_from_config(config)
+    assert len(pretrain) == 3 and pretrain.skipped["duplicate"] == 1
+    assert isinstance(pretrain.maps["synth"], str)  # opened lazily, per worker
+    lineage = data_lineage(config, pretrain)
+    assert lineage["sources"]["synth"]["map_store_version"] == str(
+        store.LazyMaps(layout.maps_store("synth")).version
+    )
+    assert lineage["sources"]["synth"]["index_version"]
+    dataset = PretrainDataset(pretrain, JointAugment(32, scale=(1.0, 1.0), hflip=0.0, normalize=False))
+    batch = next(iter(make_loader(dataset, batch_size=3, num_workers=1)))
+    for image, anomaly in zip(batch["image"], batch["map"], strict=True):
+        bright, hot = _bright_region(image[0]), anomaly[0] > 0.5
+        assert (bright & hot).sum() / (bright | hot).sum() > 0.5

@@ -228,6 +228,9 @@ class PretrainDataset(Dataset):
 
 
 def _seed_worker(worker_id: int) -> None:
+    # one thread per worker: the main process already uses every core for the model step
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
