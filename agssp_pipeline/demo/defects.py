@@ -94,7 +94,7 @@ def scratch(rng: np.random.Generator, surface: np.ndarray) -> tuple[np.ndarray, 
     profile = _draw_profile(surface.shape, [curve], thickness=int(rng.choice([1, 1, 2])))
     fade = 0.75 + 0.25 * np.tanh(value_noise(rng, h, w, cell=25.0))
     sign = 1.0 if rng.random() < 0.4 else -1.0
-    amplitude = rng.uniform(28, 48)
+    amplitude = rng.uniform(20, 46)
     changed = surface + sign * amplitude * profile * fade
     return changed, _stroke_mask(profile, 0.35)
 
@@ -107,7 +107,7 @@ def pit(rng: np.random.Generator, surface: np.ndarray) -> tuple[np.ndarray, np.n
     distance = np.hypot(cols - centre[0], rows - centre[1])
     core = _sigmoid((radius - distance) / 0.6)
     rim = np.exp(-(((distance - radius - 1.2) / 0.9) ** 2))
-    changed = surface - rng.uniform(35, 60) * core + rng.uniform(10, 22) * rim
+    changed = surface - rng.uniform(26, 56) * core + rng.uniform(8, 22) * rim
     return changed, distance <= radius + 1.5
 
 
@@ -126,7 +126,7 @@ def inclusion(rng: np.random.Generator, surface: np.ndarray) -> tuple[np.ndarray
     shape_field = 1.0 - rho + 0.3 * value_noise(rng, h, w, cell=float(rng.uniform(3, 6)))
     mask = _largest_component(shape_field > 0)
     depth = np.clip(shape_field * 3.0, 0, 1) * mask
-    changed = surface - rng.uniform(30, 52) * cv2.GaussianBlur(depth.astype(np.float32), (0, 0), 0.6)
+    changed = surface - rng.uniform(22, 50) * cv2.GaussianBlur(depth.astype(np.float32), (0, 0), 0.6)
     return changed, mask
 
 
@@ -147,7 +147,7 @@ def crack(rng: np.random.Generator, surface: np.ndarray) -> tuple[np.ndarray, np
         branches.append(walk(fork, heading, int(rng.integers(4, 9))))
     profile = _draw_profile(surface.shape, branches, thickness=1)
     halo = cv2.GaussianBlur(profile, (0, 0), 1.5)
-    amplitude = rng.uniform(30, 50)
+    amplitude = rng.uniform(24, 48)
     changed = surface - amplitude * profile - 0.25 * amplitude * halo
     return changed, _stroke_mask(profile, 0.3)
 
@@ -170,7 +170,7 @@ def patch(rng: np.random.Generator, surface: np.ndarray) -> tuple[np.ndarray, np
     weight = weight * cv2.dilate(mask.astype(np.uint8), np.ones((5, 5), np.uint8))
     smooth = cv2.GaussianBlur(surface, (0, 0), 1.5)
     detail_gain = rng.choice([rng.uniform(0.2, 0.5), rng.uniform(1.6, 2.2)])
-    shift = rng.uniform(18, 32) * (1.0 if rng.random() < 0.65 else -1.0)
+    shift = rng.uniform(12, 30) * (1.0 if rng.random() < 0.65 else -1.0)
     patched = smooth + detail_gain * (surface - smooth) + shift
     changed = surface * (1 - weight) + patched * weight
     return changed, mask
