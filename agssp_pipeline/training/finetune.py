@@ -200,8 +200,9 @@ def predict_detections(weights: Path, images: pd.DataFrame, class_names: Sequenc
     paths = images["path"].tolist()
     ids = images["image_id"].tolist()
     for start in range(0, len(paths), batch):
-        results = model.predict(paths[start:start + batch], imgsz=image_size, conf=evaluation.conf,
-                                iou=evaluation.iou, max_det=evaluation.max_det, device=resolve_device(device),
+        chunk = paths[start:start + batch]
+        results = model.predict(chunk, imgsz=image_size, conf=evaluation.conf, iou=evaluation.iou,
+                                max_det=evaluation.max_det, device=resolve_device(device), batch=len(chunk),
                                 verbose=False)
         for image_id, result in zip(ids[start:start + batch], results, strict=True):
             boxes = result.boxes
