@@ -78,11 +78,11 @@ def test_different_seed_different_images(tmp_path):
 
 
 def test_regenerating_smaller_corpus_in_place_is_refused(tmp_path):
-    generate_demo(tmp_path, seed=0, scale=SMALL * 2)
+    generate_demo(tmp_path, seed=0, scale=SMALL)
     with pytest.raises(DemoCorpusConflict, match="without ground truth"):
-        generate_demo(tmp_path, seed=0, scale=SMALL)
+        generate_demo(tmp_path, seed=0, scale=SMALL / 2)
     # another seed at the same scale replaces every file: allowed, and ground truth follows
-    corpus = generate_demo(tmp_path, seed=5, scale=SMALL * 2)
+    corpus = generate_demo(tmp_path, seed=5, scale=SMALL)
     images = ground_truth_images(tmp_path, "demo_downstream")
     assert all(
         image_id_of(Path(path).read_bytes()) == id_
