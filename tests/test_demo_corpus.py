@@ -18,6 +18,7 @@ from agssp_pipeline.config import load_config
 from agssp_pipeline.demo import (
     DEMO_SOURCES,
     DemoCorpusConflict,
+    find_ground_truth,
     generate_demo,
     ground_truth,
     ground_truth_images,
@@ -293,6 +294,17 @@ def test_yolo_layout(corpus):
             x1 = (float(cx) - float(w) / 2) * row.width
             y2 = (float(cy) + float(h) / 2) * row.height
             assert abs(x1 - box.x1) < 1e-3 * row.width and abs(y2 - box.y2) < 1e-3 * row.height
+
+
+def test_find_ground_truth_from_the_config(corpus, tmp_path):
+    config = load_config(corpus.config_path)
+    plant = config.source("demo_plant_line1")
+    found = find_ground_truth(plant.root, plant.name)
+    assert found is not None and len(found) == corpus.defects["demo_plant_line1"]
+    # real data (any other folder or name) has no hidden ground truth
+    assert find_ground_truth(tmp_path / "sources" / "demo_plant_line1", "demo_plant_line1") is None
+    assert find_ground_truth(plant.root, "line3_coils") is None
+    assert find_ground_truth("s3://bucket/sources/demo_plant_line1", "demo_plant_line1") is None
 
 
 def test_ground_truth_unknown_source_and_missing_corpus(tmp_path, corpus):

@@ -324,6 +324,30 @@ def ground_truth(root: Path, source: str) -> pd.DataFrame:
     return boxes.merge(images[["file", "mask_path", "width", "height"]], on="file", how="left")
 
 
+def demo_root_of(source_root: str | Path, source: str) -> Path | None:
+    """The demo corpus folder a configured source lives in, or None for any other (real) source.
+
+    A demo source sits at ``<root>/sources/<name>`` with ``<root>/ground_truth/<name>/`` beside it; this is
+    how a pipeline stage finds the hidden ground truth of e.g. the unlabelled plant source from its config.
+    """
+    path = Path(source_root)
+    if "://" in str(source_root) or source not in SOURCE_SPECS or path.name != source:
+        return None
+    root = path.resolve().parent.parent
+    if (
+        path.resolve().parent.name != SOURCES_DIR
+        or not (root / GROUND_TRUTH_DIR / source / "boxes.parquet").is_file()
+    ):
+        return None
+    return root
+
+
+def find_ground_truth(source_root: str | Path, source: str) -> pd.DataFrame | None:
+    """``ground_truth`` of a configured source when it is a demo source, else None (real data)."""
+    root = demo_root_of(source_root, source)
+    return None if root is None else ground_truth(root, source)
+
+
 def read_instance_mask(mask_path: str | Path) -> np.ndarray:
     labels = cv2.imread(str(mask_path), cv2.IMREAD_UNCHANGED)
     if labels is None:
