@@ -86,3 +86,19 @@ def test_no_detections_scores_zero_and_bad_input_is_named():
         evaluate_detections(images.iloc[:1], gt[gt.image_id == "img00"], det, CLASSES)
     with pytest.raises(ValueError, match="unknown COCO backend"):
         evaluate_detections(images, gt, det, CLASSES, backend="nope")
+
+
+def test_written_coco_files_rescore_to_the_same_map(tmp_path):
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    from agssp_pipeline.eval.coco_map import write_coco_files
+
+    images, gt, det = _random_case(1)
+    gt_path, results_path = write_coco_files(images, gt, det, CLASSES, str(tmp_path))
+    coco = COCO(gt_path)
+    evaluator = COCOeval(coco, coco.loadRes(results_path), iouType="bbox")
+    evaluator.evaluate()
+    evaluator.accumulate()
+    evaluator.summarize()
+    assert evaluator.stats[0] == evaluate_detections(images, gt, det, CLASSES, backend="pycocotools").map50_95

@@ -76,6 +76,7 @@ def test_finetune_evaluation_runs_every_variant_with_its_weights(tmp_path):
     assert len(stored) == 4 and "delta_map50_95" in stored
     assert set(evaluation.per_class["class_name"]) == {"dark", "bright"} and len(evaluation.per_class) == 8
     assert Path(config.layout().path("splits", "labelled.parquet")).is_file()
+    assert all(Path(p).is_file() for p in table["coco_results"])
     markdown = comparison_markdown(table)
     assert markdown.count("\n") == 5 and "| labelled | full | agssp |" in markdown
 

@@ -220,3 +220,24 @@ def evaluate_detections(
         num_detections=len(results),
         backend=backend,
     )
+
+
+def write_coco_files(
+    images: pd.DataFrame,
+    ground_truth: pd.DataFrame,
+    detections: pd.DataFrame,
+    class_names: Sequence[str],
+    out_dir: str,
+) -> tuple[str, str]:
+    """Write the evaluation's COCO ground truth and results JSON (to re-score with any COCO tool)."""
+    import json
+    from pathlib import Path
+
+    folder = Path(out_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    coco_gt = build_coco_ground_truth(images, ground_truth, class_names)
+    results = detections_to_coco_results(detections, coco_gt)
+    gt_path, results_path = folder / "coco_ground_truth.json", folder / "coco_results.json"
+    gt_path.write_text(json.dumps(coco_gt))
+    results_path.write_text(json.dumps(results))
+    return str(gt_path), str(results_path)

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from agssp_pipeline.eval.coco_map import evaluate_detections
+from agssp_pipeline.eval.coco_map import evaluate_detections, write_coco_files
 from agssp_pipeline.storage import StorageLayout
 from agssp_pipeline.training.detector import (
     BACKBONE_PREFIXES,
@@ -255,6 +255,8 @@ def run_variant(
                                     train_settings.device, evaluation, batch=train_settings.batch_size)
     metrics = evaluate_detections(val_images, val_boxes, detections, dataset.class_names,
                                   backend=evaluation.coco_backend)
+    coco_gt_path, coco_results_path = write_coco_files(val_images, val_boxes, detections, dataset.class_names,
+                                                       str(result.run_dir / "coco"))
     ultra = ultralytics_val(result.last_pt, data_yaml, train_settings.image_size, train_settings.batch_size,
                             train_settings.device, evaluation, result.run_dir)
     lineage = dict(initial.lineage) if initial is not None else {}
@@ -281,6 +283,8 @@ def run_variant(
         "checkpoint_run_id": lineage.get("run_id"),
         "checkpoint_lineage": json.dumps(lineage, default=str, sort_keys=True) if lineage else None,
         "evaluated_weights": str(result.last_pt),
+        "coco_results": coco_results_path,
+        "coco_ground_truth": coco_gt_path,
         "train_seconds": round(train_seconds, 1),
     }
     per_class = pd.DataFrame({
