@@ -158,7 +158,9 @@ def image_index(context: dg.AssetExecutionContext, pipeline_config: PipelineConf
 
 
 class QuarantineRateConfig(dg.Config):
-    """Run-time override; otherwise the source's options.max_quarantine_rate, else 5%."""
+    """Run-time override of the WARN limit, e.g. run config
+    ``ops: {image_index_image_index_quarantine_rate: {config: {max_rate: 0.1}}}``; otherwise the source's
+    ``options.max_quarantine_rate``, else 5%."""
 
     max_rate: float | None = None
 

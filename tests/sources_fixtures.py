@@ -80,6 +80,7 @@ def make_yolo(root: Path) -> SourceConfig:
     (root / "labels" / "train" / "x.txt").write_text("0 0.5 0.5 0.2 0.4\n1 0.95 0.5 0.2 0.2\n7 0.5 0.5 0.1 0.1\nbad line\n")
     (root / "labels" / "train" / "empty.txt").write_text("")
     (root / "labels" / "val" / "y.txt").write_text("2 0.1 0.1 0.3 0.1 0.3 0.3\n")  # polygon
+    (root / "labels" / "val" / "orphan.txt").write_text("0 0.5 0.5 0.1 0.1\n")  # no image
     (root / "data.yaml").write_text("names: [scratch, pit, inclusion]\n")
     return SourceConfig(name="yolo_src", format="yolo", root=str(root), category="rolled_strip", role="downstream")
 

@@ -82,7 +82,7 @@ def test_yolo_normalised_boxes_names_splits(tmp_path):
     assert tuple(boxes.loc["pit", ["x1", "x2"]]) == pytest.approx((85, 100))  # clipped at the right edge
     assert tuple(boxes.loc["inclusion", ["x1", "y1", "x2", "y2"]]) == pytest.approx((10, 5, 30, 15))  # polygon
     bad = " | ".join(reasons(result, "quarantined"))
-    assert "unknown class index 7" in bad and "non-numeric" in bad
+    assert "unknown class index 7" in bad and "non-numeric" in bad and "missing image 'orphan.*'" in bad
 
 
 def test_coco_boxes_missing_images_and_broken_json(tmp_path):

@@ -184,8 +184,10 @@ def scan_yolo(source: SourceConfig, root: Path) -> Scan:
     images = [p for p in list_images(root) if images_name in relative_parts(p, root)]
     if not images:
         raise FileNotFoundError(f"source '{source.name}': no images under a '{images_name}' folder in {root}")
+    used_labels: set[Path] = set()
     for image_path in images:
         label_path = _yolo_label_path(image_path, images_name, labels_name)
+        used_labels.add(label_path)
         is_normal = None
         if label_path is not None and label_path.is_file():
             try:
@@ -200,6 +202,10 @@ def scan_yolo(source: SourceConfig, root: Path) -> Scan:
                     _yolo_box(scan, image_path, label_path, number, values, names)
         split = option(source, "split") or _yolo_split(relative_parts(image_path, root), images_name)
         make_entry(scan, source, root, root, image_path, split=split, is_normal=is_normal)
+    for label_path in list_files(root, {".txt"}):
+        parts = relative_parts(label_path, root)
+        if labels_name in parts[:-1] and label_path not in used_labels and label_path.name != "classes.txt":
+            scan.reject(label_path, f"label file references a missing image '{label_path.stem}.*'")
     return scan
 
 
