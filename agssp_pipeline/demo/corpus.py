@@ -147,7 +147,7 @@ class DemoCorpusConflict(RuntimeError):
     """``root`` holds a demo corpus whose files a new generation would leave behind without ground truth."""
 
 
-def generate_demo(root: Path, seed: int = 0, scale: float = 1.0) -> DemoCorpus:
+def generate_demo(root: str | Path, seed: int = 0, scale: float = 1.0) -> DemoCorpus:
     """Write (or rewrite identically) the demo corpus under ``root``; files not written by it are left alone.
 
     ``scale`` multiplies the number of images per source (1.0 = about 50 per source, sized for a full
