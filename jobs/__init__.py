@@ -1,5 +1,5 @@
 """Jobs, schedules, sensors and automation. Each module may define JOBS, SCHEDULES and SENSORS lists."""
 
-from jobs import automation, ingestion
+from jobs import automation, ingestion, training
 
-JOB_MODULES = [ingestion, automation]
+JOB_MODULES = [ingestion, automation, training]

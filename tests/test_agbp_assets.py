@@ -149,3 +149,22 @@ def test_command_line_entry_point_trains_and_prints_the_checkpoint(pipeline, cap
     state, lineage = ckpt.load_backbone_checkpoint(ckpt.latest_checkpoint_dir(layout, "yolov8n"))
     assert lineage["config"]["base_loss"] == "none" and lineage["config"]["batch_size"] == 2
     assert lineage["config_path"] == str(config_path)
+
+
+def test_weekly_schedule_requests_configured_backbone_partitions_and_ships_stopped(tmp_path):
+    from jobs.training import weekly_backbone_pretraining
+
+    config = PipelineConfig(storage_root=str(tmp_path))
+    config.backbone.backbones = ["yolov8n", "resnet50", "resnet18"]  # resnet18 is registered, not a partition
+    path = tmp_path / "agssp.yaml"
+    dump_config(config, path)
+    assert weekly_backbone_pretraining.default_status == dg.DefaultScheduleStatus.STOPPED
+    context = dg.build_schedule_context(
+        resources={"pipeline_config": PipelineConfigResource(config_path=str(path))},
+        scheduled_execution_time=pd.Timestamp("2026-11-28 02:00", tz="UTC").to_pydatetime(),
+    )
+    requests = weekly_backbone_pretraining(context)
+    assert [(r.partition_key, r.run_key) for r in requests] == [
+        ("yolov8n", "yolov8n:2026-W48"),
+        ("resnet50", "resnet50:2026-W48"),
+    ]
