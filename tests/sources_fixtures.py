@@ -55,6 +55,7 @@ def make_voc(root: Path) -> SourceConfig:
     write_image(root / "IMAGES" / "normal.jpg", seed=4)
     (root / "IMAGES" / "a_copy.jpg").write_bytes((root / "IMAGES" / "a.jpg").read_bytes())
     write_image(root / "Validation_Images" / "v.jpg", seed=5)
+    write_image(root / "IMAGES" / "normal.png", seed=6, fmt="PNG")  # same stem as normal.jpg
     ann = root / "ANNOTATIONS"
     ann.mkdir(parents=True)
     (ann / "a.xml").write_text(voc_xml("a.jpg", [("scratch", 2, 3, 10, 12), ("pit", 20, 5, 40, 20)]))  # 2nd clipped

@@ -50,7 +50,7 @@ def test_image_index_partitions_files_metadata_and_checks(fixture_config):
         first = materialize(instance, fixture_config, "public_voc")
         assert first.success
         metadata = first.asset_materializations_for_node("image_index")[0].metadata
-        assert metadata["images"].value == 6 and metadata["boxes"].value == 4 and metadata["duplicates"].value == 1
+        assert metadata["images"].value == 7 and metadata["boxes"].value == 4 and metadata["duplicates"].value == 1
         assert metadata["normal"].value == 1 and metadata["quarantined"].value > 0
         assert "a_copy.jpg" in metadata["preview"].value and "inverted" in metadata["quarantine_examples"].value
         assert metadata["contact_sheet"].value.startswith("![public_voc](data:image/png;base64,")

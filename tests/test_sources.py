@@ -49,7 +49,9 @@ def test_image_folder_category_from_subfolder(tmp_path):
 def test_voc_pairs_splits_duplicates_and_box_problems(tmp_path):
     result = ingest_source(make_voc(tmp_path))
     images = by_name(result)
-    assert sorted(images.index) == ["a.jpg", "a_copy.jpg", "b.jpg", "c.jpg", "normal.jpg", "v.jpg"]
+    assert sorted(images.index) == ["a.jpg", "a_copy.jpg", "b.jpg", "c.jpg", "normal.jpg", "normal.png", "v.jpg"]
+    assert pd.isna(images.loc["normal.png", "is_normal"])  # same stem: the XML goes to normal.jpg only, flagged
+    assert any("same file stem" in r for r in reasons(result, "flagged"))
     assert images.loc["v.jpg", "split"] == "validation" and pd.isna(images.loc["a.jpg", "split"])
     # duplicate: same image_id, second path in sorted order flagged, both rows kept
     assert images.loc["a_copy.jpg", "image_id"] == images.loc["a.jpg", "image_id"]

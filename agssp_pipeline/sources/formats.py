@@ -42,6 +42,7 @@ from agssp_pipeline.sources.scan import (
     option,
     relative_parts,
 )
+from agssp_pipeline.sources.schema import ACTION_FLAGGED, KIND_IMAGE, QuarantineRow
 
 SPLIT_FOLDER_NAMES = frozenset({"train", "training", "val", "valid", "validation", "test", "testing"})
 
@@ -107,11 +108,17 @@ def scan_voc(source: SourceConfig, root: Path) -> Scan:
         images_dir, annotations_dir = root / layout["images"], root / layout["annotations"]
         if not images_dir.is_dir():
             raise FileNotFoundError(f"source '{source.name}': VOC images folder {images_dir} does not exist")
-        images = by_stem(list_images(images_dir))
+        all_images = list_images(images_dir)
+        images = by_stem(all_images)
         xml_files = by_stem(list_files(annotations_dir, {".xml"})) if annotations_dir.is_dir() else {}
-        for stem, image_path in images.items():
+        for image_path in all_images:
+            stem = image_path.stem
             xml_path = xml_files.get(stem)
             is_normal = None
+            if xml_path is not None and images[stem] != image_path:  # annotations are matched by file stem
+                reason = f"same file stem as {images[stem]}: {xml_path.name} applied to that image only"
+                scan.quarantine.append(QuarantineRow(str(image_path), KIND_IMAGE, ACTION_FLAGGED, reason))
+                xml_path = None
             if xml_path is not None:
                 try:
                     objects = _voc_objects(xml_path)
