@@ -336,6 +336,13 @@ def train_backbone(
     state = ckpt.load_training_state(run_dir) if ctx.is_main and settings.resume else None
     state = broadcast_object(state, ctx)
 
+    if resolved.base_loss == "cls" and table.num_classes < 2:
+        log.warning(
+            "only one pretraining category (%s): the classification loss carries no signal; "
+            "consider base_loss: ssl (MoCo v3 / SimMIM) or none",
+            ", ".join(table.classes),
+        )
+
     # ---- model, objective, optimiser
     torch.manual_seed(settings.seed)
     np.random.seed(settings.seed)
