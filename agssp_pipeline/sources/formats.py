@@ -18,7 +18,15 @@ mask_folder   images (default root); masks beside the images (default), or mask_
               min_component_area (1), defect_class (fixed class name; default: first subfolder name with
               class_strip_prefix removed, e.g. "MT_"), empty_mask_is_normal / missing_mask_is_normal
               (default false: outside normal_subfolders such images get is_normal null and a flag row).
-severstal_rle csv (default train.csv), images (default train_images), class_names ({ClassId: name}).
+severstal_rle csv (default train.csv; the 2019 "ImageId_ClassId" layout is read too), images (default
+              train_images), class_names ({ClassId: name}; default the id as text).
+All formats: split (a constant split name when the layout does not give one).
+
+is_normal semantics: True where the dataset says defect-free (an annotation file without objects, an
+image in normal_subfolders, a Severstal image without rows, an empty mask with empty_mask_is_normal);
+False where it has objects, mask pixels or runs (even if every box is later rejected); null where the
+dataset does not say (no or unreadable annotation file, plain image folders, an empty mask in a
+defect folder). Null is not "normal": KeAD's normal references use ``is_normal == True`` only.
 """
 
 from __future__ import annotations
