@@ -69,7 +69,12 @@ def map_store_lineage(lookup: Any) -> dict[str, Any]:
     """Version id and encoder identity of a map store (``LazyMaps`` or a test double)."""
     attrs = dict(getattr(lookup, "attrs", {}) or {})
     encoder_keys = ("encoder", "model", "weights", "mode", "prompt_hash")
-    encoder = attrs.get("encoder_identity") or {k: attrs[k] for k in encoder_keys if k in attrs}
+    if isinstance(attrs.get("encoder_identity"), dict):
+        encoder = attrs["encoder_identity"]
+    elif isinstance(attrs.get("encoder"), dict):  # EncoderIdentity.as_dict() stored under "encoder"
+        encoder = attrs["encoder"]
+    else:
+        encoder = {k: attrs[k] for k in encoder_keys if k in attrs}
     return {
         "version": str(getattr(lookup, "version", attrs.get("version", ""))),
         "encoder": encoder,
