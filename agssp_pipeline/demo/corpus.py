@@ -289,7 +289,7 @@ def _check_source(root: Path, source: str) -> Path:
     return folder
 
 
-def _with_paths(frame: pd.DataFrame, root: Path, source: str, gt_folder: Path) -> pd.DataFrame:
+def _with_paths(frame: pd.DataFrame, root: Path, source: str) -> pd.DataFrame:
     source_root = Path(root).resolve() / SOURCES_DIR / source
     frame.insert(2, "path", [str(source_root / f) for f in frame["file"]])
     return frame
@@ -302,7 +302,7 @@ def ground_truth_images(root: Path, source: str) -> pd.DataFrame:
     ``mask > 0`` is the defect mask. Duplicates carry ``duplicate_of_file`` and no boxes of their own.
     """
     folder = _check_source(root, source)
-    frame = _with_paths(pd.read_parquet(folder / "images.parquet"), root, source, folder)
+    frame = _with_paths(pd.read_parquet(folder / "images.parquet"), root, source)
     frame["mask_path"] = [str(folder.resolve() / f) for f in frame.pop("mask_file")]
     duplicates = frame["duplicate_of_file"]
     frame["duplicate_of_file"] = pd.Series(
@@ -321,7 +321,7 @@ def ground_truth(root: Path, source: str) -> pd.DataFrame:
     Defect-free images have no rows; see ``ground_truth_images`` for them.
     """
     folder = _check_source(root, source)
-    boxes = _with_paths(pd.read_parquet(folder / "boxes.parquet"), root, source, folder)
+    boxes = _with_paths(pd.read_parquet(folder / "boxes.parquet"), root, source)
     images = ground_truth_images(root, source)
     return boxes.merge(images[["file", "mask_path", "width", "height"]], on="file", how="left")
 
