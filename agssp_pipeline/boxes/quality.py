@@ -125,7 +125,8 @@ def match_boxes(pred: pd.DataFrame, gt: pd.DataFrame, iou_threshold: float) -> M
             continue
         boxes = boxes.sort_values("score", ascending=False, kind="stable")
         ious = box_iou(
-            torch.from_numpy(boxes[COORDS].to_numpy(np.float32)), torch.from_numpy(truth[COORDS].to_numpy(np.float32))
+            torch.from_numpy(boxes[COORDS].to_numpy(np.float32, copy=True)),
+            torch.from_numpy(truth[COORDS].to_numpy(np.float32, copy=True)),
         ).numpy()
         taken = np.zeros(ious.shape[1], bool)
         for row in ious:
