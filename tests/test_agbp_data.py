@@ -136,14 +136,24 @@ def test_config_table_reads_index_and_lazy_map_store_in_workers(tmp_path):
 
     pretrain = pretrain_table_from_config(config)
     assert len(pretrain) == 3 and pretrain.skipped["duplicate"] == 1
-    assert isinstance(pretrain.maps["synth"], str)  # opened lazily, per worker
+    assert pretrain.maps["synth"].version == store.LazyMaps(layout.maps_store("synth")).version
     lineage = data_lineage(config, pretrain)
     assert lineage["sources"]["synth"]["map_store_version"] == str(
         store.LazyMaps(layout.maps_store("synth")).version
     )
     assert lineage["sources"]["synth"]["index_version"]
+    newer = store.MapTable(
+        image_id=ids,
+        maps=np.zeros_like(maps),
+        image_score=table.image_score,
+        zero_shot_score=table.zero_shot_score,
+        attrs={**table.attrs, "mode": "zero_shot"},
+    )
+    store.write_map_table(layout.maps_store("synth"), newer)  # a re-run of anomaly_maps during training
+    assert store.LazyMaps(layout.maps_store("synth")).version != pretrain.maps["synth"].version
     dataset = PretrainDataset(pretrain, JointAugment(32, scale=(1.0, 1.0), hflip=0.0, normalize=False))
     batch = next(iter(make_loader(dataset, batch_size=3, num_workers=1)))
+    # the worker read the version the table was built on (pinned), not the newer all-zero one
     for image, anomaly in zip(batch["image"], batch["map"], strict=True):
         bright, hot = _bright_region(image[0]), anomaly[0] > 0.5
         assert (bright & hot).sum() / (bright | hot).sum() > 0.5

@@ -63,7 +63,7 @@ class PretrainTable:
 
     rows: pd.DataFrame  # image_id, path, source, category, class_id
     classes: list[str]  # class id -> category
-    maps: dict[str, MapLookup | str]  # source -> map lookup, or store URI opened lazily per worker
+    maps: dict[str, MapLookup]  # source -> map lookup (LazyMaps pinned to one store version)
     skipped: dict[str, int] = field(default_factory=dict)  # reason -> count
 
     @property
@@ -89,6 +89,7 @@ def build_pretrain_table(
     Classes are the sorted categories, so class ids are stable across runs with the same sources.
     """
     frames = []
+    opened: dict[str, MapLookup] = {}
     skipped = {"duplicate": 0, "no_map": 0}
     for source, index in indexes.items():
         frame = read_index(index) if isinstance(index, str) else index.copy()
@@ -105,7 +106,10 @@ def build_pretrain_table(
                 f"source '{source}' has no anomaly map store; materialise anomaly_maps for it first"
             )
         if isinstance(lookup, str):
+            # opened once here: the version read now is the one trained on and recorded in the lineage
+            # (LazyMaps pickles without its Zarr handle and reopens that same version in each worker)
             lookup = open_lazy_maps(lookup)
+        opened[source] = lookup
         have_map = frame["image_id"].isin(set(np.asarray(lookup.image_ids).astype(str).tolist()))
         missing = int((~have_map).sum())
         if missing:
@@ -125,7 +129,7 @@ def build_pretrain_table(
         )
     classes = sorted(rows["category"].astype(str).unique().tolist())
     rows["class_id"] = rows["category"].astype(str).map({c: i for i, c in enumerate(classes)}).astype(int)
-    return PretrainTable(rows=rows.reset_index(drop=True), classes=classes, maps=dict(maps), skipped=skipped)
+    return PretrainTable(rows=rows.reset_index(drop=True), classes=classes, maps=opened, skipped=skipped)
 
 
 def pretrain_table_from_config(config) -> PretrainTable:

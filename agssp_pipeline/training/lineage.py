@@ -91,9 +91,9 @@ def data_lineage(config, table) -> dict[str, Any]:
     sources: dict[str, Any] = {}
     for source in sorted(table.maps):
         lookup = table.maps[source]
-        store_uri = lookup if isinstance(lookup, str) else None
         if isinstance(lookup, str):
             lookup = open_lazy_maps(lookup)
+        store_uri = getattr(lookup, "store_uri", None)
         index_uri = layout.index(source)
         sources[source] = {
             "index_path": index_uri,
