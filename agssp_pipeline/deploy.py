@@ -180,11 +180,14 @@ def torchrun_pod_spec(
     *,
     resources: PodResources | None = None,
     env: Mapping[str, str] | None = None,
+    config_map: str | None = "agssp-config-file",
+    env_secrets: Sequence[str] = (),
 ) -> dict[str, Any]:
     """PodSpec for ``PipesK8sClient.run(base_pod_spec=...)``: torchrun over all GPUs of the pod.
 
     One process per GPU (``nproc_per_node = gpus``); /dev/shm is memory-backed for the loaders and
-    NCCL. The image is the user-code image, so the training module is the project's own code.
+    NCCL; ``config_map`` (holding agssp.yaml) is mounted read-only at /config as for the step pods.
+    The image is the user-code image, so the training module is the project's own code.
     """
     resources = resources or ASSET_POD_RESOURCES["backbone_checkpoint"]
     if resources.gpus < 1:
@@ -199,9 +202,26 @@ def torchrun_pod_spec(
             "env": [{"name": k, "value": v} for k, v in (env or {}).items()],
         }
     )
+    if env_secrets:
+        container["env_from"] = [{"secret_ref": {"name": name}} for name in env_secrets]
     spec: dict[str, Any] = {"restart_policy": "Never", "containers": [container]}
     spec.update(copy.deepcopy(step.get("pod_spec_config", {})))
+    if config_map:
+        container.setdefault("volume_mounts", []).append(
+            {"name": "agssp-config-file", "mount_path": "/config", "read_only": True}
+        )
+        spec.setdefault("volumes", []).append({"name": "agssp-config-file", "config_map": {"name": config_map}})
+        container["env"].append({"name": "AGSSP_CONFIG", "value": "/config/agssp.yaml"})
     return spec
+
+
+AGBP_MODULE = "agssp_pipeline.training.agbp"
+
+
+def agbp_torchrun_pod_spec(image: str, backbone: str, *extra_args: str, **options: Any) -> dict[str, Any]:
+    """Multi-GPU AGBP pretraining of ``backbone`` in one pod (see ``agssp_pipeline.training.agbp``)."""
+    args = ["--config", "/config/agssp.yaml", "--backbone", backbone, *extra_args]
+    return torchrun_pod_spec(image, AGBP_MODULE, args, **options)
 
 
 def shell_join(command: Sequence[str]) -> str:

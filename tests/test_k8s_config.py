@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -134,15 +135,20 @@ def test_op_tags_parse_with_dagster_k8s_and_overrides_apply():
 
 
 def test_torchrun_pod_runs_one_process_per_gpu():
-    spec = deploy.torchrun_pod_spec(
-        "registry.example.com/agssp-user-code:0.1.0", "agssp_pipeline.training.backbone",
-        ["--config", "/config/agssp.yaml"], env={"AGSSP_CONFIG": "/config/agssp.yaml"},
+    assert importlib.util.find_spec(deploy.AGBP_MODULE) is not None, "torchrun entry point must exist"
+    spec = deploy.agbp_torchrun_pod_spec(
+        "registry.example.com/agssp-user-code:0.1.0", "swin_b", "--epochs", "100", env_secrets=["agssp-s3"],
     )
     pod = _manifest(build_pod_body("agssp-backbone", None, None, {}, None, spec))
     (container,) = pod["spec"]["containers"]
     assert container["command"][:4] == ["torchrun", "--nproc-per-node=8", "--nnodes=1", "--standalone"]
-    assert container["command"][4:6] == ["-m", "agssp_pipeline.training.backbone"]
+    assert container["command"][4:] == [
+        "-m", deploy.AGBP_MODULE, "--config", "/config/agssp.yaml", "--backbone", "swin_b", "--epochs", "100",
+    ]
     assert container["resources"]["limits"][deploy.GPU_RESOURCE] == "8"
+    assert {m["mountPath"] for m in container["volumeMounts"]} == {"/dev/shm", "/config"}
+    assert {"secretRef": {"name": "agssp-s3"}} in container["envFrom"]
+    assert {"name": "AGSSP_CONFIG", "value": "/config/agssp.yaml"} in container["env"]
     assert pod["spec"]["restartPolicy"] == "Never"
     multi = deploy.torchrun_command("m", nproc_per_node=4, nnodes=2, rdzv_endpoint="trainer-0:29400")
     assert "--rdzv-endpoint=trainer-0:29400" in multi and "--standalone" not in multi
