@@ -494,12 +494,13 @@ def train_backbone(
                 distill_weight = (
                     auto_distill_weight(base_value, distill_value) if base_loss is not None else 1.0
                 )
-                log.info(
-                    "auto distillation weight: %.4g (base %.4g, distill %.4g)",
-                    distill_weight,
-                    base_value,
-                    distill_value,
-                )
+                if ctx.is_main:
+                    log.info(
+                        "auto distillation weight: %.4g (base %.4g, distill %.4g)",
+                        distill_weight,
+                        base_value,
+                        distill_value,
+                    )
             total = distill_weight * distill if base_loss is None else base_loss + distill_weight * distill
             if not torch.isfinite(total):
                 raise FloatingPointError(
