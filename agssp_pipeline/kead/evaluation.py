@@ -1,0 +1,132 @@
+"""Quality of anomaly maps where ground truth masks exist: image and pixel AUROC (sklearn).
+
+Rows: ``overall``, one per defect ``class`` and one per ``category``. The defect class of an image is the
+index column ``defect_class`` when present, else the name of the folder holding the image, skipping
+generic folder names (``MT_Crack/Imgs/x.jpg`` -> ``MT_Crack``), which is how mask datasets are laid out.
+
+- image label: mask has any pixel > 127 (anomalous) / empty mask or ``is_normal`` (normal); images with
+  neither mask nor normal flag are left out;
+- image AUROC of a class: its images against all normal images (of the evaluated set);
+- pixel AUROC: maps upsampled to image size (``upsample_map``), pixels of all images of the row's set
+  (overall: every labelled image, normals included); at most ``max_pixels`` pixels in all, sampled
+  deterministically per image (seeded by the image id), so big sources stay cheap and runs reproducible.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import PurePath
+
+import cv2
+import numpy as np
+import pandas as pd
+from sklearn.metrics import roc_auc_score
+
+from agssp_pipeline.kead.maps import upsample_map
+from agssp_pipeline.kead.store import MapTable
+
+GENERIC_FOLDERS = {"imgs", "images", "img", "image", "jpegimages", "train", "test", "val", "good", "data"}
+EVALUATION_COLUMNS = ["level", "name", "encoder", "n_images", "n_anomalous", "n_normal", "image_auroc",
+                      "pixel_auroc", "n_pixels"]
+
+
+def defect_class_of(row: pd.Series) -> str:
+    if "defect_class" in row and isinstance(row["defect_class"], str):
+        return row["defect_class"]
+    for folder in reversed(PurePath(str(row["path"])).parent.parts):
+        if folder.lower() not in GENERIC_FOLDERS:
+            return folder
+    return "unknown"
+
+
+def _read_mask(path: str) -> np.ndarray | None:
+    data = np.fromfile(path, dtype=np.uint8)
+    mask = cv2.imdecode(data, cv2.IMREAD_GRAYSCALE)
+    return None if mask is None else mask > 127
+
+
+def _auroc(labels: np.ndarray, scores: np.ndarray) -> float:
+    labels = np.asarray(labels)
+    if labels.size == 0 or labels.min() == labels.max():
+        return float("nan")
+    return float(roc_auc_score(labels, scores))
+
+
+def has_masks(index: pd.DataFrame) -> bool:
+    return "mask_path" in index and index["mask_path"].notna().any()
+
+
+def evaluate_maps(
+    index: pd.DataFrame,
+    table: MapTable,
+    max_pixels: int = 4_000_000,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """AUROC rows for the images of ``index`` that have a map and a label; see the module docstring."""
+    maps_row = {image_id: row for row, image_id in enumerate(table.image_id.tolist())}
+    rows = index.drop_duplicates("image_id")
+    rows = rows[rows["image_id"].isin(maps_row)]
+    mask_paths = rows["mask_path"] if "mask_path" in rows else pd.Series(None, index=rows.index)
+    normal_flags = rows["is_normal"] if "is_normal" in rows else pd.Series(None, index=rows.index)
+    labelled = rows[mask_paths.notna() | normal_flags.fillna(False).astype(bool)]
+    if labelled.empty:
+        return pd.DataFrame(columns=EVALUATION_COLUMNS)
+    per_image_budget = max(256, max_pixels // len(labelled))
+    records = []
+    for row in labelled.itertuples(index=False):
+        row_series = pd.Series(row._asdict())
+        mask_path = row_series.get("mask_path")
+        mask = _read_mask(mask_path) if isinstance(mask_path, str) else None
+        patch_map = table.maps[maps_row[row.image_id]]
+        if mask is None:
+            height, width = int(row_series.get("height")), int(row_series.get("width"))
+            mask = np.zeros((height, width), dtype=bool)
+        pixel_map = upsample_map(patch_map, *mask.shape)
+        flat_mask, flat_map = mask.ravel(), pixel_map.ravel()
+        if flat_mask.size > per_image_budget:
+            rng = np.random.default_rng(int(hashlib.sha256(f"{seed}:{row.image_id}".encode()).hexdigest()[:8], 16))
+            keep = rng.choice(flat_mask.size, per_image_budget, replace=False)
+            flat_mask, flat_map = flat_mask[keep], flat_map[keep]
+        records.append({
+            "image_id": row.image_id,
+            "category": str(row.category),
+            "defect_class": defect_class_of(row_series),
+            "anomalous": bool(mask.any()),
+            "image_score": float(table.image_score[maps_row[row.image_id]]),
+            "pixel_labels": flat_mask,
+            "pixel_scores": flat_map,
+        })
+    images = pd.DataFrame(records)
+    encoder = str(table.attrs.get("encoder", table.attrs.get("identity", {}).get("encoder", "unknown")))
+    normals = images[~images["anomalous"]]
+
+    def summarise(level: str, name: str, subset: pd.DataFrame, with_normals: bool) -> dict:
+        image_set = pd.concat([subset, normals]).drop_duplicates("image_id") if with_normals else subset
+        labels = np.concatenate(list(subset["pixel_labels"])) if len(subset) else np.array([])
+        scores = np.concatenate(list(subset["pixel_scores"])) if len(subset) else np.array([])
+        return {
+            "level": level, "name": name, "encoder": encoder,
+            "n_images": int(len(image_set)),
+            "n_anomalous": int(image_set["anomalous"].sum()),
+            "n_normal": int((~image_set["anomalous"]).sum()),
+            "image_auroc": _auroc(image_set["anomalous"].to_numpy(int), image_set["image_score"].to_numpy()),
+            "pixel_auroc": _auroc(labels, scores),
+            "n_pixels": int(labels.size),
+        }
+
+    out = [summarise("overall", "all", images, with_normals=False)]
+    for name, subset in images.groupby("defect_class", sort=True):
+        anomalous = subset[subset["anomalous"]]
+        if len(anomalous):  # a class of defects: its images against the normal ones
+            out.append(summarise("class", str(name), anomalous, with_normals=True))
+    for name, subset in images.groupby("category", sort=True):
+        out.append(summarise("category", str(name), subset, with_normals=False))
+    return pd.DataFrame(out, columns=EVALUATION_COLUMNS)
+
+
+def write_evaluation(frame: pd.DataFrame, uri: str) -> None:
+    if "://" not in uri:
+        from pathlib import Path
+
+        Path(uri).parent.mkdir(parents=True, exist_ok=True)
+    frame.to_parquet(uri, index=False)

@@ -1,0 +1,196 @@
+"""Batch runner: score every indexed image of a source once and append the maps to its store.
+
+Incremental (images already committed to the current store version are skipped), per category (the
+encoder's few-shot memory is built once per category), with decoding in DataLoader workers so the
+model never waits on JPEG decoding, pinned memory and bf16 autocast on CUDA.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import cv2
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from agssp_pipeline.kead.base import AnomalyEncoder
+from agssp_pipeline.kead.references import references_by_category
+from agssp_pipeline.kead.store import CODE_VERSION, MapWriter, store_version_id
+
+
+@dataclass
+class Progress:
+    done: int
+    total: int
+    images_per_s: float
+    eta_s: float
+    category: str
+
+
+@dataclass
+class RunStats:
+    computed: int
+    skipped: int
+    images_per_s: float
+    device: str
+    seconds: float
+    forward_passes: int
+    version: str
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (image_id, reason)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def read_rgb(path: str) -> np.ndarray:
+    """Decode any image file to HxWx3 uint8 RGB (grey and 16-bit inputs included); OSError if unreadable."""
+    if "://" in path:
+        import fsspec
+
+        with fsspec.open(path, "rb") as handle:
+            data = np.frombuffer(handle.read(), dtype=np.uint8)
+    else:
+        data = np.fromfile(path, dtype=np.uint8)
+    image = cv2.imdecode(data, cv2.IMREAD_COLOR)  # grey -> 3 channels, 16-bit -> 8-bit
+    if image is None:
+        raise OSError(f"cannot decode image {path}")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+class _ImageDataset(Dataset):
+    """Decodes and preprocesses in workers; a bad file yields ``ok=False`` instead of killing the run."""
+
+    def __init__(self, rows: pd.DataFrame, preprocess: Callable[[np.ndarray], torch.Tensor], image_size: int):
+        self.ids = rows["image_id"].astype(str).tolist()
+        self.paths = rows["path"].astype(str).tolist()
+        self.preprocess = preprocess
+        self.image_size = image_size
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, item: int) -> dict[str, Any]:
+        try:
+            tensor, ok, reason = self.preprocess(read_rgb(self.paths[item])), True, ""
+        except Exception as error:  # noqa: BLE001 - recorded per image, the run goes on
+            tensor, ok, reason = torch.zeros(3, self.image_size, self.image_size), False, str(error)
+        return {"image": tensor, "image_id": self.ids[item], "ok": ok, "reason": reason}
+
+
+def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "image": torch.stack([i["image"] for i in items]),
+        "image_id": [i["image_id"] for i in items],
+        "ok": [i["ok"] for i in items],
+        "reason": [i["reason"] for i in items],
+    }
+
+
+def mappable_rows(index: pd.DataFrame) -> pd.DataFrame:
+    """The images that get a map: one per image id, duplicates (``duplicate_of`` set) excluded."""
+    rows = index
+    if "duplicate_of" in rows:
+        rows = rows[rows["duplicate_of"].isna()]
+    return rows.drop_duplicates("image_id").reset_index(drop=True)
+
+
+def load_reference_images(encoder: AnomalyEncoder, rows: pd.DataFrame) -> torch.Tensor:
+    return torch.stack([encoder.preprocess(read_rgb(path)) for path in rows["path"].astype(str)])
+
+
+def store_version_for(encoder: AnomalyEncoder, references: pd.DataFrame, categories: list[str],
+                      code_version: str = CODE_VERSION) -> tuple[str, dict[str, Any]]:
+    """The store version id and attributes of a run of ``encoder`` with ``references``."""
+    refs = {c: ids for c, ids in references_by_category(references).items() if c in set(categories)}
+    identity = encoder.identity.as_dict()
+    version = store_version_id(identity, refs, encoder.grid_size, code_version)
+    attrs = {
+        "identity": identity,
+        "encoder": identity["encoder"],
+        "weights": identity["weights"],
+        "prompt_hash": identity.get("prompt_hash", ""),
+        "references": refs,
+        "code_version": code_version,
+        "image_size": encoder.image_size,
+    }
+    return version, attrs
+
+
+def compute_anomaly_maps(
+    index: pd.DataFrame,
+    encoder: AnomalyEncoder,
+    store_uri: str,
+    references: pd.DataFrame,
+    batch_size: int = 16,
+    num_workers: int = 2,
+    progress: Callable[[Progress], None] | None = None,
+    storage_options: dict[str, Any] | None = None,
+    code_version: str = CODE_VERSION,
+) -> RunStats:
+    """Maps for every mappable image of ``index`` not yet in the store's current version."""
+    rows = mappable_rows(index)
+    categories = sorted(rows["category"].astype(str).unique())
+    missing = sorted(set(categories) - set(references["category"].astype(str)))
+    if missing:
+        raise ValueError(f"no reference images for categories {missing}; see kead.reference_strategy")
+    version, attrs = store_version_for(encoder, references, categories, code_version)
+    device = torch.device(encoder.device)
+    on_cuda = device.type == "cuda"
+    started = time.perf_counter()
+    computed, forward_passes, failed = 0, 0, []
+    with MapWriter(store_uri, version, encoder.grid_size, attrs, storage_options) as writer:
+        done_ids = writer.committed_ids()
+        todo = rows[~rows["image_id"].astype(str).isin(done_ids)]
+        skipped = len(rows) - len(todo)
+        total = len(todo)
+        for category, group in todo.groupby("category", sort=True):
+            category = str(category)
+            reference_rows = references[references["category"].astype(str) == category]
+            encoder.set_references(category, load_reference_images(encoder, reference_rows))
+            loader = DataLoader(
+                _ImageDataset(group, encoder.preprocess, encoder.image_size),
+                batch_size=batch_size,
+                num_workers=num_workers,
+                pin_memory=on_cuda,
+                collate_fn=_collate,
+                persistent_workers=False,
+            )
+            for batch in loader:
+                ok = np.asarray(batch["ok"], dtype=bool)
+                failed += [(i, r) for i, r, good in zip(batch["image_id"], batch["reason"], ok, strict=True)
+                           if not good]
+                if not ok.any():
+                    continue
+                images = batch["image"][torch.from_numpy(ok)].to(device, non_blocking=on_cuda)
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_cuda), torch.inference_mode():
+                    result = encoder.score(images, category)
+                forward_passes += 1
+                ids = [i for i, good in zip(batch["image_id"], ok, strict=True) if good]
+                writer.append(
+                    ids,
+                    result.maps.float().cpu().numpy(),
+                    result.image_score.float().cpu().numpy(),
+                    result.zero_shot_score.float().cpu().numpy(),
+                )
+                computed += len(ids)
+                if progress is not None:
+                    elapsed = time.perf_counter() - started
+                    rate = (computed + len(failed)) / max(elapsed, 1e-9)
+                    remaining = total - computed - len(failed)
+                    progress(Progress(computed + len(failed), total, rate, remaining / max(rate, 1e-9), category))
+    seconds = time.perf_counter() - started
+    return RunStats(
+        computed=computed,
+        skipped=skipped,
+        images_per_s=computed / seconds if seconds > 0 and computed else 0.0,
+        device=str(device),
+        seconds=seconds,
+        forward_passes=forward_passes,
+        version=version,
+        failed=failed,
+    )
