@@ -4,20 +4,21 @@ daily schedule that catches whatever the sensor missed (sensor stopped, cursor r
 Both compare folder fingerprints (paths, sizes, mtimes; no file contents) and launch ``image_index`` only
 for sources whose folder changed. Run keys are ``<source>:<fingerprint>``, so a folder state is
 ingested once however many ticks see it.
+
+A folder whose newest file is younger than ``AGSSP_INGEST_SETTLE_SECONDS`` (default 60) is left for a
+later tick: a camera or an operator may still be copying, and a half-written JPEG would be quarantined
+as truncated.
 """
 
 import json
+import os
+import time
 
 import dagster as dg
 
 from agssp_pipeline.config import PipelineConfig
-from assets.ingestion import (
-    combined_fingerprint,
-    fingerprint_metadata,
-    image_index,
-    plant_images,
-    source_fingerprints,
-)
+from agssp_pipeline.sources import source_snapshot
+from assets.ingestion import combined_fingerprint, fingerprint_metadata, image_index, plant_images
 from assets.partitions import image_source_partitions
 from assets.resources import PipelineConfigResource
 
@@ -27,6 +28,31 @@ ingest_job = dg.define_asset_job(
     partitions_def=image_source_partitions,
     description="Re-index one image source (its partition): index, annotations and quarantine Parquet files.",
 )
+
+
+SETTLE_ENV_VAR = "AGSSP_INGEST_SETTLE_SECONDS"
+DEFAULT_SETTLE_SECONDS = 60.0
+
+
+def settled_fingerprints(config: PipelineConfig, log=None, now: float | None = None) -> dict[str, str]:
+    """source -> folder fingerprint, for sources whose root exists and whose newest file has settled."""
+    settle = float(os.environ.get(SETTLE_ENV_VAR, DEFAULT_SETTLE_SECONDS))
+    now = time.time() if now is None else now
+    found: dict[str, str] = {}
+    for source in config.sources:
+        try:
+            snapshot = source_snapshot(source)
+        except FileNotFoundError as error:
+            if log is not None:
+                log.warning(f"{error}; no run requested until it appears")
+            continue
+        age = now - snapshot.newest_mtime
+        if 0 <= age < settle:  # a future mtime (clock skew between hosts) does not block ingestion
+            if log is not None:
+                log.info(f"source '{source.name}': newest file is {age:.0f}s old (< {settle:.0f}s); waiting for copies to finish")
+            continue
+        found[source.name] = snapshot.fingerprint
+    return found
 
 
 def ingestion_requests(current: dict[str, str], previous: dict[str, str]) -> list[dg.RunRequest]:
@@ -53,13 +79,13 @@ def new_plant_images_sensor(context: dg.SensorEvaluationContext,
                             pipeline_config: PipelineConfigResource) -> dg.SensorResult:
     config = pipeline_config.load()
     previous: dict[str, str] = json.loads(context.cursor) if context.cursor else {}
-    current = source_fingerprints(config, context.log)
+    current = settled_fingerprints(config, context.log)
     new_partitions = _unregistered(context.instance, config)
     run_requests = ingestion_requests(current, previous)
-    state = {**previous, **current}
+    state = {name: fp for name, fp in {**previous, **current}.items() if name in config.source_names}
     # a runless observation of plant_images: the UI marks image_index stale right away
-    observations = [dg.AssetObservation(asset_key=plant_images.key, metadata=fingerprint_metadata(current),
-                                        tags={"dagster/data_version": combined_fingerprint(current)})] if run_requests else []
+    observations = [dg.AssetObservation(asset_key=plant_images.key, metadata=fingerprint_metadata(state),
+                                        tags={"dagster/data_version": combined_fingerprint(state)})] if run_requests else []
     cursor = json.dumps(state, sort_keys=True)
     return dg.SensorResult(
         run_requests=run_requests,
@@ -95,7 +121,7 @@ def nightly_ingest_schedule(context: dg.ScheduleEvaluationContext,
     new_partitions = _unregistered(context.instance, config)
     if new_partitions:  # schedules cannot return partition requests; registering is idempotent
         context.instance.add_dynamic_partitions(image_source_partitions.name, new_partitions)
-    current = source_fingerprints(config, context.log)
+    current = settled_fingerprints(config, context.log)
     requests = ingestion_requests(current, last_ingested_fingerprints(context.instance, sorted(current)))
     return requests or dg.SkipReason("every source index matches its folder")
 

@@ -17,7 +17,8 @@ from jobs.ingestion import new_plant_images_sensor, nightly_ingest_schedule
 
 
 @pytest.fixture
-def plant_config(tmp_path) -> tuple[Path, dict[str, Path]]:
+def plant_config(tmp_path, monkeypatch) -> tuple[Path, dict[str, Path]]:
+    monkeypatch.setenv("AGSSP_INGEST_SETTLE_SECONDS", "0")
     folders = {name: tmp_path / name for name in ("line_a", "line_b")}
     for number, folder in enumerate(folders.values()):
         write_image(folder / "cam1" / "0001.jpg", seed=number)
@@ -90,3 +91,16 @@ def test_nightly_schedule_compares_with_last_materialization(plant_config):
         os.utime(folders["line_a"] / "cam1" / "0001.jpg", ns=(stat.st_atime_ns, stat.st_mtime_ns + 5_000_000_000))
         context = dg.build_schedule_context(instance=instance, resources={"pipeline_config": resource})
         assert [r.partition_key for r in nightly_ingest_schedule(context)] == ["line_a"]
+
+
+def test_sensor_waits_until_a_folder_settles(plant_config, monkeypatch):
+    config_path, folders = plant_config
+    monkeypatch.setenv("AGSSP_INGEST_SETTLE_SECONDS", "3600")
+    with dg.instance_for_test() as instance:
+        busy = tick(instance, config_path, None)
+        assert not busy.run_requests and json.loads(busy.cursor) == {}  # files were written seconds ago
+        old = 1_600_000_000  # 2020: long settled
+        for path in folders["line_a"].rglob("*"):
+            os.utime(path, (old, old))
+        settled = tick(instance, config_path, busy.cursor)
+        assert [r.partition_key for r in settled.run_requests] == ["line_a"]

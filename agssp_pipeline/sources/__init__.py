@@ -5,7 +5,13 @@ whose ``write(layout, name)`` stores ``index/<name>.parquet`` and its two compan
 adapters in ``FORMAT_ADAPTERS`` (see ``formats.py`` for their options). No Dagster here.
 """
 
-from agssp_pipeline.sources.fingerprint import folder_fingerprint, source_fingerprint
+from agssp_pipeline.sources.fingerprint import (
+    FolderSnapshot,
+    folder_fingerprint,
+    folder_snapshot,
+    source_fingerprint,
+    source_snapshot,
+)
 from agssp_pipeline.sources.formats import FORMAT_ADAPTERS
 from agssp_pipeline.sources.ingest import (
     IngestResult,
@@ -21,11 +27,13 @@ from agssp_pipeline.sources.schema import ANNOTATION_SCHEMA, INDEX_SCHEMA, QUARA
 __all__ = [
     "ANNOTATION_SCHEMA",
     "FORMAT_ADAPTERS",
+    "FolderSnapshot",
     "INDEX_SCHEMA",
     "QUARANTINE_SCHEMA",
     "ImageProbe",
     "IngestResult",
     "folder_fingerprint",
+    "folder_snapshot",
     "ingest_source",
     "known_hashes_from",
     "parquet_exists",
@@ -33,4 +41,5 @@ __all__ = [
     "read_parquet",
     "require_source_root",
     "source_fingerprint",
+    "source_snapshot",
 ]
