@@ -20,10 +20,8 @@ from typing import Any
 
 K8S_CONFIG_TAG = "dagster-k8s/config"
 GPU_RESOURCE = "nvidia.com/gpu"
-# Dagster concurrency pool shared by the GPU steps (limit set per deployment, e.g. one per GPU)
+# Dagster concurrency pool the GPU assets declare (limit set per deployment: docker/, docker/k8s/)
 GPU_POOL = "gpu"
-# run tag for run-level queue limits (dagster.yaml concurrency.runs.tag_concurrency_limits)
-GPU_RUN_TAG = "agssp/gpu"
 # the taint GPU node pools usually carry (GKE, EKS and AKS GPU node groups, NVIDIA GPU operator)
 GPU_TOLERATION = {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}
 
@@ -56,10 +54,14 @@ ASSET_POD_RESOURCES: dict[str, PodResources] = {
     "category_thresholds": PodResources(cpu="2", memory="8Gi"),
     "pseudo_boxes": PodResources(cpu="4", memory="8Gi"),
     "pseudo_box_quality": PodResources(cpu="2", memory="4Gi"),
-    "backbone_checkpoint": PodResources(cpu="32", memory="128Gi", gpus=8, shm="32Gi"),
+    # one device in the step pod (the asset trains in-process); multi-GPU runs use TORCHRUN_POD_RESOURCES
+    "backbone_checkpoint": PodResources(cpu="8", memory="64Gi", gpus=1, shm="16Gi"),
     "detector_checkpoint": PodResources(cpu="16", memory="64Gi", gpus=1, shm="16Gi"),
     "finetune_evaluation": PodResources(cpu="8", memory="32Gi", gpus=1, shm="8Gi"),
 }
+
+# a whole 8-GPU node for AGBP under torchrun (PipesK8sClient + agbp_torchrun_pod_spec)
+TORCHRUN_POD_RESOURCES = PodResources(cpu="64", memory="480Gi", gpus=8, shm="64Gi")
 
 GPU_ASSETS = tuple(name for name, res in ASSET_POD_RESOURCES.items() if res.gpus > 0)
 
@@ -189,7 +191,7 @@ def torchrun_pod_spec(
     NCCL; ``config_map`` (holding agssp.yaml) is mounted read-only at /config as for the step pods.
     The image is the user-code image, so the training module is the project's own code.
     """
-    resources = resources or ASSET_POD_RESOURCES["backbone_checkpoint"]
+    resources = resources or TORCHRUN_POD_RESOURCES
     if resources.gpus < 1:
         raise ValueError("torchrun pods need at least one GPU")
     step = k8s_step_config(resources)

@@ -73,6 +73,7 @@ def test_postgres_storage_resolves_from_environment(monkeypatch):
 def test_instance_built_from_the_yaml_has_queue_pools_monitoring_and_gpu_runs(tmp_path, monkeypatch):
     """Everything but the database: swap storage for sqlite and build the real DagsterInstance."""
     import dagster as dg
+    from dagster._core.instance.config import PoolGranularity
     from dagster._core.run_coordinator import QueuedRunCoordinator
     from dagster_docker import DockerRunLauncher
     from docker.types import HostConfig
@@ -94,10 +95,9 @@ def test_instance_built_from_the_yaml_has_queue_pools_monitoring_and_gpu_runs(tm
         assert instance.auto_materialize_use_sensors
         concurrency = instance.get_concurrency_config()
         assert concurrency.pool_config.default_pool_limit == 4
-        gpu_limits = [
-            limit for limit in concurrency.run_queue_config.tag_concurrency_limits if limit["key"] == "agssp/gpu"
-        ]
-        assert gpu_limits and gpu_limits[0]["limit"] == 1
+        # GPU runs wait in the queue while the gpu pool is full (no idle container holding a place)
+        assert concurrency.pool_config.pool_granularity == PoolGranularity.RUN
+        assert concurrency.run_queue_config.max_concurrent_runs == 4
         # docker-py (what the launcher calls) accepts the container kwargs: GPUs, volumes, shm
         kwargs = launcher.container_kwargs
         host_config = HostConfig(

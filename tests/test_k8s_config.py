@@ -176,8 +176,7 @@ def test_helm_values_are_consistent_with_the_executor_config():
     run_config = {snake[k]: v for k, v in run_k8s.items()}
     assert process_config(USER_DEFINED_K8S_JOB_CONFIG_SCHEMA, run_config).success
     assert deploy.GPU_RESOURCE not in str(run_config), "the run pod orchestrates; only step pods hold GPUs"
-    limits = values["dagsterDaemon"]["runCoordinator"]["config"]["queuedRunCoordinator"]["tagConcurrencyLimits"]
-    assert deploy.GPU_RUN_TAG in {item["key"] for item in limits}
+    assert values["concurrency"]["enabled"] and values["concurrency"]["pools"]["granularity"] == "op"
 
 
 def test_executor_from_env(monkeypatch):
@@ -197,3 +196,18 @@ def test_executor_from_env(monkeypatch):
     monkeypatch.setenv(EXECUTOR_ENV_VAR, "celery")
     with pytest.raises(ValueError, match="AGSSP_EXECUTOR"):
         executor_from_env()
+
+
+def test_the_projects_gpu_assets_declare_the_gpu_pool():
+    """Docker and Kubernetes limit GPU work through this pool; an asset outside it would oversubscribe."""
+    from agssp_pipeline.definitions import defs
+
+    graph = defs.resolve_asset_graph()
+    checked = []
+    for key in graph.get_all_asset_keys():
+        name = key.to_user_string()
+        node = graph.get(key)
+        if name in deploy.GPU_ASSETS and node.is_materializable:
+            assert node.pools == {deploy.GPU_POOL}, f"{name} runs on a GPU but is in pools {node.pools}"
+            checked.append(name)
+    assert checked, "no GPU asset found in the definitions"
