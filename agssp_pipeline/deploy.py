@@ -126,16 +126,20 @@ def k8s_executor_config(
     env_config_maps: Sequence[str] = (),
     env_secrets: Sequence[str] = (),
     config_map_volume: str | None = "agssp-config-file",
-    overrides: Mapping[str, PodResources] | None = None,
+    overrides: Mapping[str, PodResources | Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Config for ``dagster_k8s.k8s_job_executor``: one pod per step with that asset's resources.
 
     Per-step pod specs are keyed by op name (= asset name for our single-asset ops), so the asset
     modules need no Kubernetes code; dagster-k8s merges them over any ``dagster-k8s/config`` op tags.
     ``config_map_volume`` mounts the ConfigMap holding ``agssp.yaml`` at /config (AGSSP_CONFIG).
+    ``overrides``: asset name -> PodResources, or a dict of the fields to change (``{"gpus": 2}``).
     Cluster-wide GPU limits belong to the Dagster pool ``gpu`` (instance state), not to this per-run config.
     """
-    resources = {**ASSET_POD_RESOURCES, **(overrides or {})}
+    resources = dict(ASSET_POD_RESOURCES)
+    for name, value in (overrides or {}).items():
+        # a dict (e.g. from JSON in AGSSP_K8S_EXECUTOR_OPTIONS) changes only the fields it names
+        resources[name] = value if isinstance(value, PodResources) else resources_for(name, **value)
     config: dict[str, Any] = {
         "env_config_maps": list(env_config_maps),
         "env_secrets": list(env_secrets),

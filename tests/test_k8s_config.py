@@ -185,7 +185,9 @@ def test_executor_from_env(monkeypatch):
     monkeypatch.delenv(EXECUTOR_ENV_VAR, raising=False)
     assert executor_from_env() is None
     monkeypatch.setenv(EXECUTOR_ENV_VAR, "k8s")
-    monkeypatch.setenv("AGSSP_K8S_EXECUTOR_OPTIONS", '{"max_concurrent": 3}')
+    monkeypatch.setenv(
+        "AGSSP_K8S_EXECUTOR_OPTIONS", '{"max_concurrent": 3, "overrides": {"anomaly_maps": {"gpus": 2}}}'
+    )
     monkeypatch.setenv("AGSSP_K8S_NAMESPACE", "plants")
     executor = executor_from_env()
     assert executor.name == "agssp_k8s"
@@ -193,6 +195,8 @@ def test_executor_from_env(monkeypatch):
     assert resolved.success, resolved.errors
     assert resolved.value["config"]["max_concurrent"] == 3
     assert resolved.value["config"]["job_namespace"] == "plants"
+    maps = resolved.value["config"]["per_step_k8s_config"]["anomaly_maps"]["container_config"]["resources"]
+    assert maps["limits"][deploy.GPU_RESOURCE] == "2" and maps["requests"]["memory"] == "32Gi"
     monkeypatch.setenv(EXECUTOR_ENV_VAR, "celery")
     with pytest.raises(ValueError, match="AGSSP_EXECUTOR"):
         executor_from_env()
