@@ -89,10 +89,11 @@ def compute_thresholds(
     wanted = list(sources) if sources is not None else [s.name for s in config.pretrain_sources()]
     parts, versions, used, missing = [], {}, [], []
     for source in wanted:
-        if not uri_exists(layout.maps_store(source)):
+        try:
+            maps = load_maps(layout, source)
+        except FileNotFoundError:  # no store, or a store without a committed version yet
             missing.append(source)
             continue
-        maps = load_maps(layout, source)
         index = read_index(layout, source)
         parts.append(
             map_statistics(
