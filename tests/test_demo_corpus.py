@@ -92,6 +92,18 @@ def test_regenerating_smaller_corpus_in_place_is_refused(tmp_path):
     assert corpus.seed == 5
 
 
+def test_tiny_corpus_still_has_the_out_of_bounds_voc_box(tmp_path):
+    # seed 8: none of the 4 regular frames has a defect on the border, so frames are added until one does
+    corpus = generate_demo(tmp_path, seed=8, scale=0.05)
+    assert corpus.images["demo_rolled_voc"] > 4
+    overshooting = 0
+    for xml_path in (corpus.source_roots["demo_rolled_voc"] / "ANNOTATIONS").glob("*.xml"):
+        for box in ET.parse(xml_path).getroot().iter("bndbox"):
+            xmin, ymin, xmax, ymax = (int(box.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax"))
+            overshooting += min(xmin, ymin) < 0 or xmax > 160 or ymax > 160
+    assert overshooting == 1
+
+
 def test_scale_changes_image_count(tmp_path):
     small = generate_demo(tmp_path / "s", seed=0, scale=SMALL)
     assert all(small.images[name] < 30 for name in small.sources)
@@ -249,10 +261,10 @@ def test_voc_layout_with_missing_image_and_out_of_bounds_box(corpus):
             xmin, ymin, xmax, ymax = (
                 int(obj.findtext(f"bndbox/{k}")) for k in ("xmin", "ymin", "xmax", "ymax")
             )
-            assert (xmin, ymin) == (box.x1, box.y1)
-            if xmax > width or ymax > height:
+            if min(xmin, ymin) < 0 or xmax > width or ymax > height:
                 out_of_bounds += 1
-            assert (min(xmax, width), min(ymax, height)) == (box.x2, box.y2)
+            clipped = (max(xmin, 0), max(ymin, 0), min(xmax, width), min(ymax, height))
+            assert clipped == (box.x1, box.y1, box.x2, box.y2)
     assert missing == 1 and out_of_bounds == 1
     assert set(boxes["class_name"]) == {"scratch", "pit", "inclusion", "patch"}
 

@@ -210,17 +210,21 @@ def voc_xml(filename: str, width: int, height: int, objects: list[tuple[str, int
 def write_voc(spec: SourceSpec, factory: ImageFactory, scale: float) -> SourceOutput:
     out = SourceOutput()
     images_dir, annotations_dir = spec.options["images"], spec.options["annotations"]
-    annotations: list[tuple[str, SyntheticImage, list[list]]] = []
-    for index in range(count_for(spec, scale)):
-        image = factory.image(index, 160, 160)
+    frames = [factory.image(index, 160, 160) for index in range(count_for(spec, scale))]
+    # the labelling slip below needs a defect on the image border; tiny corpora may lack one: add frames
+    while _edge_slip(frames) is None:
+        if len(frames) > count_for(spec, scale) + MAX_EXTRA_FRAMES:
+            raise RuntimeError("no planted defect reaches an image edge; cannot write the out-of-bounds box")
+        frames.append(factory.image(len(frames), 160, 160))
+    annotations = [[[spec.label(d.class_name), *d.box] for d in image.defects] for image in frames]
+    frame_index, object_index, coordinate, value = _edge_slip(frames)  # type: ignore[misc]
+    annotations[frame_index][object_index][1 + coordinate] = value
+    for index, (image, objects) in enumerate(zip(frames, annotations, strict=True)):
         stem = f"strip_{index + 1:04d}"
         out.images.append(WrittenImage(f"{images_dir}/{stem}.jpg", encode_jpeg(image.pixels), image))
-        annotations.append((stem, image, [[spec.label(d.class_name), *d.box] for d in image.defects]))
-    _overflow_one_edge_box(annotations)
-    for stem, image, objects in annotations:
         xml = voc_xml(f"{stem}.jpg", image.width, image.height, [tuple(o) for o in objects])
         out.extra_files[f"{annotations_dir}/{stem}.xml"] = xml
-    missing = f"strip_{len(annotations) + 1:04d}"
+    missing = f"strip_{len(frames) + 1:04d}"
     out.bad_files.append(
         BadFile(
             f"{annotations_dir}/{missing}.xml",
@@ -231,24 +235,25 @@ def write_voc(spec: SourceSpec, factory: ImageFactory, scale: float) -> SourceOu
     return out
 
 
-def _overflow_one_edge_box(annotations: list[tuple[str, SyntheticImage, list[list]]]) -> None:
-    """A labelling-tool slip: the first box touching the right or bottom edge runs a few pixels past it.
+MAX_EXTRA_FRAMES = 100
+EDGE_OVERSHOOT = 3
 
-    Clipping it to the image restores the true box exactly, which is what ingestion should do.
+
+def _edge_slip(frames: list[SyntheticImage]) -> tuple[int, int, int, int] | None:
+    """A labelling-tool slip on the first box that touches the image border: that side is written
+    ``EDGE_OVERSHOOT`` px outside the image (negative, or past width/height).
+
+    Returns (frame, object, coordinate 0..3 = x1 y1 x2 y2, written value). Clipping the written box to
+    the image restores the true box exactly, which is what ingestion should do.
     """
-    for _, image, objects in annotations:
-        for obj in objects:
-            if obj[3] == image.width:
-                obj[3] = image.width + 3
-                return
-            if obj[4] == image.height:
-                obj[4] = image.height + 3
-                return
-    # no defect reaches an edge (tiny corpora): stretch the first box past the right edge instead
-    for _, image, objects in annotations:
-        if objects:
-            objects[0][3] = image.width + 3
-            return
+    for frame_index, image in enumerate(frames):
+        limits = (0, 0, image.width, image.height)
+        for object_index, defect in enumerate(image.defects):
+            for coordinate, (value, limit) in enumerate(zip(defect.box, limits, strict=True)):
+                if value == limit:
+                    overshoot = -EDGE_OVERSHOOT if coordinate < 2 else EDGE_OVERSHOOT
+                    return frame_index, object_index, coordinate, limit + overshoot
+    return None
 
 
 # --- demo_billet_masks: magnetic-tile layout <Class>/Imgs/<name>.jpg + <name>.png -----------------------
