@@ -138,10 +138,13 @@ def test_changed_config_starts_a_new_run_instead_of_resuming(table, tmp_path):
         train_backbone(
             config, "yolov8n", settings=settings, table=table, callbacks=[Recorder(crash_after_epoch=1)]
         )
+    ((crashed_id, _),) = ckpt.list_runs(config.layout(), "yolov8n")
     other = settings.model_copy(update={"epochs": 1})
     result = train_backbone(config, "yolov8n", settings=other, table=table)
-    assert result.start_epoch == 1
+    assert result.start_epoch == 1 and result.run_id != crashed_id
     assert len(ckpt.list_runs(config.layout(), "yolov8n")) == 2
+    with pytest.raises(ValueError, match="another config"):  # forcing the old run id with new settings
+        train_backbone(config, "yolov8n", settings=other, table=table, run_id=crashed_id)
 
 
 @pytest.mark.parametrize(("backbone", "base_loss"), [("yolov8n", "moco"), ("swin_micro", "ssl")])

@@ -386,6 +386,12 @@ def train_backbone(
     epoch_history: list[dict[str, Any]] = []
     created_at = datetime.now(UTC).isoformat()
     if state is not None:
+        previous = ckpt.load_backbone_checkpoint(run_dir)[1] if ctx.is_main else {}
+        if previous.get("config_hash") not in (None, cfg_hash):
+            raise ValueError(
+                f"run {run_id} was trained with another config (hash {previous['config_hash']} vs {cfg_hash}); "
+                "start a new run instead of resuming it"
+            )
         objective.load_state_dict(state["objective"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -463,7 +469,9 @@ def train_backbone(
         }
 
     for epoch in range(start_epoch, settings.epochs + 1):
-        loader.sampler.set_epoch(epoch)
+        loader.sampler.set_epoch(epoch)  # data order = f(seed, epoch)
+        if loader.generator is not None:  # worker augmentation seeds = f(seed, epoch, rank): resumable
+            loader.generator.manual_seed(settings.seed * 1_000_003 + epoch * 1009 + ctx.rank)
         objective.train()
         for module in frozen_modules:
             module.eval()  # frozen stages keep their BatchNorm statistics
