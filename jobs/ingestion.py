@@ -5,9 +5,11 @@ Both compare folder fingerprints (paths, sizes, mtimes; no file contents) and la
 for sources whose folder changed. Run keys are ``<source>:<fingerprint>``, so a folder state is
 ingested once however many ticks see it.
 
-A folder whose newest file is younger than ``AGSSP_INGEST_SETTLE_SECONDS`` (default 60) is left for a
-later tick: a camera or an operator may still be copying, and a half-written JPEG would be quarantined
-as truncated.
+Settling: a source with ``options.settle_seconds`` (or the ``AGSSP_INGEST_SETTLE_SECONDS`` default, 0)
+is left for a later tick while its newest file is younger than that, for folders filled in batches
+(an operator copying a shift from USB) where a half-written JPEG would otherwise be quarantined for one
+run. Keep it 0 for live camera folders, which never stop changing; there the next run heals the
+transient quarantine row anyway, because the completed file changes the fingerprint.
 """
 
 import json
@@ -31,12 +33,12 @@ ingest_job = dg.define_asset_job(
 
 
 SETTLE_ENV_VAR = "AGSSP_INGEST_SETTLE_SECONDS"
-DEFAULT_SETTLE_SECONDS = 60.0
+DEFAULT_SETTLE_SECONDS = 0.0
 
 
 def settled_fingerprints(config: PipelineConfig, log=None, now: float | None = None) -> dict[str, str]:
     """source -> folder fingerprint, for sources whose root exists and whose newest file has settled."""
-    settle = float(os.environ.get(SETTLE_ENV_VAR, DEFAULT_SETTLE_SECONDS))
+    default_settle = float(os.environ.get(SETTLE_ENV_VAR, DEFAULT_SETTLE_SECONDS))
     now = time.time() if now is None else now
     found: dict[str, str] = {}
     for source in config.sources:
@@ -46,6 +48,7 @@ def settled_fingerprints(config: PipelineConfig, log=None, now: float | None = N
             if log is not None:
                 log.warning(f"{error}; no run requested until it appears")
             continue
+        settle = float(source.options.get("settle_seconds", default_settle))
         age = now - snapshot.newest_mtime
         if 0 <= age < settle:  # a future mtime (clock skew between hosts) does not block ingestion
             if log is not None:

@@ -17,8 +17,7 @@ from jobs.ingestion import new_plant_images_sensor, nightly_ingest_schedule
 
 
 @pytest.fixture
-def plant_config(tmp_path, monkeypatch) -> tuple[Path, dict[str, Path]]:
-    monkeypatch.setenv("AGSSP_INGEST_SETTLE_SECONDS", "0")
+def plant_config(tmp_path) -> tuple[Path, dict[str, Path]]:
     folders = {name: tmp_path / name for name in ("line_a", "line_b")}
     for number, folder in enumerate(folders.values()):
         write_image(folder / "cam1" / "0001.jpg", seed=number)
@@ -95,7 +94,7 @@ def test_nightly_schedule_compares_with_last_materialization(plant_config):
 
 def test_sensor_waits_until_a_folder_settles(plant_config, monkeypatch):
     config_path, folders = plant_config
-    monkeypatch.setenv("AGSSP_INGEST_SETTLE_SECONDS", "3600")
+    monkeypatch.setenv("AGSSP_INGEST_SETTLE_SECONDS", "3600")  # the default for sources without settle_seconds
     with dg.instance_for_test() as instance:
         busy = tick(instance, config_path, None)
         assert not busy.run_requests and json.loads(busy.cursor) == {}  # files were written seconds ago
