@@ -409,3 +409,25 @@ FORMAT_ADAPTERS: dict[str, FormatAdapter] = {
     "severstal_rle": scan_severstal_rle,
 }
 assert set(FORMAT_ADAPTERS) == set(SOURCE_FORMATS), "every configured format needs an adapter"
+
+# options read outside the adapters: the sensor (settle_seconds) and the quarantine-rate check
+COMMON_OPTIONS = frozenset({"split", "settle_seconds", "max_quarantine_rate"})
+FORMAT_OPTIONS: dict[str, frozenset[str]] = {
+    "image_folder": frozenset({"images"}),
+    "voc": frozenset({"layouts", "images", "annotations"}),
+    "yolo": frozenset({"images", "labels", "names"}),
+    "coco": frozenset({"annotation_files", "images"}),
+    "mask_folder": frozenset({"images", "mask_dir", "mask_subdir", "mask_suffix", "mask_ext", "mask_threshold",
+                              "min_component_area", "defect_class", "class_strip_prefix", "empty_mask_is_normal",
+                              "missing_mask_is_normal"}),
+    "severstal_rle": frozenset({"csv", "images", "class_names"}),
+}
+
+
+def check_options(source: SourceConfig) -> None:
+    """A misspelt option would silently fall back to a default and index the wrong files: refuse it."""
+    accepted = FORMAT_OPTIONS[source.format] | COMMON_OPTIONS
+    unknown = sorted(set(source.options) - accepted)
+    if unknown:
+        raise ValueError(f"source '{source.name}' ({source.format}): unknown option(s) {unknown}; "
+                         f"accepted: {sorted(accepted)}")

@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from agssp_pipeline.config import SourceConfig
-from agssp_pipeline.sources.formats import FORMAT_ADAPTERS
+from agssp_pipeline.sources.formats import FORMAT_ADAPTERS, check_options
 from agssp_pipeline.sources.probe import ImageProbe, probe_image
 from agssp_pipeline.sources.regions import boxes_from_mask, check_box, decode_rle, read_mask
 from agssp_pipeline.sources.scan import ImageEntry, RawBox, option
@@ -254,8 +254,10 @@ def require_source_root(source: SourceConfig) -> Path:
 
 def ingest_source(source: SourceConfig, known_hashes: dict[str, str] | None = None, *,
                   workers: int | None = None) -> IngestResult:
-    """Index one source. Raises FileNotFoundError only when the source's folders are missing;
-    every problem with an individual file becomes a quarantine row instead."""
+    """Index one source. Raises FileNotFoundError when the source's folders are missing and
+    every problem with an individual file becomes a quarantine row instead; ValueError for an unknown
+    option."""
+    check_options(source)
     root = require_source_root(source)
     known = known_hashes or {}
     scan = FORMAT_ADAPTERS[source.format](source, root)
