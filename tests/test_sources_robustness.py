@@ -55,6 +55,13 @@ def test_probe_reasons_for_each_bad_file(tmp_path):
     cmyk = probe_image(tmp_path / "cmyk.jpg")
     assert cmyk.error is None and "CMYK" in cmyk.conversion and cmyk.channels == 3
     assert probe_image(tmp_path / "grey.tif").channels == 1
+    import cv2
+    import numpy as np
+
+    cv2.imwrite(str(tmp_path / "rgb16.png"), np.full((8, 9, 3), 40000, dtype=np.uint16))
+    deep_rgb = probe_image(tmp_path / "rgb16.png")
+    assert deep_rgb.error is None and deep_rgb.channels == 3 and "16-bit RGB" in deep_rgb.conversion
+    assert probe_image(tmp_path / "good.jpg").conversion is None
 
 
 def test_truncated_jpeg_detected_even_when_pil_is_lenient(tmp_path, monkeypatch):

@@ -63,6 +63,16 @@ def to_uint8(image: Image.Image) -> np.ndarray:
     return np.clip((array - low) * scale, 0, 255).astype(np.uint8)
 
 
+def source_bit_depth(image: Image.Image) -> int | None:
+    """16 when PIL reads a 16-bit-per-sample colour file into an 8-bit mode (rawmode 'RGB;16B' etc.)."""
+    for tile in getattr(image, "tile", None) or []:
+        args = tile.args if isinstance(tile.args, tuple) else (tile.args,)
+        rawmode = args[0] if args and isinstance(args[0], str) else ""
+        if ";16" in rawmode:
+            return 16
+    return None
+
+
 def probe_image(path: str | os.PathLike[str]) -> ImageProbe:
     """Hash and fully decode one file; never raises for a bad file (the reason goes in ``error``)."""
     path = str(path)
@@ -83,6 +93,7 @@ def probe_image(path: str | os.PathLike[str]) -> ImageProbe:
     except Exception as error:  # PIL raises many types for malformed headers
         return ImageProbe(**base, error=f"unreadable image header: {type(error).__name__}: {error}")
     width, height, mode, fmt = image.width, image.height, image.mode, image.format
+    deep_colour = mode not in HIGH_DEPTH_MODES and source_bit_depth(image) == 16  # tile list is gone after load
     if width <= 0 or height <= 0:
         return ImageProbe(**base, error=f"image has no pixels ({width}x{height})")
     if fmt == "JPEG" and not jpeg_is_complete(data):
@@ -100,6 +111,8 @@ def probe_image(path: str | os.PathLike[str]) -> ImageProbe:
             to_uint8(image)
             conversion = f"{HIGH_DEPTH_MODES[mode]}-bit image (mode {mode}) converted to 8-bit for probing"
             channels = 1
+        elif deep_colour:
+            conversion = f"16-bit {mode} image read as 8-bit for probing"
         elif mode == "CMYK":
             image.convert("RGB")
             conversion = "CMYK image converted to RGB for probing"
