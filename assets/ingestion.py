@@ -111,10 +111,10 @@ def _preview_metadata(result, root: str, layout, name: str) -> dict[str, dg.Meta
     }
     sheet = contact_sheet(result.images, result.annotations)
     if sheet is not None:
-        target = layout.previews("ingestion", f"{name}.png")
+        target = layout.previews("ingestion", f"{name}.jpg")
         write_bytes_atomic(target, sheet)
         encoded = base64.b64encode(sheet).decode()
-        metadata["contact_sheet"] = dg.MetadataValue.md(f"![{name}](data:image/png;base64,{encoded})")
+        metadata["contact_sheet"] = dg.MetadataValue.md(f"![{name}](data:image/jpeg;base64,{encoded})")
         metadata["contact_sheet_path"] = dg.MetadataValue.path(target)
     return metadata
 

@@ -53,7 +53,7 @@ def test_image_index_partitions_files_metadata_and_checks(fixture_config):
         assert metadata["images"].value == 7 and metadata["boxes"].value == 4 and metadata["duplicates"].value == 1
         assert metadata["normal"].value == 1 and metadata["quarantined"].value > 0
         assert "a_copy.jpg" in metadata["preview"].value and "inverted" in metadata["quarantine_examples"].value
-        assert metadata["contact_sheet"].value.startswith("![public_voc](data:image/png;base64,")
+        assert metadata["contact_sheet"].value.startswith("![public_voc](data:image/jpeg;base64,")
         assert Path(metadata["index_path"].value) == store / "index" / "public_voc.parquet"
         for suffix in ("parquet", "annotations.parquet", "quarantine.parquet"):
             assert (store / "index" / f"public_voc.{suffix}").is_file()

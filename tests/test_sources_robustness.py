@@ -150,3 +150,16 @@ def test_write_and_read_through_fsspec_urls(tmp_path):
     pd.testing.assert_frame_equal(read_parquet(paths["index"]), result.images)
     assert known_hashes_from(layout, [source.name]) == {i: source.name for i in result.images.image_id}
     fsspec.filesystem("memory").rm(layout.root, recursive=True)
+
+
+def test_contact_sheet_is_a_small_jpeg_grid(tmp_path):
+    import cv2
+    import numpy as np
+
+    from agssp_pipeline.sources.preview import contact_sheet
+
+    result = ingest_source(make_voc(tmp_path))
+    sheet = contact_sheet(result.images, result.annotations, count=6, tile=32, columns=3)
+    image = cv2.imdecode(np.frombuffer(sheet, np.uint8), cv2.IMREAD_COLOR)
+    assert image.shape == (64, 96, 3) and sheet[:2] == b"\xff\xd8"
+    assert contact_sheet(result.images.iloc[0:0], result.annotations) is None

@@ -8,16 +8,18 @@ import pandas as pd
 
 
 def contact_sheet(images: pd.DataFrame, annotations: pd.DataFrame, count: int = 8, tile: int = 96,
-                  columns: int = 4) -> bytes | None:
-    """PNG bytes of up to ``count`` images (defective first, then the rest) with boxes drawn in red;
-    None when no image can be read. Images are read with OpenCV, which also reduces 16-bit to 8-bit."""
-    unique = images[images["duplicate_of"].isna()]
+                  columns: int = 4, quality: int = 80) -> bytes | None:
+    """JPEG bytes (small enough for Dagster metadata) of up to ``count`` images spread evenly over the
+    sorted index, images with boxes preferred, boxes drawn in red; None when no image can be read.
+    Images are read with OpenCV, which also reduces 16-bit files to 8-bit."""
+    unique = images[images["duplicate_of"].isna()].sort_values("path", kind="stable")
     if unique.empty:
         return None
-    order = unique.assign(_boxed=unique["path"].isin(set(annotations["path"]))).sort_values(
-        ["_boxed", "path"], ascending=[False, True], kind="stable")
+    boxed = unique[unique["path"].isin(set(annotations["path"]))]
+    pool = boxed if len(boxed) >= count else unique
+    picks = pool.iloc[np.unique(np.linspace(0, len(pool) - 1, num=min(count, len(pool))).round().astype(int))]
     tiles = []
-    for row in order.head(count).itertuples(index=False):
+    for row in picks.itertuples(index=False):
         data = np.fromfile(row.path, dtype=np.uint8)
         image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
         if image is None:
@@ -37,5 +39,5 @@ def contact_sheet(images: pd.DataFrame, annotations: pd.DataFrame, count: int = 
     while len(tiles) % columns and len(tiles) > columns:
         tiles.append(np.full((tile, tile, 3), 255, dtype=np.uint8))
     rows = [np.hstack(tiles[i : i + columns]) for i in range(0, len(tiles), columns)]
-    ok, encoded = cv2.imencode(".png", np.vstack(rows))
+    ok, encoded = cv2.imencode(".jpg", np.vstack(rows), [cv2.IMWRITE_JPEG_QUALITY, quality])
     return encoded.tobytes() if ok else None
