@@ -6,10 +6,11 @@ For each dataset: ingest (agssp_pipeline.sources), score every image with the cn
 image-level split, and mask IoU over the delta sweep vs the best fixed (oracle) global threshold.
 Then compares image-split rules (fixed values vs per-category quantiles) across datasets.
 
-References: k images marked normal by ingestion (MT_Free, the demo's Free folders); a dataset without
-any normal image (NEU-DET) uses k random images of the category, which contain defects themselves --
-the few-shot memory then partly "knows" defects, a known weakness reported as such. References are left
-out of the evaluation (they score themselves). Maps are cached under --work (keyed by encoder settings).
+References: the pipeline's ``auto`` strategy (agssp_pipeline.kead.references): images marked normal by
+ingestion (MT_Free, the demo's Free folders), else the most typical images of the category (NEU-DET and
+the demo plant line have no marked normals; those references may hold defects themselves -- the few-shot
+memory then partly "knows" defects, a known weakness reported as such). References are left out of the
+evaluation (they score themselves). Maps go to versioned Zarr stores under --work; reruns read them back.
 
 Usage:
   .venv/bin/python benchmarks/box_quality.py --datasets demo,magnetic_tile,neu_det \
@@ -23,7 +24,6 @@ import json
 import time
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pandas as pd
 import torch
@@ -75,45 +75,31 @@ def subsample(index: pd.DataFrame, annotations: pd.DataFrame, max_per_class: int
     return pd.concat(parts).sort_values("image_id")
 
 
-def read_rgb(path: str) -> np.ndarray:
-    image = cv2.imread(path, cv2.IMREAD_COLOR)
-    if image is None:
-        raise ValueError(f"cannot read {path}")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+def source_maps(work: Path, source: SourceConfig, index: pd.DataFrame, args):
+    """Maps of ``index`` through the pipeline's KeAD path: references chosen by ``kead.references``
+    (strategy auto: marked normals, else the most typical images), ``kead.runner.compute_anomaly_maps``
+    into a versioned Zarr store under ``work`` (incremental: a rerun only reads it back).
 
+    Returns the evaluated rows (references removed: they score themselves), maps, scores, seconds spent.
+    """
+    from agssp_pipeline.kead.cnn_encoder import CnnFewShotEncoder
+    from agssp_pipeline.kead.references import select_references
+    from agssp_pipeline.kead.runner import compute_anomaly_maps
+    from agssp_pipeline.kead.store import read_map_table
 
-def score_source(encoder, index: pd.DataFrame, k_shot: int, seed: int, batch: int = 16):
-    """(evaluated index rows, maps (N,G,G) float16, image scores) with references chosen per category."""
-    rng = np.random.default_rng(seed)
-    kept_rows, maps, scores = [], [], []
-    for category, rows in index.groupby("category", sort=True):
-        normals = rows[rows["is_normal"] == True]  # noqa: E712  (nullable)
-        pool = normals if len(normals) >= k_shot else rows
-        references = pool.iloc[rng.choice(len(pool), size=min(k_shot, len(pool)), replace=False)]
-        encoder.set_references(str(category), torch.stack([encoder.preprocess(read_rgb(p)) for p in references["path"]]))
-        evaluated = rows[~rows["image_id"].isin(references["image_id"])]
-        for start in range(0, len(evaluated), batch):
-            chunk = evaluated.iloc[start : start + batch]
-            out = encoder.score(torch.stack([encoder.preprocess(read_rgb(p)) for p in chunk["path"]]), str(category))
-            maps.append(out.maps.numpy().astype(np.float16))
-            scores.append(out.image_score.numpy().astype(np.float32))
-        kept_rows.append(evaluated)
-    return pd.concat(kept_rows), np.concatenate(maps), np.concatenate(scores)
-
-
-def cached_maps(work: Path, source: SourceConfig, index: pd.DataFrame, args, encoder_factory):
-    key = f"{source.name}_s{args.image_size}_k{args.k_shot}_m{args.max_per_class}_seed{args.seed}"
-    path = work / "maps" / f"{key}.npz"
-    if path.is_file():
-        data = np.load(path, allow_pickle=False)
-        evaluated = index.set_index("image_id").loc[data["image_id"]].reset_index()
-        return evaluated, data["maps"], data["image_score"], 0.0
-    start = time.perf_counter()
-    evaluated, maps, scores = score_source(encoder_factory(), index, args.k_shot, args.seed)
-    seconds = time.perf_counter() - start
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, image_id=evaluated["image_id"].to_numpy(str), maps=maps, image_score=scores)
-    return evaluated.reset_index(drop=True), maps, scores, seconds
+    references = select_references(index, args.k_shot, "auto", seed=args.seed)
+    store = str(work / "maps.zarr" / f"{source.name}_s{args.image_size}_m{args.max_per_class}")
+    started = time.perf_counter()
+    run = compute_anomaly_maps(index, CnnFewShotEncoder(image_size=args.image_size), store, references,
+                               batch_size=16, num_workers=0)
+    seconds = time.perf_counter() - started if run.computed else 0.0
+    table = read_map_table(store)
+    keep = np.isin(table.image_id, index["image_id"]) & ~np.isin(table.image_id, references["image_id"])
+    ids = table.image_id[keep].astype(str)
+    evaluated = index.drop_duplicates("image_id").set_index("image_id").loc[ids].reset_index()
+    print(f"references ({source.name}): " + ", ".join(
+        f"{c}: {len(g)} {'/'.join(sorted(set(g['reason'])))}" for c, g in references.groupby("category")))
+    return evaluated, table.maps[keep], table.image_score[keep], seconds
 
 
 def fmt(frame: pd.DataFrame) -> str:
@@ -155,11 +141,6 @@ def main() -> None:
     work = Path(args.work)
     settings = BoxesSettings.model_validate(json.loads(args.settings))
 
-    def encoder_factory():
-        from agssp_pipeline.kead.cnn_encoder import CnnFewShotEncoder
-
-        return CnnFewShotEncoder(image_size=args.image_size)
-
     study_records, summary = [], []
     for dataset in args.datasets.split(","):
         sources, hidden = demo_sources(work) if dataset == "demo" else (real_sources(dataset), {})
@@ -168,7 +149,7 @@ def main() -> None:
             index = result.images[result.images["duplicate_of"].isna()].reset_index(drop=True)
             annotations = hidden.get(source.name, result.annotations)
             index = subsample(index, result.annotations, args.max_per_class, args.seed)
-            evaluated, maps, scores, seconds = cached_maps(work, source, index, args, encoder_factory)
+            evaluated, maps, scores, seconds = source_maps(work, source, index, args)
             ids = evaluated["image_id"].to_numpy(str)
             stats = map_statistics(source.name, ids, maps, scores, evaluated["category"].astype(str).to_numpy())
             thresholds = compute_category_thresholds(stats, settings)
