@@ -1,6 +1,6 @@
 """Automation policy (jobs/automation.py) evaluated tick by tick with Dagster's own evaluator.
 
-A stand-in graph with the pipeline's shape (observable plant folders -> image_index -> anomaly_maps ->
+A stand-in graph with the pipeline's shape (observable plant_images -> image_index -> anomaly_maps ->
 category_thresholds -> pseudo_boxes) isolates the policy from the assets' work; a last test checks
 that the project's real Definitions attach the policy to exactly the cheap assets.
 """
@@ -24,11 +24,12 @@ def build_graph(index_code_version: str = "1", maps_versions: dict[str, str] | N
     """Assets shaped like the pipeline; each returns a fixed data version so tests control changes."""
     maps_versions = maps_versions or {}
 
-    @dg.observable_source_asset(partitions_def=PARTITIONS, name="plant_files")
-    def plant_files():
+    # like assets/ingestion.py: one observation (one data version) over all plant folders
+    @dg.observable_source_asset(name="plant_images")
+    def plant_images():
         raise NotImplementedError("observations are reported by the test")
 
-    @dg.asset(partitions_def=PARTITIONS, deps=[plant_files], code_version=index_code_version,
+    @dg.asset(partitions_def=PARTITIONS, deps=[plant_images], code_version=index_code_version,
               automation_condition=CHEAP_ASSET_AUTOMATION)
     def image_index(context: dg.AssetExecutionContext):
         return dg.MaterializeResult(data_version=dg.DataVersion(f"index-{context.partition_key}"))
@@ -47,15 +48,13 @@ def build_graph(index_code_version: str = "1", maps_versions: dict[str, str] | N
     def pseudo_boxes(context: dg.AssetExecutionContext):
         return dg.MaterializeResult(data_version=dg.DataVersion(f"boxes-{context.partition_key}"))
 
-    return [plant_files, image_index, anomaly_maps, category_thresholds, pseudo_boxes]
+    return [plant_images, image_index, anomaly_maps, category_thresholds, pseudo_boxes]
 
 
-def observe_plant_folder(instance: dg.DagsterInstance, source: str, fingerprint: str) -> None:
-    """What a folder observation reports: a data version that changes when the files change."""
+def observe_plant_folders(instance: dg.DagsterInstance, fingerprint: str) -> None:
+    """What the ingestion sensor reports: one data version that changes when any folder changes."""
     instance.report_runless_asset_event(
-        dg.AssetObservation(
-            asset_key="plant_files", partition=source, tags={"dagster/data_version": fingerprint}
-        )
+        dg.AssetObservation(asset_key="plant_images", tags={"dagster/data_version": fingerprint})
     )
 
 
@@ -82,8 +81,7 @@ def world():
     instance = dg.DagsterInstance.ephemeral()
     instance.add_dynamic_partitions("image_source", ["line1", "line2"])
     assets = build_graph()
-    for source in ("line1", "line2"):
-        observe_plant_folder(instance, source, "files-v1")
+    observe_plant_folders(instance, "files-v1")
     materialize(assets, instance, ["image_index", "anomaly_maps"], ["line1", "line2"])
     materialize(assets, instance, ["category_thresholds"], [None])
     materialize(assets, instance, ["pseudo_boxes"], ["line1", "line2"])
@@ -92,19 +90,11 @@ def world():
     return instance, assets, first.cursor
 
 
-def test_new_images_in_one_plant_folder_reindex_only_that_source(world):
+def test_folder_observation_is_left_to_the_ingestion_sensor(world):
+    """New files change the combined folder version; re-indexing every source would be wrong (the
+    ingestion sensor requests exactly the changed ones), so the policy requests nothing."""
     instance, assets, cursor = world
-    observe_plant_folder(instance, "line1", "files-v2")
-    result = dg.evaluate_automation_conditions(defs=assets, instance=instance, cursor=cursor)
-    assert requested(result) == {"image_index": {"line1"}}
-    # the request is handled: the next tick does not repeat it
-    again = dg.evaluate_automation_conditions(defs=assets, instance=instance, cursor=result.cursor)
-    assert requested(again) == {}
-
-
-def test_an_observation_with_unchanged_files_requests_nothing(world):
-    instance, assets, cursor = world
-    observe_plant_folder(instance, "line2", "files-v1")
+    observe_plant_folders(instance, "files-v2")
     result = dg.evaluate_automation_conditions(defs=assets, instance=instance, cursor=cursor)
     assert requested(result) == {}
 
@@ -136,15 +126,14 @@ def test_expensive_assets_are_never_requested_and_new_maps_flow_to_cheap_assets(
     assert "anomaly_maps" not in got and "image_index" not in got
 
 
-def test_a_new_source_is_indexed_once_its_folder_is_observed(world):
+def test_a_new_source_is_indexed_and_nothing_else(world):
     instance, assets, cursor = world
     instance.add_dynamic_partitions("image_source", ["line3"])
-    # not yet observed: its plant folder partition is missing, so indexing waits
     result = dg.evaluate_automation_conditions(defs=assets, instance=instance, cursor=cursor)
-    assert "line3" not in requested(result).get("image_index", set())
-    observe_plant_folder(instance, "line3", "files-v1")
-    result = dg.evaluate_automation_conditions(defs=assets, instance=instance, cursor=result.cursor)
-    assert requested(result).get("image_index") == {"line3"}
+    # its maps are missing, so boxes for line3 wait; thresholds do not move for a missing partition
+    assert requested(result) == {"image_index": {"line3"}}
+    again = dg.evaluate_automation_conditions(defs=assets, instance=instance, cursor=result.cursor)
+    assert requested(again) == {}
 
 
 def test_sensor_is_exported_and_running_by_default():

@@ -15,7 +15,7 @@ import dagster as dg
 import pytest
 import yaml
 
-from tests.helpers_servers import postgres_server, private_demo_config
+from helpers_servers import postgres_server, private_demo_config
 
 pytest.importorskip("dagster_postgres")
 

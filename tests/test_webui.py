@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers_servers import dagster_webserver, graphql, headless_chromium, private_demo_config
+from helpers_servers import dagster_webserver, graphql, headless_chromium, private_demo_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO_ROOT / "test-artifacts"
