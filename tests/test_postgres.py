@@ -14,7 +14,6 @@ from pathlib import Path
 import dagster as dg
 import pytest
 import yaml
-
 from helpers_servers import postgres_server, private_demo_config
 
 pytest.importorskip("dagster_postgres")

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from helpers_servers import dagster_webserver, graphql, headless_chromium, private_demo_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
