@@ -84,6 +84,10 @@ def test_image_index_partitions_files_metadata_and_checks(fixture_config):
         relaxed = materialize(instance, fixture_config, "plant_line", run_config={
             "ops": {"image_index_image_index_quarantine_rate": {"config": {"max_rate": 0.5}}}})
         assert {e.check_name: e.passed for e in relaxed.get_asset_check_evaluations()}["image_index_quarantine_rate"]
+        # the re-run took the three good files' probes from the previous index instead of re-reading them
+        reused = lambda result: result.asset_materializations_for_node("image_index")[0].metadata["files_reused_unread"].value  # noqa: E731
+        assert reused(second) == 0 and reused(relaxed) == 3
+        assert relaxed.asset_materializations_for_node("image_index")[0].tags["dagster/data_version"] == expected
 
 
 def test_missing_root_fails_only_its_partition(fixture_config):

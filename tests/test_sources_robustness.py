@@ -163,3 +163,21 @@ def test_contact_sheet_is_a_small_jpeg_grid(tmp_path):
     image = cv2.imdecode(np.frombuffer(sheet, np.uint8), cv2.IMREAD_COLOR)
     assert image.shape == (64, 96, 3) and sheet[:2] == b"\xff\xd8"
     assert contact_sheet(result.images.iloc[0:0], result.annotations) is None
+
+
+def test_probe_cache_reuses_unchanged_files_with_identical_output(tmp_path):
+    from agssp_pipeline.sources import ProbeCache, previous_probe_cache
+
+    source = plant_folder(tmp_path / "line")
+    layout = StorageLayout(str(tmp_path / "store"))
+    ingest_source(source).write(layout, source.name)
+    write_image(tmp_path / "line" / "new.jpg", seed=77)
+    stat = (tmp_path / "line" / "grey.tif").stat()
+    os.utime(tmp_path / "line" / "grey.tif", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    cache = previous_probe_cache(layout, source.name)
+    assert isinstance(cache, ProbeCache) and len(cache) == 4
+    cached, fresh = ingest_source(source, cache=cache), ingest_source(source)
+    assert cache.hits == 3  # good.jpg, deep.png, cmyk.jpg; grey.tif was touched, new.jpg is new
+    assert cached.content_hash() == fresh.content_hash()
+    assert "converted" in set(cached.quarantine.action)  # conversions of reused probes are kept
+    assert previous_probe_cache(layout, "never_ingested") is None

@@ -15,9 +15,11 @@ from agssp_pipeline.sources.fingerprint import (
 from agssp_pipeline.sources.formats import FORMAT_ADAPTERS
 from agssp_pipeline.sources.ingest import (
     IngestResult,
+    ProbeCache,
     ingest_source,
     known_hashes_from,
     parquet_exists,
+    previous_probe_cache,
     read_parquet,
     require_source_root,
 )
@@ -32,11 +34,13 @@ __all__ = [
     "QUARANTINE_SCHEMA",
     "ImageProbe",
     "IngestResult",
+    "ProbeCache",
     "folder_fingerprint",
     "folder_snapshot",
     "ingest_source",
     "known_hashes_from",
     "parquet_exists",
+    "previous_probe_cache",
     "probe_image",
     "read_parquet",
     "require_source_root",

@@ -109,8 +109,47 @@ def _rle_outcome(outcome: _Outcome) -> None:
         outcome.boxes.extend(RawBox(entry.path, class_name, *box, origin=origin) for box in boxes_from_mask(mask))
 
 
-def _process(entry: ImageEntry, source: SourceConfig) -> _Outcome:
-    probe = probe_image(entry.path)
+class ProbeCache:
+    """Probes of a previous ingestion, reused for files whose size and mtime are unchanged.
+
+    Re-ingesting a plant folder after a few new frames then hashes and decodes only the new files. Only
+    successful probes are reused (bad files are re-probed: they are few and may have been fixed); masks
+    and run-lengths are always re-read. A file rewritten with identical size and mtime would be missed:
+    ``ingest_source(..., cache=None)`` (the asset's ``full_rescan``) re-reads everything.
+    """
+
+    def __init__(self, index: pd.DataFrame, quarantine: pd.DataFrame | None = None):
+        conversions: dict[str, str] = {}
+        if quarantine is not None and not quarantine.empty:
+            converted = quarantine[(quarantine["kind"] == KIND_IMAGE) & (quarantine["action"] == ACTION_CONVERTED)]
+            conversions = dict(zip(converted["path"], converted["reason"], strict=True))
+        self._probes = {
+            row.path: ImageProbe(path=row.path, bytes=int(row.bytes), mtime=float(row.mtime), image_id=row.image_id,
+                                 width=int(row.width), height=int(row.height), channels=int(row.channels),
+                                 conversion=conversions.get(row.path))
+            for row in index[["path", "bytes", "mtime", "image_id", "width", "height", "channels"]].itertuples(index=False)
+        }
+        self.hits = 0
+
+    def __len__(self) -> int:
+        return len(self._probes)
+
+    def get(self, path: str) -> ImageProbe | None:
+        cached = self._probes.get(path)
+        if cached is None:
+            return None
+        try:
+            stat = os.stat(path)
+        except OSError:
+            return None
+        if stat.st_size != cached.bytes or stat.st_mtime != cached.mtime:
+            return None
+        self.hits += 1  # int += under the GIL from several threads: a statistic, not a contract
+        return cached
+
+
+def _process(entry: ImageEntry, source: SourceConfig, cache: ProbeCache | None = None) -> _Outcome:
+    probe = (cache.get(str(entry.path)) if cache is not None else None) or probe_image(entry.path)
     outcome = _Outcome(entry, probe, is_normal=entry.is_normal)
     if probe.error:
         outcome.notes.append(QuarantineRow(probe.path, KIND_IMAGE, ACTION_QUARANTINED, probe.error))
@@ -253,17 +292,18 @@ def require_source_root(source: SourceConfig) -> Path:
 
 
 def ingest_source(source: SourceConfig, known_hashes: dict[str, str] | None = None, *,
-                  workers: int | None = None) -> IngestResult:
+                  workers: int | None = None, cache: ProbeCache | None = None) -> IngestResult:
     """Index one source. Raises FileNotFoundError when the source's folders are missing and
     every problem with an individual file becomes a quarantine row instead; ValueError for an unknown
-    option."""
+    option. ``cache`` (a ``ProbeCache`` of the previous tables) skips re-reading unchanged files; the
+    result is the same as without it."""
     check_options(source)
     root = require_source_root(source)
     known = known_hashes or {}
     scan = FORMAT_ADAPTERS[source.format](source, root)
     entries = sorted({str(e.path): e for e in scan.entries}.values(), key=lambda e: str(e.path))
     with ThreadPoolExecutor(max_workers=workers or default_workers(), thread_name_prefix="ingest") as pool:
-        outcomes = list(pool.map(lambda entry: _process(entry, source), entries))
+        outcomes = list(pool.map(lambda entry: _process(entry, source, cache), entries))
 
     quarantine = list(scan.quarantine)
     index_rows: list[dict] = []
@@ -305,7 +345,8 @@ def ingest_source(source: SourceConfig, known_hashes: dict[str, str] | None = No
         annotations=frame(annotation_rows, ANNOTATION_SCHEMA),
         quarantine=frame([row.__dict__ for row in quarantine], QUARANTINE_SCHEMA),
     )
-    log.info("ingested source %s: %s", source.name, result.counts())
+    log.info("ingested source %s: %s (%d unchanged files not re-read)", source.name, result.counts(),
+             cache.hits if cache is not None else 0)
     return result
 
 
@@ -342,3 +383,15 @@ def _check_boxes(boxes: list[RawBox], probes: dict[Path, ImageProbe], source: So
         reason = f"{count} box(es) dropped: image {image_name} is quarantined"
         quarantine.append(QuarantineRow(origin, KIND_ANNOTATION, ACTION_QUARANTINED, reason))
     return rows
+
+
+def previous_probe_cache(layout: StorageLayout, source: str) -> ProbeCache | None:
+    """A ProbeCache from the tables last written for ``source``; None when there are none or unreadable."""
+    try:
+        if not parquet_exists(layout.index(source)):
+            return None
+        quarantine = read_parquet(layout.quarantine(source)) if parquet_exists(layout.quarantine(source)) else None
+        return ProbeCache(read_parquet(layout.index(source)), quarantine)
+    except Exception as error:  # a damaged previous index only costs a full re-read
+        log.warning("previous index of %s unusable as a cache (%s); reading every file", source, error)
+        return None
