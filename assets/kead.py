@@ -1,1 +1,394 @@
-"""Dagster assets: kead (wiring only; the work lives in agssp_pipeline)."""
+"""Dagster assets: KeAD anomaly maps per source and their evaluation (wiring only; work in agssp_pipeline.kead).
+
+``anomaly_maps`` runs in the ``gpu`` pool with a single-run backfill policy, so a backfill over many
+sources loads the model once and walks ``context.partition_keys`` in one process. Per-source details go
+into one ``AssetObservation`` per partition; the materialization carries the run-level summary.
+"""
+
+
+import base64
+import hashlib
+import io
+import time
+from typing import Any
+
+import cv2
+import dagster as dg
+import numpy as np
+import pandas as pd
+from pydantic import PrivateAttr
+
+from agssp_pipeline.kead.base import AnomalyEncoder
+from agssp_pipeline.kead.evaluation import evaluate_maps, has_masks, write_evaluation
+from agssp_pipeline.kead.maps import upsample_map
+from agssp_pipeline.kead.references import select_references
+from agssp_pipeline.kead.runner import Progress, RunStats, compute_anomaly_maps, mappable_rows, read_rgb
+from agssp_pipeline.kead.settings import KeadSettings
+from agssp_pipeline.kead.store import CODE_VERSION, StoreEmptyError, read_map_table
+from agssp_pipeline.sources import parquet_exists, read_parquet
+from agssp_pipeline.sources.ingest import write_bytes_atomic
+from assets.partitions import image_source_partitions
+from assets.resources import PipelineConfigResource
+
+KEAD_CODE_VERSION = f"kead-assets-1/{CODE_VERSION}"
+EVALUATION_CODE_VERSION = "kead-eval-1"
+PREVIEW_IMAGES = 6
+THUMB_SIDE = 160
+MAP_RANGE = (0.0, 1.0)  # every registered encoder emits probabilities or [0, 1)-normalised distances
+LOG_EVERY_S = 20.0
+
+
+class KeadModelResource(dg.ConfigurableResource):
+    """Encoder and device settings: run-time overrides of the ``kead:`` section of agssp.yaml.
+
+    Unset fields keep the file's value. The built encoder is cached for the life of the resource
+    (one run), so a single-run backfill over many sources loads the weights once.
+    """
+
+    encoder: str | None = None
+    weights: str | None = None
+    device: str | None = None
+    image_size: int | None = None
+    k_shot: int | None = None
+    batch_size: int | None = None
+    num_workers: int | None = None
+    reference_strategy: str | None = None
+
+    _cache: dict[str, AnomalyEncoder] = PrivateAttr(default_factory=dict)
+
+    def settings(self, base: KeadSettings) -> KeadSettings:
+        overrides = {k: v for k, v in self.model_dump().items() if v is not None}
+        return KeadSettings.model_validate({**base.model_dump(), **overrides})
+
+    def encoder_for(self, settings: KeadSettings) -> AnomalyEncoder:
+        from agssp_pipeline.kead.encoders import build_encoder
+
+        key = settings.model_dump_json()
+        if key not in self._cache:
+            self._cache[key] = build_encoder(settings)
+        return self._cache[key]
+
+
+RESOURCES = {"kead_model": KeadModelResource()}
+
+
+# -- helpers ------------------------------------------------------------------------------------------
+def _index(layout, source: str) -> pd.DataFrame:
+    uri = layout.index(source)
+    if not parquet_exists(uri):
+        raise FileNotFoundError(f"no image index for source '{source}' at {uri}: materialize image_index first")
+    return read_parquet(uri)
+
+
+def reference_pool(config, layout, source: str, index: pd.DataFrame, log=None) -> pd.DataFrame:
+    """This source's rows plus those of every other indexed source sharing one of its categories."""
+    categories = set(index["category"].dropna().astype(str))
+    frames = [index]
+    for other in config.source_names:
+        if other == source or not parquet_exists(layout.index(other)):
+            continue
+        rows = read_parquet(layout.index(other))
+        rows = rows[rows["category"].astype(str).isin(categories)]
+        if len(rows):
+            frames.append(rows)
+            if log is not None:
+                log.info(f"{len(rows)} images of source '{other}' may serve as references")
+    return pd.concat(frames, ignore_index=True).drop_duplicates("image_id")
+
+
+def _previous_zero_shot_scores(store_uri: str) -> pd.Series | None:
+    """Zero-shot scores of an earlier run (any encoder with a text path), for 'lowest_zero_shot'."""
+    try:
+        table = read_map_table(store_uri)
+    except (StoreEmptyError, FileNotFoundError):
+        return None
+    scores = pd.Series(table.zero_shot_score.astype(float), index=table.image_id)
+    return None if scores.isna().all() else scores
+
+
+def _png_markdown(png: bytes, alt: str) -> str:
+    return f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode('ascii')})"
+
+
+def _md_table(frame: pd.DataFrame) -> str:
+    if frame.empty:
+        return "_none_"
+    lines = ["| " + " | ".join(map(str, frame.columns)) + " |", "|" + "---|" * len(frame.columns)]
+    for row in frame.itertuples(index=False):
+        lines.append("| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row) + " |")
+    return "\n".join(lines)
+
+
+def overlay_thumbnail(path: str, patch_map: np.ndarray, side: int = THUMB_SIDE) -> np.ndarray:
+    """Image (longest side ``side``) with its map as a JET overlay; BGR uint8."""
+    image = cv2.cvtColor(read_rgb(path), cv2.COLOR_RGB2BGR)
+    scale = side / max(image.shape[:2])
+    height, width = max(1, round(image.shape[0] * scale)), max(1, round(image.shape[1] * scale))
+    image = cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
+    heat = np.clip(upsample_map(patch_map, height, width), *MAP_RANGE)
+    colour = cv2.applyColorMap((heat * 255).astype(np.uint8), cv2.COLORMAP_JET)
+    blended = cv2.addWeighted(image, 0.55, colour, 0.45, 0)
+    canvas = np.full((side, side, 3), 255, np.uint8)
+    canvas[:height, :width] = blended
+    return canvas
+
+
+def top_anomalous_preview(table, index: pd.DataFrame, count: int = PREVIEW_IMAGES) -> bytes | None:
+    """PNG strip of the ``count`` highest-scoring images with their maps overlaid."""
+    paths = index.drop_duplicates("image_id").set_index("image_id")["path"]
+    order = np.argsort(-np.nan_to_num(table.image_score, nan=-np.inf))[:count]
+    tiles = []
+    for row in order:
+        image_id = str(table.image_id[row])
+        if image_id not in paths.index:
+            continue
+        try:
+            tile = overlay_thumbnail(str(paths[image_id]), table.maps[row].astype(np.float32))
+        except OSError:
+            continue
+        cv2.putText(tile, f"{table.image_score[row]:.3f}", (4, THUMB_SIDE - 6), cv2.FONT_HERSHEY_SIMPLEX,
+                    0.45, (0, 0, 0), 1, cv2.LINE_AA)
+        tiles.append(tile)
+    if not tiles:
+        return None
+    ok, png = cv2.imencode(".png", np.hstack(tiles))
+    return png.tobytes() if ok else None
+
+
+def score_histogram(scores: np.ndarray) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(3.4, 2.0), dpi=100)
+    axis.hist(scores[np.isfinite(scores)], bins=30, color="#5b7fa6")
+    axis.set_xlabel("image score")
+    axis.set_ylabel("images")
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+class _ProgressLogger:
+    """done/total, images/s and ETA to the run log, at most every ``LOG_EVERY_S`` seconds."""
+
+    def __init__(self, log, source: str) -> None:
+        self.log, self.source, self.last = log, source, 0.0
+
+    def __call__(self, progress: Progress) -> None:
+        now = time.monotonic()
+        if now - self.last < LOG_EVERY_S and progress.done < progress.total:
+            return
+        self.last = now
+        self.log.info(f"{self.source}: {progress.done}/{progress.total} images ({progress.category}), "
+                      f"{progress.images_per_s:.1f} images/s, ETA {progress.eta_s:.0f} s")
+
+
+def _source_metadata(source: str, stats: RunStats, table, index: pd.DataFrame, references: pd.DataFrame,
+                     encoder: AnomalyEncoder, layout) -> dict[str, Any]:
+    metadata: dict[str, Any] = {
+        "source": source,
+        "images_computed": stats.computed,
+        "images_skipped": stats.skipped,
+        "images_failed": len(stats.failed),
+        "images_in_store": len(table),
+        "images_per_s": round(stats.images_per_s, 2),
+        "seconds": round(stats.seconds, 1),
+        "forward_passes": stats.forward_passes,
+        "device": stats.device,
+        "encoder": encoder.identity.encoder,
+        "weights": encoder.identity.weights,
+        "store_version": stats.version,
+        "store": dg.MetadataValue.path(layout.maps_store(source)),
+        "references": dg.MetadataValue.md(_md_table(references[["category", "image_id", "source", "reason"]])),
+    }
+    if stats.failed:
+        metadata["failed_examples"] = dg.MetadataValue.json(dict(stats.failed[:10]))
+    if len(table):
+        metadata["image_score_histogram"] = dg.MetadataValue.md(
+            _png_markdown(score_histogram(table.image_score.astype(np.float64)), f"image scores {source}"))
+        preview = top_anomalous_preview(table, index)
+        if preview is not None:
+            target = layout.previews("kead", f"{source}_top_anomalous.png")
+            write_bytes_atomic(target, preview)
+            metadata["top_anomalous"] = dg.MetadataValue.md(_png_markdown(preview, f"top anomalous {source}"))
+            metadata["top_anomalous_path"] = dg.MetadataValue.path(target)
+    return metadata
+
+
+def _data_version(versions: dict[str, tuple[str, int]]) -> str:
+    text = ";".join(f"{s}={v}:{n}" for s, (v, n) in sorted(versions.items()))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# -- assets ---------------------------------------------------------------------------------------------
+@dg.asset(
+    key="anomaly_maps",
+    partitions_def=image_source_partitions,
+    deps=[dg.AssetDep("image_index")],
+    pool="gpu",
+    backfill_policy=dg.BackfillPolicy.single_run(),
+    code_version=KEAD_CODE_VERSION,
+    group_name="kead",
+    kinds={"pytorch", "zarr"},
+    description=(
+        "KeAD anomaly maps of one source: a (G x G) float16 map, image score and zero-shot score per indexed "
+        "image in maps.zarr/<source> (Zarr v3, versioned by encoder/weights/prompts/references/grid, "
+        "incremental: only images not yet in the current version are computed). References: kead."
+        "reference_strategy, drawn from every source sharing the category."
+    ),
+)
+def anomaly_maps(
+    context: dg.AssetExecutionContext, pipeline_config: PipelineConfigResource, kead_model: KeadModelResource
+) -> dg.MaterializeResult:
+    config = pipeline_config.load()
+    layout = config.layout()
+    settings = kead_model.settings(config.kead)
+    encoder = kead_model.encoder_for(settings)  # once for every partition of this run
+    context.log.info(f"encoder {encoder.identity.as_dict()} on {encoder.device}")
+    summary_rows, versions = [], {}
+    for source in context.partition_keys:
+        index = _index(layout, source)
+        store_uri = layout.maps_store(source)
+        pool = reference_pool(config, layout, source, index, context.log)
+        references = select_references(
+            pool, k=settings.k_shot, strategy=settings.reference_strategy,
+            explicit=settings.reference_images, zero_shot_scores=_previous_zero_shot_scores(store_uri),
+            categories=sorted(index["category"].dropna().astype(str).unique()),
+        )
+        stats = compute_anomaly_maps(
+            index, encoder, store_uri, references, batch_size=settings.batch_size,
+            num_workers=settings.num_workers, progress=_ProgressLogger(context.log, source),
+        )
+        table = read_map_table(store_uri)
+        context.log.info(f"{source}: computed {stats.computed}, skipped {stats.skipped}, "
+                         f"failed {len(stats.failed)}, {stats.images_per_s:.1f} images/s on {stats.device}")
+        metadata = _source_metadata(source, stats, table, index, references, encoder, layout)
+        context.log_event(dg.AssetObservation(asset_key=context.asset_key, partition=source, metadata=metadata))
+        versions[source] = (stats.version, len(table))
+        summary_rows.append({k: metadata[k] for k in ("source", "images_computed", "images_skipped",
+                                                      "images_failed", "images_per_s", "store_version")})
+    single = summary_rows[0] if len(summary_rows) == 1 else None
+    run_metadata: dict[str, Any] = {
+        "sources": dg.MetadataValue.md(_md_table(pd.DataFrame(summary_rows))),
+        "images_computed": sum(r["images_computed"] for r in summary_rows),
+        "images_skipped": sum(r["images_skipped"] for r in summary_rows),
+        "encoder": encoder.identity.encoder,
+        "weights": encoder.identity.weights,
+        "device": str(encoder.device),
+    }
+    if single is not None:  # one partition: surface the full per-source metadata on the materialization
+        run_metadata.update(metadata)
+    return dg.MaterializeResult(metadata=run_metadata, data_version=dg.DataVersion(_data_version(versions)))
+
+
+def _checked_sources(context: dg.AssetCheckExecutionContext) -> list[str]:
+    """The partition, or every partition of a single-run backfill (one combined result, as Dagster 1.13
+    evaluates partitioned checks per run, not per partition, when the run spans a range)."""
+    return list(context.partition_keys)
+
+
+def _range_check(sources: list[str], results: dict[str, tuple[bool, dict[str, Any]]],
+                 severity: dg.AssetCheckSeverity) -> dg.AssetCheckResult:
+    if len(sources) == 1:
+        passed, metadata = results[sources[0]]
+        return dg.AssetCheckResult(passed=passed, severity=severity, metadata=metadata)
+    failing = [s for s in sources if not results[s][0]]
+    return dg.AssetCheckResult(
+        passed=not failing, severity=severity,
+        metadata={"sources": dg.MetadataValue.json({s: results[s][1] for s in sources}),
+                  "failing_sources": dg.MetadataValue.json(failing)},
+    )
+
+
+def maps_sane(store_uri: str) -> tuple[bool, bool, dict[str, Any]]:
+    """(finite, in range, metadata) of a store's current version."""
+    table = read_map_table(store_uri)
+    maps = table.maps.astype(np.float32)
+    finite = bool(np.isfinite(maps).all() and np.isfinite(table.image_score).all())
+    low, high = (float(np.nanmin(maps)), float(np.nanmax(maps))) if maps.size else (0.0, 0.0)
+    in_range = MAP_RANGE[0] - 1e-3 <= low and high <= MAP_RANGE[1] + 1e-3
+    return finite, in_range, {"finite": finite, "min": low, "max": high, "images": len(table),
+                              "version": str(table.attrs.get("version"))}
+
+
+@dg.asset_check(asset=anomaly_maps, partitions_def=image_source_partitions,
+                description="Every stored map and image score is finite (ERROR otherwise: NaN breaks thresholds) "
+                            "and maps lie in [0, 1] (WARN otherwise: thresholds assume that scale).")
+def anomaly_maps_finite_and_in_range(context: dg.AssetCheckExecutionContext,
+                                     pipeline_config: PipelineConfigResource) -> dg.AssetCheckResult:
+    layout = pipeline_config.layout()
+    sources = _checked_sources(context)
+    results, all_finite = {}, True
+    for source in sources:
+        finite, in_range, metadata = maps_sane(layout.maps_store(source))
+        all_finite &= finite
+        results[source] = (finite and in_range, metadata)
+    severity = dg.AssetCheckSeverity.WARN if all_finite else dg.AssetCheckSeverity.ERROR
+    return _range_check(sources, results, severity)
+
+
+def maps_cover_index(layout, source: str) -> tuple[bool, dict[str, Any]]:
+    expected = set(mappable_rows(_index(layout, source))["image_id"].astype(str))
+    stored = read_map_table(layout.maps_store(source)).image_id.tolist()
+    missing, extra = expected - set(stored), set(stored) - expected
+    duplicates = len(stored) - len(set(stored))
+    return not missing and not extra and duplicates == 0, {
+        "indexed": len(expected), "stored": len(stored), "missing": len(missing), "not_in_index": len(extra),
+        "duplicates": duplicates, "missing_examples": sorted(missing)[:10]}
+
+
+@dg.asset_check(asset=anomaly_maps, partitions_def=image_source_partitions,
+                description="Exactly one map per indexed image (duplicates excluded; quarantined files are "
+                            "not in the index), none for images that left the index.")
+def anomaly_maps_one_per_image(context: dg.AssetCheckExecutionContext,
+                               pipeline_config: PipelineConfigResource) -> dg.AssetCheckResult:
+    layout = pipeline_config.layout()
+    sources = _checked_sources(context)
+    results = {source: maps_cover_index(layout, source) for source in sources}
+    return _range_check(sources, results, dg.AssetCheckSeverity.ERROR)
+
+
+@dg.asset(
+    key="kead_evaluation",
+    partitions_def=image_source_partitions,
+    deps=[dg.AssetDep("anomaly_maps")],
+    code_version=EVALUATION_CODE_VERSION,
+    group_name="kead",
+    kinds={"parquet"},
+    description=(
+        "Image and pixel AUROC of one source's anomaly maps against its ground-truth masks, overall and per "
+        "defect class and category (evaluations/kead_<source>.parquet). Sources without masks are skipped "
+        "with a note."
+    ),
+)
+def kead_evaluation(context: dg.AssetExecutionContext, pipeline_config: PipelineConfigResource) -> dg.MaterializeResult:
+    layout = pipeline_config.layout()
+    source = context.partition_key
+    index = _index(layout, source)
+    if not has_masks(index):
+        context.log.info(f"source '{source}' has no ground-truth masks: nothing to evaluate")
+        return dg.MaterializeResult(metadata={"evaluated": False,
+                                              "reason": f"source '{source}' has no ground-truth masks"})
+    table = read_map_table(layout.maps_store(source))
+    frame = evaluate_maps(index, table)
+    uri = layout.evaluations(f"kead_{source}")
+    write_evaluation(frame, uri)
+    overall = frame[frame["level"] == "overall"].iloc[0]
+    return dg.MaterializeResult(
+        metadata={
+            "evaluated": True,
+            "path": dg.MetadataValue.path(uri),
+            "encoder": str(overall["encoder"]),
+            "store_version": str(table.attrs.get("version")),
+            "n_images": int(overall["n_images"]),
+            "image_auroc": float(overall["image_auroc"]),
+            "pixel_auroc": float(overall["pixel_auroc"]),
+            "table": dg.MetadataValue.md(_md_table(frame.drop(columns=["encoder"]))),
+        },
+        data_version=dg.DataVersion(f"{table.attrs.get('version')}:{len(table)}"),
+    )
+
