@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from agssp_pipeline.config import load_config
-from agssp_pipeline.kead.store import MapTable, write_map_table
+from agssp_pipeline.kead.store import MapTable, read_map_table, write_map_table
 
 SIZE, GRID = 64, 8
 
@@ -173,3 +173,22 @@ def test_missing_maps_is_a_clear_error(tmp_path):
     }))
     with pytest.raises(FileNotFoundError, match="materialize anomaly_maps"):
         stage.compute_thresholds(load_config(path))
+
+
+def test_stale_thresholds_are_refused(tiny_pipeline):
+    from agssp_pipeline.boxes import stage
+
+    _, pipeline = tiny_pipeline
+    run = stage.compute_thresholds(pipeline)
+    stage.write_thresholds(pipeline, run)
+    assert len(stage.compute_pseudo_boxes(pipeline, "line_a"))
+    assert len(stage.compute_pseudo_boxes(pipeline, "held_out"))  # downstream: uses its category's T_c
+    layout = pipeline.layout()
+    table = read_map_table(layout.maps_store("line_a"))
+    table.attrs = {"encoder": "test", "version": "v-new"}
+    write_map_table(layout.maps_store("line_a"), table)
+    with pytest.raises(ValueError, match="rematerialize category_thresholds"):
+        stage.compute_pseudo_boxes(pipeline, "line_a")
+    only_a = stage.compute_thresholds(pipeline, sources=["line_a"])
+    with pytest.raises(ValueError, match="without source 'masks_b'"):
+        stage.compute_pseudo_boxes(pipeline, "masks_b", thresholds=only_a.table)

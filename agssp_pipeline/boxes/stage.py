@@ -11,6 +11,7 @@ shape the pseudo labels the backbone is pretrained on.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -121,6 +122,22 @@ def read_thresholds(layout: StorageLayout) -> pd.DataFrame:
     return pd.read_parquet(uri)
 
 
+def check_thresholds_current(thresholds: pd.DataFrame, source: str, version: str, pretrain: bool) -> None:
+    """Thresholds must come from this source's current maps when the source takes part in them."""
+    recorded = {
+        json.loads(row)[source] for row in thresholds["map_store_versions"] if source in json.loads(row)
+    }
+    if pretrain and not recorded:
+        raise ValueError(
+            f"thresholds were computed without source '{source}': rematerialize category_thresholds"
+        )
+    if recorded and recorded != {version}:
+        raise ValueError(
+            f"thresholds were computed from map store version(s) {sorted(recorded)} of '{source}', the store "
+            f"is now at {version}: rematerialize category_thresholds"
+        )
+
+
 def compute_pseudo_boxes(
     config: PipelineConfig, source: str, settings: BoxesSettings | None = None, thresholds: pd.DataFrame | None = None
 ) -> pd.DataFrame:
@@ -129,6 +146,9 @@ def compute_pseudo_boxes(
     layout = config.layout()
     maps = load_maps(layout, source)
     thresholds = read_thresholds(layout) if thresholds is None else thresholds
+    check_thresholds_current(
+        thresholds, source, str(maps.attrs.get("version")), config.source(source).used_for_pretraining
+    )
     return build_pseudo_boxes(
         source,
         maps.image_id,
