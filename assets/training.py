@@ -13,7 +13,6 @@ start on every upstream change; the UI shows it unsynced when the maps or index 
 
 import base64
 import json
-from pathlib import Path
 
 import dagster as dg
 
@@ -121,8 +120,9 @@ def backbone_checkpoint(
     )
     lineage = result.lineage
     plot_path = pipeline.layout().previews("backbone", name, f"{result.run_id}_losses.png")
-    plot_loss_curves(result.step_history, plot_path, title=f"AGBP {name} ({result.run_id})")
-    encoded = base64.b64encode(Path(plot_path).read_bytes()).decode()
+    png = plot_loss_curves(result.step_history, title=f"AGBP {name} ({result.run_id})")
+    ckpt.write_bytes(plot_path, png)  # local folder or object store, like the checkpoint
+    encoded = base64.b64encode(png).decode()
     # the Dagster view of the inputs goes into the sidecar too, so it survives outside the Dagster instance
     lineage["dagster_upstream_data_versions"] = upstream
     ckpt.write_json(f"{result.run_dir}/{ckpt.LINEAGE_FILE}", lineage)

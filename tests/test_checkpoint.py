@@ -123,3 +123,42 @@ def test_training_state_loads_with_weights_only(tmp_path):
         loaded["optimizer"]["state"][0]["momentum_buffer"], torch.ones(2)
     )
     assert ckpt.load_training_state(str(tmp_path / "missing")) is None
+
+
+@pytest.fixture
+def moto_endpoint(monkeypatch):
+    pytest.importorskip("s3fs")
+    moto_server = pytest.importorskip("moto.server")
+    import boto3
+    import fsspec
+
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    for key, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": endpoint,
+    }.items():
+        monkeypatch.setenv(key, value)
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="agssp")
+    fsspec.filesystem("s3").clear_instance_cache()
+    yield endpoint
+    server.stop()
+
+
+def test_checkpoint_round_trip_on_object_storage(moto_endpoint):
+    from agssp_pipeline.storage import StorageLayout
+
+    layout = StorageLayout("s3://agssp/storage")
+    state = build_backbone("yolov8n").backbone.native_state_dict()
+    run = ckpt.run_dir(layout, "yolov8n", "run1")
+    ckpt.save_backbone_checkpoint(run, state, {"backbone": "yolov8n", "run_id": "run1", "created_at": "1"})
+    ckpt.save_training_state(run, {"epoch": 1})
+    ckpt.write_latest_pointer(layout, "yolov8n", "run1")
+    loaded, lineage = ckpt.load_backbone_checkpoint(ckpt.backbone_dir(layout, "yolov8n"))
+    assert lineage["run_id"] == "run1" and all(torch.equal(loaded[k], state[k]) for k in state)
+    assert ckpt.load_training_state(run)["epoch"] == 1
+    assert [run_id for run_id, _ in ckpt.list_runs(layout, "yolov8n")] == ["run1"]

@@ -635,8 +635,10 @@ def train_backbone(
     return result
 
 
-def plot_loss_curves(step_history: dict[str, list[float]], path: str, title: str = "AGBP losses") -> str:
-    """PNG of base / distillation / total loss per step (matplotlib Agg; no display needed)."""
+def plot_loss_curves(step_history: dict[str, list[float]], title: str = "AGBP losses") -> bytes:
+    """PNG bytes of base / distillation / total loss per step (matplotlib Agg; no display needed)."""
+    import io
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -645,21 +647,19 @@ def plot_loss_curves(step_history: dict[str, list[float]], path: str, title: str
     steps = step_history["global_step"]
     fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
     for key, label in (("base", "base"), ("distill", "distillation (unweighted)"), ("total", "total")):
-        values = [v for v in step_history[key]]
+        values = list(step_history[key])
         if values and not all(math.isnan(v) for v in values):
-            ax.plot(steps, values, label=label, linewidth=1.2)
+            ax.plot(steps, values, label=label, linewidth=1.2, marker="o" if len(values) < 20 else None)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    from pathlib import Path
-
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
     plt.close(fig)
-    return path
+    return buffer.getvalue()
 
 
 # ---------------------------------------------------------------- CLI

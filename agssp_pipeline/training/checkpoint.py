@@ -52,7 +52,7 @@ def _exists(uri: str) -> bool:
     return fs.exists(path)
 
 
-def _write_bytes(uri: str, data: bytes) -> None:
+def write_bytes(uri: str, data: bytes) -> None:
     """Write via a temporary name then rename (local), so a crash never leaves a half-written file."""
     if "://" not in uri or uri.startswith("file://"):
         path = Path(uri.removeprefix("file://"))
@@ -73,7 +73,7 @@ def _read_bytes(uri: str) -> bytes:
 
 
 def write_json(uri: str, payload: dict[str, Any]) -> None:
-    _write_bytes(uri, json.dumps(payload, indent=2, sort_keys=True, default=str).encode())
+    write_bytes(uri, json.dumps(payload, indent=2, sort_keys=True, default=str).encode())
 
 
 def read_json(uri: str) -> dict[str, Any]:
@@ -87,7 +87,7 @@ def save_backbone_checkpoint(
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}
     model_uri = _join(run_dir, MODEL_FILE)
     metadata = {"backbone": str(lineage.get("backbone", "")), "run_id": str(lineage.get("run_id", ""))}
-    _write_bytes(model_uri, safetensors.torch.save(tensors, metadata=metadata))
+    write_bytes(model_uri, safetensors.torch.save(tensors, metadata=metadata))
     write_json(_join(run_dir, LINEAGE_FILE), lineage)
     return model_uri
 
@@ -226,7 +226,7 @@ def save_training_state(run_dir_uri: str, state: dict[str, Any]) -> str:
     buffer = io.BytesIO()
     torch.save(state, buffer)
     uri = _join(run_dir_uri, TRAINING_STATE_FILE)
-    _write_bytes(uri, buffer.getvalue())
+    write_bytes(uri, buffer.getvalue())
     return uri
 
 
