@@ -93,7 +93,7 @@ def main() -> None:
                 print(
                     f"{row['backbone']:>9} {row['device']:<28} batch {row['batch']:>3} @{row['image_size']}px "
                     f"{row['base_loss']:>6}+distill: median step {row['median_step_s']:.3f}s -> "
-                    f"{row['images_per_s']:.1f} images/s ({row['timed_steps']} steps; run wall {row['wall_s_incl_build_and_checkpoint']:.1f}s)",
+                    f"{row['images_per_s']:.2f} images/s ({row['timed_steps']} steps; run wall {row['wall_s_incl_build_and_checkpoint']:.1f}s)",
                     flush=True,
                 )
     print(f"\ntorch {torch.__version__}, threads {torch.get_num_threads()}, CUDA {torch.cuda.is_available()}")
