@@ -4,9 +4,11 @@ Per image judged defective: bilinear upsampling to image pixels, binarisation at
 T_c, connected components (cv2), components below a size floor dropped, box = the component's bounding
 rectangle, score = the map's maximum over the component's pixels; then NMS and the top-k by score.
 
-Vectorised per chunk of same-size images: one cv2 resize per image (C loop), one cv2 labelling call and
-unbuffered-ufunc statistics for the whole chunk, one ``torchvision.ops.nms`` for all boxes. Images whose map maximum is below T_c are skipped outright: bilinear interpolation is a
-convex combination of map values, so such an image cannot have a single pixel at or above T_c.
+Vectorised per chunk of same-size images: per image only C calls (cv2 resize, threshold, cv2 labelling
+without statistics, foreground pixel list); component statistics for the whole chunk from the sparse
+foreground with unbuffered ufuncs; one ``torchvision.ops.nms`` call for every box. Images whose map
+maximum is below T_c are skipped outright: bilinear interpolation is a convex combination of map values,
+so such an image cannot have a single pixel at or above T_c.
 
 Box convention: pixel edges, ``x2 = left + width`` (exclusive), so ``(x2 - x1) * (y2 - y1)`` is the
 bounding rectangle's area in pixels and a box covering the whole image is ``(0, 0, W, H)``.
@@ -26,8 +28,8 @@ from torchvision.ops import nms
 from agssp_pipeline.boxes.settings import BoxesSettings
 
 BOX_COLUMNS = ["row", "x1", "y1", "x2", "y2", "score", "area"]
-# upper bound on pixels held per chunk (float32 map + int32 labels + mask ~ 9 bytes each): ~150 MiB
-CHUNK_PIXEL_BUDGET = 16_000_000
+# pixels per chunk: bounds the sparse foreground arrays (~28 bytes per foreground pixel) to ~220 MiB
+CHUNK_PIXEL_BUDGET = 8_000_000
 
 
 @dataclass(frozen=True)
