@@ -68,6 +68,16 @@ def test_sensor_registers_partitions_and_runs_only_changed_folders(plant_config)
         back = tick(instance, config_path, changed.cursor)
         assert [r.partition_key for r in back.run_requests] == ["line_offline"]
 
+        # a new plant folder added to the config: registered as a partition and ingested once
+        config = yaml.safe_load(config_path.read_text())
+        write_image(config_path.parent / "line_c" / "0001.jpg", seed=11)
+        config["sources"].append({"name": "line_c", "kind": "plant", "format": "image_folder",
+                                  "root": str(config_path.parent / "line_c"), "category": "rolled_strip"})
+        config_path.write_text(yaml.safe_dump(config))
+        added = tick(instance, config_path, back.cursor)
+        assert [list(r.partition_keys) for r in added.dynamic_partitions_requests] == [["line_c"]]
+        assert [r.partition_key for r in added.run_requests] == ["line_c"]
+
 
 def test_nightly_schedule_compares_with_last_materialization(plant_config):
     config_path, folders = plant_config
