@@ -151,6 +151,9 @@ def test_missing_root_names_source_and_root(tmp_path):
     source = SourceConfig(name="gone", format="voc", root=str(tmp_path / "nowhere"), category="x")
     with pytest.raises(FileNotFoundError, match="source 'gone'.*nowhere"):
         ingest_source(source)
+    remote = SourceConfig(name="bucket", format="image_folder", root="s3://plant/line1", category="x")
+    with pytest.raises(FileNotFoundError, match="source 'bucket'.*is a URL.*mount"):
+        ingest_source(remote)
 
 
 def test_mask_folder_dagm_label_subdir_and_normal_conventions(tmp_path):

@@ -285,7 +285,11 @@ def known_hashes_from(layout: StorageLayout, sources: list[str]) -> dict[str, st
 
 def require_source_root(source: SourceConfig) -> Path:
     """The source's root folder, or FileNotFoundError naming source and path (fails one partition only)."""
-    root = Path(source.root)
+    if "://" in source.root and not source.root.startswith("file://"):
+        raise FileNotFoundError(
+            f"source '{source.name}': root {source.root} is a URL; ingestion reads local or mounted folders "
+            "(mount the bucket, e.g. with s3fs or rclone, and give the mount path)")
+    root = Path(source.root.removeprefix("file://"))
     if not root.is_dir():
         raise FileNotFoundError(f"source '{source.name}': root folder {root} does not exist (or is not a folder)")
     return root
