@@ -78,7 +78,7 @@ def list_files(folder: Path, extensions: Iterable[str] | None = None, exclude: I
                 continue
             if wanted is None or os.path.splitext(name)[1].lower() in wanted:
                 found.append(here / name)
-    return sorted(found)
+    return sorted(found, key=str)  # the same order ingest_source uses for "first copy" decisions
 
 
 def list_images(folder: Path, exclude: Iterable[Path] = ()) -> list[Path]:
@@ -123,6 +123,6 @@ def make_entry(scan: Scan, source: SourceConfig, root: Path, base: Path, path: P
 def by_stem(paths: Iterable[Path]) -> dict[str, Path]:
     """Stem -> first path (sorted order) with that stem."""
     mapping: dict[str, Path] = {}
-    for path in sorted(paths):
+    for path in sorted(paths, key=str):
         mapping.setdefault(path.stem, path)
     return mapping
