@@ -168,3 +168,14 @@ def test_weekly_schedule_requests_configured_backbone_partitions_and_ships_stopp
         ("yolov8n", "yolov8n:2026-W48"),
         ("resnet50", "resnet50:2026-W48"),
     ]
+
+
+def test_command_line_lists_the_registry_and_requires_a_backbone(capsys):
+    from agssp_pipeline.training.agbp import main
+
+    assert main(["--list-backbones"]) == 0
+    listing = capsys.readouterr().out
+    assert "yolov8n" in listing and "swin_b" in listing and "l2norm" in listing
+    with pytest.raises(SystemExit):
+        main(["--config", "agssp.yaml"])
+    assert "--backbone is required" in capsys.readouterr().err

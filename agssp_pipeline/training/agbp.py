@@ -39,7 +39,13 @@ import torch
 from torch import nn
 
 from agssp_pipeline.training import checkpoint as ckpt
-from agssp_pipeline.training.backbones import BackboneSpec, backbone_spec, build_backbone, freeze_stages
+from agssp_pipeline.training.backbones import (
+    BACKBONES,
+    BackboneSpec,
+    backbone_spec,
+    build_backbone,
+    freeze_stages,
+)
 from agssp_pipeline.training.data import (
     JointAugment,
     PretrainDataset,
@@ -672,8 +678,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="AGBP backbone pretraining (works under torchrun for multi-GPU)"
     )
     parser.add_argument("--config", help="agssp.yaml (default: $AGSSP_CONFIG)")
+    parser.add_argument("--backbone", help="registered backbone name, e.g. yolov8n, resnet50, swin_b")
     parser.add_argument(
-        "--backbone", required=True, help="registered backbone name, e.g. yolov8n, resnet50, swin_b"
+        "--list-backbones", action="store_true", help="print the registry with its defaults and exit"
     )
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--batch-size", type=int)
@@ -687,6 +694,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--run-id", help="write into (or resume) this run id")
     args = parser.parse_args(argv)
+    if args.list_backbones:
+        for name, spec in sorted(BACKBONES.items()):
+            print(
+                f"{name:<11} {spec.family:<4} distil stages {list(spec.default_distill_stages())} "
+                f"freeze {list(spec.default_freeze_stages())} {spec.distill_loss:<7} {spec.optimizer:<6} "
+                f"ssl {spec.self_supervised:<7} {spec.description}"
+            )
+        return 0
+    if not args.backbone:
+        parser.error("--backbone is required (see --list-backbones)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
 
     config = load_config(args.config)

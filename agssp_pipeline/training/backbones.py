@@ -23,7 +23,7 @@ Small variants (``resnet18``, ``swin_micro``) exist so tests and smoke runs stay
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -216,7 +216,6 @@ class BackboneSpec:
     freeze_stages: tuple[int, ...] = ()  # empty = first two
     description: str = ""
     detector_compatible: bool = False  # weights load into an ultralytics YOLOv8 detector
-    extra: dict = field(default_factory=dict)
 
     def default_distill_stages(self) -> tuple[int, ...]:
         return self.distill_stages or (self.num_stages - 2, self.num_stages - 1)
