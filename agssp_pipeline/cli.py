@@ -1,4 +1,4 @@
-"""Command line: ``agssp demo``, ``agssp materialize``, ``agssp validate``.
+"""Command line: ``agssp demo``, ``agssp materialize``, ``agssp validate``, ``agssp lineage``.
 
 The CLI runs the same Dagster assets as the web UI, in-process and headless, for scripts and cron.
 """
@@ -65,7 +65,9 @@ def print_summary(config: PipelineConfig) -> None:
         ann = Path(layout.annotations(source.name))
         n_boxes = len(pd.read_parquet(ann)) if ann.exists() else 0
         quarantine = Path(layout.quarantine(source.name))
-        n_quarantined = len(pd.read_parquet(quarantine)) if quarantine.exists() else 0
+        # clipped boxes and converted images are kept; only "quarantined" rows are rejected files
+        rows = pd.read_parquet(quarantine) if quarantine.exists() else pd.DataFrame({"action": []})
+        n_quarantined = int((rows["action"] == "quarantined").sum())
         total_images += n_images
         total_quarantined += n_quarantined
         print(f"{source.name:<22}{source.role:<12}{source.format:<14}{n_images:>8}{n_boxes:>8}{n_quarantined:>13}")
@@ -104,9 +106,38 @@ def cmd_materialize(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from agssp_pipeline.sources.formats import check_options
+
     config = load_config(args.config)
+    problems = []
+    for source in config.sources:
+        try:
+            check_options(source)
+        except ValueError as error:
+            problems.append(str(error))
+        if not Path(source.root).exists() and "://" not in source.root:
+            print(f"note: source '{source.name}': root {source.root} does not exist here (its partition will fail)")
+    if problems:
+        print("\n".join(f"agssp: {p}" for p in problems), file=sys.stderr)
+        return 2
     print(f"{args.config}: valid, {len(config.sources)} sources "
           f"({len(config.pretrain_sources())} pretraining, {len(config.downstream_sources())} downstream)")
+    return 0
+
+
+def cmd_lineage(args: argparse.Namespace) -> int:
+    import os
+
+    from agssp_pipeline.config import CONFIG_ENV_VAR
+    from agssp_pipeline.lineage_report import LineageTargetError, build_lineage_report
+
+    config_path = args.lineage_config or os.environ.get(CONFIG_ENV_VAR)
+    try:
+        report = build_lineage_report(args.target, config_path, use_dagster=not args.no_dagster)
+    except LineageTargetError as error:
+        print(f"agssp lineage: {error}", file=sys.stderr)
+        return 2
+    print(report.to_json() if args.json else report.render())
     return 0
 
 
@@ -125,6 +156,16 @@ def build_parser() -> argparse.ArgumentParser:
     mat.add_argument("--select", default=None, help="Dagster asset selection, e.g. 'image_index' or 'key:anomaly_maps+'")
     mat.add_argument("--partition", default=None, help="only this source (partition key)")
     mat.set_defaults(func=cmd_materialize)
+
+    lin = sub.add_parser("lineage", help="the chain from sources to evaluations behind an artifact or asset")
+    lin.add_argument("target", help="checkpoint run dir / model.safetensors / lineage.json, an evaluation, pseudo-box "
+                     "or index parquet, a maps.zarr/<source> store, or an asset name (latest artifact), e.g. "
+                     "detector_checkpoint, pseudo_boxes[demo_plant_line1]")
+    lin.add_argument("--config", dest="lineage_config", default=None,
+                     help="agssp.yaml (needed for asset names; default: $AGSSP_CONFIG)")
+    lin.add_argument("--json", action="store_true", help="machine-readable output")
+    lin.add_argument("--no-dagster", action="store_true", help="ignore the Dagster instance, artifacts only")
+    lin.set_defaults(func=cmd_lineage)
 
     val = sub.add_parser("validate", help="validate a config file")
     val.add_argument("--config", default=None)
