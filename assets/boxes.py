@@ -141,7 +141,9 @@ def pseudo_boxes(
             [index.loc[i, "path"] for i in top], [boxes[boxes["image_id"] == i] for i in top]
         )
         if preview is not None:
-            metadata["preview"] = dg.MetadataValue.md(plots.png_markdown(preview, f"pseudo boxes {source}"))
+            metadata["preview"] = dg.MetadataValue.md(
+                plots.png_markdown(preview, f"pseudo boxes {source}", mime="image/jpeg")
+            )
     return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(stage.table_fingerprint(table)))
 
 

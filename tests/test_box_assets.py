@@ -122,7 +122,7 @@ def test_thresholds_boxes_checks_and_quality_materialize(tiny_pipeline):
     assert table["image_id"].nunique() == 12
     metadata = result.asset_materializations_for_node("pseudo_boxes")[0].metadata
     assert metadata["n_images"].value == 12 and metadata["n_boxes"].value >= 5
-    assert "data:image/png;base64" in metadata["preview"].value
+    assert "data:image/jpeg;base64" in metadata["preview"].value
 
     # per-run override of the boxes settings: delta 0 and one box per image
     override = dg.RunConfig(ops={"pseudo_boxes": {"config": {"delta": 0.0, "top_k": 1}}})

@@ -14,6 +14,7 @@ from agssp_pipeline.boxes.thresholds import (
     compute_category_thresholds,
     judge_defective,
     map_statistics,
+    reference_ids,
     thresholds_for,
 )
 
@@ -96,3 +97,15 @@ def test_bad_maps_are_rejected():
 def test_settings_reject_an_inverted_band():
     with pytest.raises(ValueError):
         BoxesSettings(flagged_fraction_band=(0.9, 0.1))
+
+
+def test_few_shot_references_are_left_out_of_the_threshold():
+    maps = _maps_with_maxima([0.0, 0.6, 0.8])  # the reference scores ~0 against its own patches
+    attrs = {"references": {"steel": ["r"]}}
+    stats = map_statistics("s", np.array(["r", "x", "y"]), maps, np.zeros(3), np.array(["steel"] * 3),
+                           reference_ids(attrs))
+    row = compute_category_thresholds(stats, BoxesSettings(delta=0.1)).iloc[0]
+    assert row["n_images"] == 2 and row["n_references_excluded"] == 1
+    assert row["mean_max"] == pytest.approx(0.7, abs=1e-3)
+    only_reference = compute_category_thresholds(stats.iloc[:1], BoxesSettings()).iloc[0]
+    assert only_reference["n_images"] == 1  # nothing else to average: the reference is used after all

@@ -24,9 +24,9 @@ def _png(figure) -> bytes:
     return buffer.getvalue()
 
 
-def png_markdown(png: bytes, alt: str) -> str:
+def png_markdown(data: bytes, alt: str, mime: str = "image/png") -> str:
     """Inline markdown image (Dagster renders data URLs in markdown metadata)."""
-    return f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode('ascii')})"
+    return f"![{alt}](data:{mime};base64,{base64.b64encode(data).decode('ascii')})"
 
 
 def threshold_plot(map_max: np.ndarray, category: str, threshold: float, mean_max: float) -> bytes:
@@ -54,7 +54,10 @@ def boxes_per_image_plot(n_boxes: np.ndarray, top_k: int) -> bytes:
 
 
 def box_preview(paths: list[str], boxes: list[pd.DataFrame], thumb: int = 128, columns: int = 4) -> bytes | None:
-    """A grid of thumbnails with their pseudo boxes drawn; unreadable images are skipped."""
+    """A JPEG grid of thumbnails with their pseudo boxes drawn; unreadable images are skipped.
+
+    JPEG because surface textures barely compress as PNG (200 kB vs ~25 kB for eight thumbnails).
+    """
     tiles = []
     for path, image_boxes in zip(paths, boxes, strict=True):
         image = cv2.imread(str(path), cv2.IMREAD_COLOR)
@@ -76,5 +79,5 @@ def box_preview(paths: list[str], boxes: list[pd.DataFrame], thumb: int = 128, c
     for i, tile in enumerate(tiles):
         r, c = divmod(i, columns)
         grid[r * (thumb + 2) : r * (thumb + 2) + thumb, c * (thumb + 2) : c * (thumb + 2) + thumb] = tile
-    ok, encoded = cv2.imencode(".png", grid)
+    ok, encoded = cv2.imencode(".jpg", grid, [cv2.IMWRITE_JPEG_QUALITY, 85])
     return encoded.tobytes() if ok else None

@@ -22,7 +22,7 @@ import pandas as pd
 from agssp_pipeline.boxes.pseudo import build_pseudo_boxes, write_table
 from agssp_pipeline.boxes.quality import evaluate_source, has_ground_truth
 from agssp_pipeline.boxes.settings import BoxesSettings
-from agssp_pipeline.boxes.thresholds import compute_category_thresholds, map_statistics
+from agssp_pipeline.boxes.thresholds import compute_category_thresholds, map_statistics, reference_ids
 from agssp_pipeline.config import PipelineConfig
 from agssp_pipeline.storage import StorageLayout
 
@@ -96,11 +96,9 @@ def compute_thresholds(
             missing.append(source)
             continue
         index = read_index(layout, source)
-        parts.append(
-            map_statistics(
-                source, maps.image_id, maps.maps, maps.image_score, categories_of(maps.image_id, index)
-            )
-        )
+        categories = categories_of(maps.image_id, index)
+        references = reference_ids(maps.attrs)
+        parts.append(map_statistics(source, maps.image_id, maps.maps, maps.image_score, categories, references))
         versions[source] = str(maps.attrs.get("version"))
         used.append(source)
     if not parts:

@@ -19,10 +19,11 @@ import pandas as pd
 
 from agssp_pipeline.boxes.settings import BoxesSettings
 
-MAP_STATS_COLUMNS = ["source", "image_id", "category", "map_max", "image_score"]
+MAP_STATS_COLUMNS = ["source", "image_id", "category", "map_max", "image_score", "is_reference"]
 THRESHOLD_COLUMNS = [
     "category",
     "n_images",
+    "n_references_excluded",
     "n_sources",
     "sources",
     "mean_max",
@@ -68,10 +69,25 @@ def judge_defective(scores: np.ndarray, cutoffs: np.ndarray) -> np.ndarray:
     return np.asarray(scores, dtype=np.float64) > np.asarray(cutoffs, dtype=np.float64)
 
 
+def reference_ids(attrs: Mapping) -> set[str]:
+    """Ids of the few-shot reference images recorded in a map store's attrs (category -> ids)."""
+    return {str(i) for ids in (attrs.get("references") or {}).values() for i in ids}
+
+
 def map_statistics(
-    source: str, image_ids: np.ndarray, maps: np.ndarray, image_score: np.ndarray, categories: np.ndarray
+    source: str,
+    image_ids: np.ndarray,
+    maps: np.ndarray,
+    image_score: np.ndarray,
+    categories: np.ndarray,
+    references: set[str] | None = None,
 ) -> pd.DataFrame:
-    """One row per image: the map maximum (what T_c averages) and the image score (what the split uses)."""
+    """One row per image: the map maximum (what T_c averages) and the image score (what the split uses).
+
+    ``references``: ids of the store's few-shot references; they are flagged so that thresholds leave them
+    out (a reference scored against a memory holding its own patches has a map near 0 and would pull
+    T_c down).
+    """
     n = len(image_ids)
     if maps.shape[0] != n or len(image_score) != n or len(categories) != n:
         raise ValueError(
@@ -86,6 +102,7 @@ def map_statistics(
             "category": pd.Series(np.asarray(categories, dtype=str), dtype="string"),
             "map_max": map_max,
             "image_score": np.asarray(image_score, dtype=np.float32),
+            "is_reference": np.isin(np.asarray(image_ids, dtype=str), list(references or ())),
         }
     )
 
@@ -98,9 +115,11 @@ def compute_category_thresholds(
     ``stats`` has ``MAP_STATS_COLUMNS`` (concatenate ``map_statistics`` of all sources);
     ``store_versions`` maps source -> map store version, recorded so that boxes can tell stale thresholds.
     """
-    missing = set(MAP_STATS_COLUMNS) - set(stats.columns)
+    missing = set(MAP_STATS_COLUMNS) - set(stats.columns) - {"is_reference"}
     if missing:
         raise ValueError(f"map statistics lack columns {sorted(missing)}")
+    if "is_reference" not in stats.columns:
+        stats = stats.assign(is_reference=False)
     if stats.empty:
         raise ValueError("no anomaly maps to compute thresholds from (materialize anomaly_maps first)")
     non_finite = ~np.isfinite(stats["map_max"].to_numpy(dtype=np.float64))
@@ -108,17 +127,20 @@ def compute_category_thresholds(
         bad = stats.loc[non_finite, ["source", "image_id"]].head(5).to_dict("records")
         raise ValueError(f"{int(non_finite.sum())} anomaly maps hold NaN/inf values, e.g. {bad}")
     versions = dict(store_versions or {})
-    rows = []
-    for category, group in stats.groupby("category", sort=True):
+    records = []
+    for category, everything in stats.groupby("category", sort=True):
+        is_reference = everything["is_reference"].to_numpy(bool)
+        group = everything[~is_reference] if (~is_reference).any() else everything
         maxima = group["map_max"].to_numpy(dtype=np.float64)
         scores = group["image_score"].to_numpy(dtype=np.float64)
         cutoff = image_cutoff(scores, settings)
-        sources = sorted(group["source"].unique())
+        sources = sorted(everything["source"].unique())
         mean_max = float(maxima.mean())
-        rows.append(
+        records.append(
             {
                 "category": str(category),
                 "n_images": int(len(group)),
+                "n_references_excluded": int(len(everything) - len(group)),
                 "n_sources": len(sources),
                 "sources": ",".join(sources),
                 "mean_max": mean_max,
@@ -131,7 +153,7 @@ def compute_category_thresholds(
                 "map_store_versions": json.dumps({s: versions.get(s) for s in sources}, sort_keys=True),
             }
         )
-    return pd.DataFrame(rows, columns=THRESHOLD_COLUMNS)
+    return pd.DataFrame(records, columns=THRESHOLD_COLUMNS)
 
 
 def thresholds_for(categories: np.ndarray, thresholds: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
