@@ -132,6 +132,12 @@ def parse_config(data: dict[str, Any], base_dir: Path, origin: str = "<dict>") -
     config.storage_root = _resolve(config.storage_root, base_dir)
     for source in config.sources:
         source.root = _resolve(source.root, base_dir)
+    for field_name in ("prompts_file", "text_cache_dir"):
+        if getattr(config.kead, field_name):
+            setattr(config.kead, field_name, _resolve(getattr(config.kead, field_name), base_dir))
+    # kead.weights may be a pretrained tag: resolve it only when it names a path next to the config
+    if config.kead.weights and (base_dir / os.path.expanduser(config.kead.weights)).exists():
+        config.kead.weights = _resolve(config.kead.weights, base_dir)
     config.config_path = origin
     return config
 

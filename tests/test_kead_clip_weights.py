@@ -136,3 +136,20 @@ def test_presets_follow_the_paper():
         assert open_clip.get_model_config(preset.model_name)["vision_cfg"]["layers"] == preset.depth
         if preset.pretrained_tag:
             assert preset.pretrained_tag in open_clip.list_pretrained_tags_by_model(preset.model_name)
+
+
+def test_config_resolves_relative_weights_next_to_the_config(tmp_path, reference_model):
+    from agssp_pipeline.config import load_config
+
+    (tmp_path / "models").mkdir()
+    torch.save(reference_model.state_dict(), tmp_path / "models" / "clip.pt")
+    (tmp_path / "agssp.yaml").write_text(
+        "kead:\n  encoder: clip\n  clip_model: agssp-tiny-clip\n  weights: models/clip.pt\n"
+        "  prompts_file: plant_prompts.yaml\n"
+    )
+    config = load_config(tmp_path / "agssp.yaml")
+    assert config.kead.weights == str(tmp_path / "models" / "clip.pt")
+    assert config.kead.prompts_file == str(tmp_path / "plant_prompts.yaml")
+    assert resolve_weights(config.kead.clip_model, config.kead.weights).kind == "file"
+    (tmp_path / "tag.yaml").write_text("kead:\n  weights: laion400m_e32\n")
+    assert load_config(tmp_path / "tag.yaml").kead.weights == "laion400m_e32"
