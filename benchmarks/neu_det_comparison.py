@@ -40,7 +40,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--magnetic-tile-root", type=Path, default=shared / "magnetic_tile")
     parser.add_argument("--model", default="yolov8n")
     parser.add_argument("--imgsz", type=int, default=160, help="detector/finetune image size (NEU is 200x200)")
-    parser.add_argument("--backbone-epochs", type=int, default=2)
+    parser.add_argument("--kead-imgsz", type=int, default=160, help="anomaly-map encoder input size")
+    parser.add_argument("--backbone-epochs", type=int, default=1)
     parser.add_argument("--backbone-imgsz", type=int, default=128)
     parser.add_argument("--detector-epochs", type=int, default=3)
     parser.add_argument("--finetune-epochs", type=int, default=5)
@@ -80,12 +81,13 @@ def build_config(args: argparse.Namespace) -> Path:
          "category": "magnetic_tile", "normal_subfolders": ["MT_Free"], "options": {"class_strip_prefix": "MT_"},
          "role": "pretrain"},
         {"name": "neu_det", "kind": "public", "format": "voc", "root": str(args.neu_root),
-         "category": "rolled_strip", "classes": NEU_CLASSES, "role": "downstream"},
+         # a category of its own: KeAD picks normal references per category, and NEU must not feed pretraining
+         "category": "neu_hot_rolled_strip", "classes": NEU_CLASSES, "role": "downstream"},
     ]
     config = {
         "storage_root": str(workdir / "storage"),
         "sources": sources,
-        "kead": {**demo.get("kead", {}), "encoder": "cnn_fewshot"},
+        "kead": {**demo.get("kead", {}), "encoder": "cnn_fewshot", "image_size": args.kead_imgsz},
         "boxes": demo.get("boxes", {}),
         "backbone": {**demo.get("backbone", {}), "backbones": [args.model], "epochs": args.backbone_epochs,
                      "image_size": args.backbone_imgsz, "seed": args.seed},
