@@ -106,6 +106,7 @@ def materialize_selection(
     only_source: str | None = None,
     on_step: Callable[[StepOutcome], None] | None = None,
     stop_on_failure: bool = False,
+    log_level: str = "INFO",
 ) -> MaterializeReport:
     """Materialise the selected assets in dependency order, one in-process run per asset partition.
 
@@ -140,6 +141,7 @@ def materialize_selection(
                 try:
                     result = dg.materialize(
                         assets_defs,
+                        run_config={"loggers": {"console": {"config": {"log_level": log_level}}}},
                         instance=instance,
                         partition_key=partition,
                         selection=dg.AssetSelection.assets(key),
