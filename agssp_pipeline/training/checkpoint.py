@@ -9,7 +9,8 @@ Layout (``StorageLayout.checkpoints("backbone", <name>, <run_id>)``)::
 
 For the detector stage (AGDP) the API is::
 
-    state, lineage = load_backbone_checkpoint(path)      # path: run dir, model.safetensors, or backbone dir
+    run_dir = latest_checkpoint_dir(layout, "yolov8n")  # last *completed* run of that backbone
+    state, lineage = load_backbone_checkpoint(run_dir)   # or: model.safetensors, or the backbone dir
     weights = backbone_state_for_detector(state)        # yolov8 only: keys model.0.* ... model.9.*
     loaded = load_backbone_into_detector(detection_model, weights)  # ultralytics DetectionModel, checked
 
