@@ -177,7 +177,8 @@ def finetune_evaluation(
     ])
     splits = pd.DataFrame([
         {"dataset": e.dataset, "split_file": e.split_meta["path"], "reused": e.split_meta["reused"],
-         "fingerprint": e.split_meta["fingerprint"], **{f"{k}": v for k, v in e.split_meta["params"].items()}}
+         "fingerprint": e.split_meta["fingerprint"], **{f"{k}": v for k, v in e.split_meta["params"].items()},
+         "kead_reference_overlap": json.dumps(e.split_meta.get("kead_reference_overlap", {}))}
         for e in evaluations
     ])
     worse = worse_than_scratch(table, AGSSP_VARIANTS)

@@ -114,3 +114,20 @@ def test_regimes_and_weight_files(tmp_path):
         initial_weights_for("other", context)
     with pytest.raises(FileNotFoundError, match="needs a detector checkpoint"):
         initial_weights_for("agssp", context)
+
+
+def test_kead_references_from_downstream_are_reported(tmp_path):
+    import numpy as np
+
+    from agssp_pipeline.kead.store import MapTable, write_map_table
+    from agssp_pipeline.training.finetune import kead_reference_overlap
+
+    layout = make_pipeline_storage(tmp_path).layout()
+    ids = np.array(["aa00000000000000", "aa00000000000001"])
+    table = MapTable(ids, np.zeros((2, 4, 4), np.float16), np.zeros(2, np.float32), np.zeros(2, np.float32),
+                     {"identity": {"encoder": "test"},
+                      "references": {"steel": ["bb00000000000001", "bb00000000000002", "aa00000000000002"]}})
+    write_map_table(layout.maps_store("plant"), table)
+    downstream = {"bb00000000000001", "bb00000000000002", "bb00000000000003"}
+    assert kead_reference_overlap(layout, ["plant", "no_maps_source"], downstream) == {"plant": 2}
+    assert kead_reference_overlap(layout, ["plant"], {"cc"}) == {}

@@ -98,6 +98,28 @@ def check_no_overlap(layout: StorageLayout, pretrain_sources: Sequence[str], dow
         )
 
 
+def kead_reference_overlap(layout: StorageLayout, pretrain_sources: Sequence[str],
+                           downstream_ids: set[str]) -> dict[str, int]:
+    """Downstream images used as KeAD normal references for a pretraining source's maps (source -> count).
+
+    Weaker than an image overlap (references only shape the anomaly maps that become pseudo boxes), so it is
+    reported rather than refused; the clean fix is a reference pool without downstream sources.
+    """
+    from agssp_pipeline.kead.store import LazyMaps
+
+    found: dict[str, int] = {}
+    for source in pretrain_sources:
+        try:
+            attrs = LazyMaps(layout.maps_store(source)).attrs
+        except (FileNotFoundError, KeyError, ValueError, OSError):
+            continue  # no maps (yet): nothing to compare
+        references = {str(i) for ids in (attrs.get("references") or {}).values() for i in ids}
+        shared = len(references & downstream_ids)
+        if shared:
+            found[source] = shared
+    return found
+
+
 def load_labelled_dataset(layout: StorageLayout, source: str, classes: Sequence[str] = ()) -> LabelledDataset:
     """Index + annotations of a downstream source, first copies only (duplicates dropped with their boxes)."""
     index_path, annotation_path = layout.index(source), layout.annotations(source)
@@ -337,9 +359,14 @@ def evaluate_dataset(
     split_params: SplitParams,
     evaluation: EvalSettings,
     log: Callable[[str], None] = LOGGER.info,
+    pretrain_sources: Sequence[str] = (),
 ) -> DatasetEvaluation:
     """Split (stored), export, and run every variant on every regime of one downstream dataset."""
     split, split_meta = load_or_create_split(layout, dataset.name, dataset.images, dataset.annotations, split_params)
+    references = kead_reference_overlap(layout, pretrain_sources, set(dataset.images["image_id"]))
+    if references:
+        log(f"WARNING: images of {dataset.name} served as KeAD normal references for pretraining maps: {references}")
+    split_meta = {**split_meta, "kead_reference_overlap": references}
     images = dataset.images.merge(split[["image_id", "split", "few_shot"]], on="image_id", validate="one_to_one")
     val_images = images[images["split"] == "val"].reset_index(drop=True)
     val_boxes = dataset.annotations[dataset.annotations["image_id"].isin(set(val_images["image_id"]))]
@@ -420,7 +447,7 @@ def run_finetune_evaluation(
     settings = train_settings_from(config)
     return [
         evaluate_dataset(layout, load_labelled_dataset(layout, source.name, source.classes), variants, context,
-                         settings, split_params, evaluation, log)
+                         settings, split_params, evaluation, log, pretrain)
         for source in downstream
     ]
 
