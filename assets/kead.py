@@ -34,7 +34,7 @@ KEAD_CODE_VERSION = f"kead-assets-1/{CODE_VERSION}"
 EVALUATION_CODE_VERSION = "kead-eval-1"
 PREVIEW_IMAGES = 6
 THUMB_SIDE = 160
-MAP_RANGE = (0.0, 1.0)  # every registered encoder emits probabilities or [0, 1)-normalised distances
+MAP_RANGE = (0.0, 2.0)  # CNN: [0, 1); CLIP/WinCLIP: zero-shot probability + few-shot distance, each in [0, 1]
 LOG_EVERY_S = 20.0
 
 
@@ -81,10 +81,13 @@ def _index(layout, source: str) -> pd.DataFrame:
 
 
 def reference_pool(config, layout, source: str, index: pd.DataFrame, log=None) -> pd.DataFrame:
-    """This source's rows plus those of every other indexed source sharing one of its categories."""
+    """This source's rows plus those of every other indexed pretraining source sharing one of its categories.
+
+    Downstream-only sources never lend references: their images are held apart from pretraining.
+    """
     categories = set(index["category"].dropna().astype(str))
     frames = [index]
-    for other in config.source_names:
+    for other in [s.name for s in config.pretrain_sources()]:
         if other == source or not parquet_exists(layout.index(other)):
             continue
         rows = read_parquet(layout.index(other))
@@ -125,7 +128,7 @@ def overlay_thumbnail(path: str, patch_map: np.ndarray, side: int = THUMB_SIDE) 
     scale = side / max(image.shape[:2])
     height, width = max(1, round(image.shape[0] * scale)), max(1, round(image.shape[1] * scale))
     image = cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
-    heat = np.clip(upsample_map(patch_map, height, width), *MAP_RANGE)
+    heat = np.clip(upsample_map(patch_map, height, width), 0.0, 1.0)
     colour = cv2.applyColorMap((heat * 255).astype(np.uint8), cv2.COLORMAP_JET)
     blended = cv2.addWeighted(image, 0.55, colour, 0.45, 0)
     canvas = np.full((side, side, 3), 255, np.uint8)
@@ -317,7 +320,7 @@ def maps_sane(store_uri: str) -> tuple[bool, bool, dict[str, Any]]:
 
 @dg.asset_check(asset=anomaly_maps, partitions_def=image_source_partitions,
                 description="Every stored map and image score is finite (ERROR otherwise: NaN breaks thresholds) "
-                            "and maps lie in [0, 1] (WARN otherwise: thresholds assume that scale).")
+                            "and maps lie in [0, 2] (WARN otherwise: thresholds assume that scale).")
 def anomaly_maps_finite_and_in_range(context: dg.AssetCheckExecutionContext,
                                      pipeline_config: PipelineConfigResource) -> dg.AssetCheckResult:
     layout = pipeline_config.layout()

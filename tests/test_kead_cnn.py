@@ -129,7 +129,7 @@ def test_scores_need_references_and_grey_inputs_work(cnn_encoder):
     grey = np.full((40, 70), 100, np.uint8)
     assert cnn_encoder.preprocess(grey).shape == (3, 128, 128)
     assert cnn_encoder.preprocess(np.zeros((40, 70, 4), np.uint8)).shape == (3, 128, 128)
-    with pytest.raises(ValueError, match="multiple of 32"):
+    with pytest.raises(ValueError, match="multiple of 16"):
         CnnFewShotEncoder(image_size=100)
 
 

@@ -9,8 +9,10 @@ Method (all general, nothing fitted to a dataset):
 - multi-scale patch features: stages of stride 8 and 16, each locally aggregated with a 3x3 average
   (the PatchCore neighbourhood), L2-normalised per stage (so each stage weighs the same), the coarse one
   upsampled to the stride-8 grid, concatenated;
-- memory: patches of the k normal references plus their flips/rotations (the 8 dihedral views), because
-  surfaces are texture-like and orientation of a normal texture carries no defect information;
+- memory: patches of the k normal references plus their flipped copies (surfaces are texture-like; a
+  mirrored normal texture is still normal), reduced to a greedy k-center coreset (PatchCore) of
+  ``memory_fraction`` of the patches (at least ``min_memory``) so the augmentation does not multiply
+  the search cost;
 - score: cosine distance of each patch to its nearest memory patch (chunked matmul), blurred lightly;
 - per-category normalisation from the references' own leave-one-out scores: with ``m0`` the median
   patch score of a held-out reference and ``m1`` the mean of the held-out references' map maxima,
@@ -131,6 +133,38 @@ def reference_views(images: torch.Tensor, augment: str) -> list[torch.Tensor]:
     raise ValueError(f"augment must be one of none, flips, dihedral; got '{augment}'")
 
 
+def greedy_coreset(features: torch.Tensor, count: int, projection_dim: int = 64, steps: int = 256) -> torch.Tensor:
+    """Indices of ``count`` rows chosen by greedy k-center (farthest point) selection, as in PatchCore.
+
+    The subset covers the feature space like the full memory does (every dropped patch has a close
+    kept neighbour), so nearest-neighbour scores change little while search cost drops by the fraction.
+    Speed-ups that keep that property: distances in a seeded random projection to ``projection_dim``
+    (Johnson-Lindenstrauss, as PatchCore does) and ``count / steps`` farthest points added per step
+    instead of one. Deterministic.
+    """
+    total = features.shape[0]
+    if count >= total:
+        return torch.arange(total, device=features.device)
+    points = features.float()
+    if points.shape[1] > projection_dim:
+        generator = torch.Generator().manual_seed(0)
+        projection = torch.randn(points.shape[1], projection_dim, generator=generator) / projection_dim**0.5
+        points = points @ projection.to(points.device)
+    squared = points.pow(2).sum(dim=1)
+    per_step = max(1, -(-count // steps))
+    selected = [torch.zeros(1, dtype=torch.long, device=points.device)]
+    nearest = squared + squared[0] - 2 * points @ points[0]
+    chosen = 1
+    while chosen < count:
+        take = min(per_step, count - chosen)
+        new = torch.topk(nearest, take).indices
+        selected.append(new)
+        chosen += take
+        distances = squared[:, None] + squared[new][None, :] - 2 * points @ points[new].T
+        nearest = torch.minimum(nearest, distances.amin(dim=1))
+    return torch.cat(selected)
+
+
 class CnnFewShotEncoder:
     """Few-shot anomaly maps from ImageNet EfficientNet-Lite0 patch features; see the module docstring."""
 
@@ -143,6 +177,8 @@ class CnnFewShotEncoder:
         normalise_scores: bool = True,
         blur_sigma: float = 1.0,
         similarity_budget: int = 1 << 25,
+        memory_fraction: float = 0.25,
+        min_memory: int = 4096,
         device: str | torch.device = "cpu",
     ) -> None:
         import timm
@@ -167,6 +203,8 @@ class CnnFewShotEncoder:
         self.normalise_scores = normalise_scores
         self.blur_sigma = float(blur_sigma)
         self.similarity_budget = int(similarity_budget)  # floats per query-x-memory chunk (128 MB)
+        self.memory_fraction = float(memory_fraction)
+        self.min_memory = int(min_memory)
         self.identity = EncoderIdentity(
             encoder="cnn_fewshot",
             model="efficientnet_lite0",
@@ -178,6 +216,8 @@ class CnnFewShotEncoder:
                 "augment": augment,
                 "normalise_scores": normalise_scores,
                 "blur_sigma": self.blur_sigma,
+                "memory_fraction": self.memory_fraction,
+                "min_memory": self.min_memory,
             },
         )
         self._mean = torch.tensor(LITE_MEAN).view(3, 1, 1)
@@ -217,7 +257,8 @@ class CnnFewShotEncoder:
         features = torch.cat(parts, dim=1) / len(parts) ** 0.5
         return features.permute(0, 2, 3, 1).contiguous()
 
-    def _nearest_distance(self, queries: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+    def _nearest_distance(self, queries: torch.Tensor, memory: torch.Tensor,
+                          exclude_self: bool = False) -> torch.Tensor:
         """Cosine distance of each unit query (Q, D) to its nearest unit memory row (M, D).
 
         For unit vectors ||q - m||^2 = 2 - 2 q.m, so a chunked matmul gives the same nearest neighbour
@@ -227,7 +268,10 @@ class CnnFewShotEncoder:
         rows = max(64, self.similarity_budget // max(1, memory.shape[0]))
         for start in range(0, queries.shape[0], rows):
             chunk = queries[start : start + rows]
-            best[start : start + chunk.shape[0]] = (chunk @ memory.T).amax(dim=1)
+            similarity = chunk @ memory.T
+            if exclude_self:  # drop exact matches (a query that is itself in the memory)
+                similarity = similarity.masked_fill(similarity > 1.0 - 1e-6, -1.0)
+            best[start : start + chunk.shape[0]] = similarity.amax(dim=1)
         return (1.0 - best).clamp_min(0.0)
 
     def _blur(self, maps: torch.Tensor) -> torch.Tensor:
@@ -241,41 +285,53 @@ class CnnFewShotEncoder:
         padded = F.conv2d(padded, kernel.view(1, 1, 1, -1))
         return F.conv2d(padded, kernel.view(1, 1, -1, 1))[:, 0]
 
-    def _raw_maps(self, features: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+    def _raw_maps(self, features: torch.Tensor, memory: torch.Tensor, exclude_self: bool = False) -> torch.Tensor:
         batch, grid, _, dim = features.shape
-        distances = self._nearest_distance(features.reshape(-1, dim), memory)
+        distances = self._nearest_distance(features.reshape(-1, dim), memory, exclude_self)
         return self._blur(distances.view(batch, grid, grid))
 
     # -- protocol ------------------------------------------------------------------------------------
     @torch.no_grad()
     def set_references(self, category: str, images: torch.Tensor) -> None:
+        """Memory = coreset of all patches of all reference views; normalisation from leave-one-out."""
         if images.ndim != 4 or images.shape[0] == 0:
             raise ValueError(f"category '{category}': need at least one reference image, got {tuple(images.shape)}")
         views = reference_views(images, self.augment)
-        # (V, K, G, G, D): view v of reference k
-        per_view = torch.stack([self.patch_features(view) for view in views])
+        per_view = torch.stack([self.patch_features(view) for view in views])  # (V, K, G, G, D)
         n_views, n_refs, grid, _, dim = per_view.shape
-        memory = per_view.reshape(-1, dim)
-        self.memories[category] = memory
-        self.normalisation[category] = self._leave_one_out_stats(per_view)
+        patches = per_view.permute(1, 0, 2, 3, 4).reshape(-1, dim)  # grouped by reference
+        owner = torch.arange(n_refs, device=patches.device).repeat_interleave(n_views * grid * grid)
+        keep = max(self.min_memory, int(self.memory_fraction * patches.shape[0]))
+        threads = torch.get_num_threads()
+        if patches.device.type == "cpu":  # hundreds of small sequential ops: extra threads only spin
+            torch.set_num_threads(1)
+        try:
+            chosen = greedy_coreset(patches, keep)
+        finally:
+            torch.set_num_threads(threads)
+        self.memories[category] = patches[chosen]
+        self.normalisation[category] = self._leave_one_out_stats(per_view, patches[chosen], owner[chosen])
 
-    def _leave_one_out_stats(self, per_view: torch.Tensor) -> tuple[float, float]:
-        """(median patch score, mean image max) of references scored without their own patches.
+    def _leave_one_out_stats(self, per_view: torch.Tensor, memory: torch.Tensor,
+                             owner: torch.Tensor) -> tuple[float, float]:
+        """(median patch score, mean image max) of each reference scored against the memory rows that
+        did not come from it (the same coreset the test images meet, so the scales agree).
 
-        With one reference there is nothing to leave out but itself; its identity view is then scored
-        against its other views only, which still measures how variable the normal texture is.
+        With one reference there is nothing to leave out; its identity view is then scored against all
+        its views' memory minus exact self-matches, i.e. the nearest *other* patch, which still measures
+        how variable the normal texture is.
         """
-        n_views, n_refs, grid, _, dim = per_view.shape
+        n_views, n_refs = per_view.shape[:2]
         medians, maxima = [], []
         for ref in range(n_refs):
             query = per_view[0, ref : ref + 1]
-            if n_refs > 1:
-                others = torch.cat([per_view[:, :ref], per_view[:, ref + 1 :]], dim=1).reshape(-1, dim)
-            elif n_views > 1:
-                others = per_view[1:, ref].reshape(-1, dim)
-            else:
+            others = memory[owner != ref] if n_refs > 1 else memory
+            if others.shape[0] == 0:
                 return 0.0, 1.0
-            raw = self._raw_maps(query, others)[0]
+            if n_refs > 1:
+                raw = self._raw_maps(query, others)[0]
+            else:
+                raw = self._raw_maps(query, others, exclude_self=True)[0]
             medians.append(float(raw.median()))
             maxima.append(float(raw.max()))
         low, high = float(np.mean(medians)), float(np.mean(maxima))

@@ -78,9 +78,11 @@ def evaluate_maps(
         mask_path = row_series.get("mask_path")
         mask = _read_mask(mask_path) if isinstance(mask_path, str) else None
         patch_map = table.maps[maps_row[row.image_id]]
-        if mask is None:
-            height, width = int(row_series.get("height")), int(row_series.get("width"))
-            mask = np.zeros((height, width), dtype=bool)
+        if mask is None:  # a normal image: empty mask of the image's size
+            height, width = row_series.get("height"), row_series.get("width")
+            if pd.isna(height) or pd.isna(width):
+                height, width = _read_mask(str(row.path)).shape
+            mask = np.zeros((int(height), int(width)), dtype=bool)
         pixel_map = upsample_map(patch_map, *mask.shape)
         flat_mask, flat_map = mask.ravel(), pixel_map.ravel()
         if flat_mask.size > per_image_budget:
