@@ -1,0 +1,232 @@
+"""`agssp lineage`: the chain from sources to evaluations, read back from a real (small) demo run.
+
+One headless run of the chain (demo corpus, 1 epoch everywhere) serves every test of the module; the
+staleness test changes artifacts in place and so runs last.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from agssp_pipeline.cli import main as agssp_main
+from agssp_pipeline.config import CONFIG_ENV_VAR, load_config
+from agssp_pipeline.lineage_report import (
+    MISSING,
+    NEWER,
+    STALE,
+    LineageTargetError,
+    build_lineage_report,
+    infer_storage_root,
+    parse_asset_target,
+)
+from agssp_pipeline.storage import StorageLayout
+
+CHAIN = ["image_index", "anomaly_maps", "backbone_checkpoint", "category_thresholds", "pseudo_boxes",
+         "detector_checkpoint", "finetune_evaluation"]
+DROPPED_SOURCE = "demo_plant_line1"  # one pretraining source fewer keeps the run short
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    from agssp_pipeline.definitions import build_definitions
+    from agssp_pipeline.demo import generate_demo
+    from agssp_pipeline.orchestration import materialize_selection, prepare_instance
+
+    root = tmp_path_factory.mktemp("lineage")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DAGSTER_HOME", str(root / "dagster_home"))
+        patch.setenv(CONFIG_ENV_VAR, "")
+        (root / "dagster_home").mkdir()
+        corpus = generate_demo(root / "demo", seed=0, scale=0.3)
+        data = yaml.safe_load(corpus.config_path.read_text())
+        data["sources"] = [s for s in data["sources"] if s["name"] != DROPPED_SOURCE]
+        data["finetune"]["epochs"] = 1
+        data["kead"]["image_size"] = 128  # small frames everywhere: lineage, not accuracy, is under test
+        for section in ("backbone", "detector", "finetune"):
+            data[section]["image_size"] = 64
+        corpus.config_path.write_text(yaml.safe_dump(data))
+        config = load_config(corpus.config_path)
+        instance = prepare_instance(config, str(corpus.config_path))
+        report = materialize_selection(build_definitions(str(corpus.config_path)), config, instance,
+                                       selection=" or ".join(f"key:{a}" for a in CHAIN))
+        assert not report.failed, "\n".join(report.summary_lines())
+        yield {"config_path": str(corpus.config_path), "config": config, "layout": config.layout(),
+               "instance": instance}
+
+
+def _lineage_cli(capsys, *args: str) -> tuple[int, str]:
+    code = agssp_main(["lineage", *args])
+    return code, capsys.readouterr().out
+
+
+def _pretrain_sources(chain) -> list[str]:
+    return [s.name for s in chain["config"].pretrain_sources()]
+
+
+def _backbone_run(layout: StorageLayout) -> tuple[str, str]:
+    from agssp_pipeline.training.checkpoint import latest_checkpoint_dir, read_latest_pointer
+
+    return read_latest_pointer(layout, "yolov8n")["run_id"], latest_checkpoint_dir(layout, "yolov8n")
+
+
+def _detector_run(layout: StorageLayout) -> Path:
+    from agssp_pipeline.training.detector import latest_detector_checkpoint
+
+    return latest_detector_checkpoint(layout, "yolov8n")
+
+
+def test_evaluation_chain_names_sources_maps_and_checkpoints(chain, capsys):
+    from agssp_pipeline.kead.store import current_version
+
+    layout = chain["layout"]
+    code, text = _lineage_cli(capsys, "finetune_evaluation", "--config", chain["config_path"])
+    assert code == 0
+    for source in _pretrain_sources(chain):
+        assert f"* {source}" in text
+        assert current_version(layout.maps_store(source)) in text
+    assert DROPPED_SOURCE not in text
+    backbone_run_id, _ = _backbone_run(layout)
+    assert f"yolov8n run {backbone_run_id}" in text
+    assert _detector_run(layout).name in text
+    assert "dataset demo_downstream" in text
+    # AGBP ran before category_thresholds existed: stated, not invented
+    assert "no threshold table recorded in backbone checkpoint" in text
+    assert "flags: 0 STALE" in text
+    # the stages come upstream first
+    titles = ("image sources", "anomaly maps", "category thresholds", "pseudo boxes", "backbone checkpoints",
+              "detector checkpoints", "finetune evaluations")
+    order = [text.index(f"\n{number}. {title}") for number, title in enumerate(titles, 1)]
+    assert order == sorted(order)
+
+
+def test_json_output_parses_and_carries_dagster_records(chain, capsys):
+    code, text = _lineage_cli(capsys, "finetune_evaluation", "--config", chain["config_path"], "--json")
+    assert code == 0
+    payload = json.loads(text)
+    stages = {stage["key"]: stage for stage in payload["stages"]}
+    assert list(stages) == ["sources", "maps", "thresholds", "pseudo_boxes", "backbone", "detector", "evaluations"]
+    assert payload["summary"] == {STALE: 0, NEWER: 0, MISSING: 0}
+    backbone = stages["backbone"]["entries"][0]
+    run_id, _ = _backbone_run(chain["layout"])
+    # the Dagster materialisation that made exactly this checkpoint run is found
+    record = backbone["dagster"][0]
+    assert record["asset"] == "backbone_checkpoint" and record["partition"] == "yolov8n"
+    assert run_id in record["match"] and record["run_id"] and record["data_version"]
+    runs = {r.run_id for r in chain["instance"].get_runs()}
+    assert record["run_id"] in runs
+    maps = {e["label"]: e for e in stages["maps"]["entries"]}
+    assert set(maps) == set(_pretrain_sources(chain))
+    assert all(e["dagster"][0]["asset"] == "anomaly_maps" for e in maps.values())
+    version = next(iter(maps.values()))
+    assert any(key.startswith("version v") for key in version["fields"])
+
+
+def test_path_targets_resolve_to_their_artifact(chain):
+    layout = chain["layout"]
+    detector_dir = _detector_run(layout)
+    _, backbone_dir = _backbone_run(layout)
+    source = _pretrain_sources(chain)[0]
+    cases = {
+        str(detector_dir / "model.safetensors"): "detector",
+        f"{backbone_dir}/lineage.json": "backbone",
+        layout.pseudo_boxes(source): "pseudo_boxes",
+        layout.maps_store(source): "maps",
+        layout.index(source): "index",
+        layout.thresholds(): "thresholds",
+        layout.evaluations("demo_downstream.per_class"): "evaluation",
+    }
+    for target, kind in cases.items():
+        report = build_lineage_report(target, use_dagster=False)  # storage root from the path, no Dagster
+        assert report.target_kind == kind, target
+        assert report.dagster_home is None
+        assert report.storage_root == layout.root
+        assert not any(e.dagster for s in report.stages for e in s.entries)
+    boxes = build_lineage_report(f"pseudo_boxes[{source}]", chain["config_path"], use_dagster=False)
+    assert [e.label for e in boxes.stage("pseudo_boxes").entries] == [source]
+    maps = {e.label: e for e in boxes.stage("maps").entries}
+    assert "recorded by" in maps[source].fields and f"pseudo boxes {source}" in maps[source].fields["recorded by"]
+    # the thresholds table the boxes rest on pooled every pretraining source's maps
+    assert set(maps) == set(_pretrain_sources(chain))
+    assert boxes.stage("backbone").notes  # downstream of the target is said to be not followed
+
+
+def test_backbone_target_lists_the_detector_and_evaluations_that_used_it(chain):
+    layout = chain["layout"]
+    _, backbone_dir = _backbone_run(layout)
+    report = build_lineage_report(backbone_dir, chain["config_path"], instance=chain["instance"])
+    assert [e.path for e in report.stage("detector").entries] == [str(_detector_run(layout))]
+    assert [e.label for e in report.stage("evaluations").entries] == ["dataset demo_downstream"]
+    assert not report.stage("pseudo_boxes").entries  # the backbone itself consumed no boxes
+
+
+def test_bad_targets_are_clear_errors(chain, tmp_path, capsys):
+    with pytest.raises(LineageTargetError, match="no such file"):
+        build_lineage_report(str(tmp_path / "nothing.parquet"))
+    other = tmp_path / "other.parquet"
+    pd.DataFrame({"a": [1]}).to_parquet(other)
+    with pytest.raises(LineageTargetError, match="did not write"):
+        build_lineage_report(str(other))
+    with pytest.raises(LineageTargetError, match="pass --config"):
+        build_lineage_report("detector_checkpoint")
+    code = agssp_main(["lineage", "pseudo_boxes[no_such_source]", "--config", chain["config_path"]])
+    assert code == 2 and "no artifact of pseudo_boxes[no_such_source]" in capsys.readouterr().err
+
+
+def test_helpers():
+    assert parse_asset_target("pseudo_boxes[a_b]") == ("pseudo_boxes", "a_b")
+    assert parse_asset_target("pseudo_boxes:a_b") == ("pseudo_boxes", "a_b")
+    assert parse_asset_target("detector_checkpoint") == ("detector_checkpoint", None)
+    assert infer_storage_root("/x/store/checkpoints/detector/yolov8n/r1") == "/x/store"
+    assert infer_storage_root("/x/store/maps.zarr/src") == "/x/store"
+    assert infer_storage_root("/x/store/thresholds.parquet") == "/x/store"
+    assert infer_storage_root("/x/elsewhere/model.safetensors") is None
+
+
+def test_changed_upstream_artifacts_are_flagged_stale(chain, capsys):
+    """Runs last: rewrites a map store, the thresholds and the downstream labels in place."""
+    from agssp_pipeline.kead.store import read_map_table, write_map_table
+    from agssp_pipeline.training.checkpoint import write_latest_pointer
+
+    layout = chain["layout"]
+    source = "demo_rolled_voc"
+    before = build_lineage_report("detector_checkpoint", chain["config_path"], use_dagster=False)
+    assert not before.flags(STALE)
+    # a re-run of KeAD with other weights: a new store version becomes current
+    table = read_map_table(layout.maps_store(source))
+    old_version = table.attrs["version"]
+    table.attrs = {k: v for k, v in table.attrs.items() if k != "version"}
+    table.attrs["identity"] = {**table.attrs["identity"], "weights": "retrained-weights"}
+    new_version = write_map_table(layout.maps_store(source), table)
+    assert new_version != old_version
+    # thresholds recomputed with another delta
+    thresholds = pd.read_parquet(layout.thresholds())
+    thresholds["threshold"] = thresholds["threshold"] - 0.05
+    thresholds.to_parquet(layout.thresholds(), index=False)
+    # a label fixed in the downstream set after the evaluation
+    annotations = pd.read_parquet(layout.annotations("demo_downstream"))
+    annotations.loc[annotations.index[0], "x2"] = annotations["x2"].iloc[0] + np.float32(3.0)
+    annotations.to_parquet(layout.annotations("demo_downstream"), index=False)
+    # and a later backbone run
+    write_latest_pointer(layout, "yolov8n", "20991231T000000-later")
+
+    report = build_lineage_report("finetune_evaluation", chain["config_path"], use_dagster=False)
+    stale = {(stage, label): flag.message for stage, label, flag in report.flags(STALE)}
+    maps_message = stale[("maps", source)]
+    assert new_version in maps_message and old_version in maps_message
+    assert "backbone yolov8n run" in maps_message or "detector yolov8n run" in maps_message
+    assert ("thresholds", "thresholds table") in stale  # computed from the replaced map version
+    assert "thresholds table changed" in stale[("pseudo_boxes", source)]
+    assert "labelled set of demo_downstream changed" in stale[("evaluations", "dataset demo_downstream")]
+    newer = [f.message for _, _, f in report.flags(NEWER)]
+    assert any("20991231T000000-later" in m for m in newer)
+    code, text = _lineage_cli(capsys, "finetune_evaluation", "--config", chain["config_path"], "--no-dagster")
+    assert code == 0 and "!! STALE: map store moved to version" in text
+    payload = json.loads(_lineage_cli(capsys, "finetune_evaluation", "--config", chain["config_path"],
+                                      "--no-dagster", "--json")[1])
+    assert payload["summary"][STALE] == len(report.flags(STALE))
