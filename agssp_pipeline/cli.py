@@ -138,7 +138,7 @@ def cmd_lineage(args: argparse.Namespace) -> int:
         print(f"agssp lineage: {error}", file=sys.stderr)
         return 2
     print(report.to_json() if args.json else report.render())
-    return 0
+    return 1 if args.fail_on_stale and report.flags("STALE") else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -165,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="agssp.yaml (needed for asset names; default: $AGSSP_CONFIG)")
     lin.add_argument("--json", action="store_true", help="machine-readable output")
     lin.add_argument("--no-dagster", action="store_true", help="ignore the Dagster instance, artifacts only")
+    lin.add_argument("--fail-on-stale", action="store_true", help="exit 1 when an upstream artifact changed after use")
     lin.set_defaults(func=cmd_lineage)
 
     val = sub.add_parser("validate", help="validate a config file")

@@ -230,3 +230,20 @@ def test_changed_upstream_artifacts_are_flagged_stale(chain, capsys):
     payload = json.loads(_lineage_cli(capsys, "finetune_evaluation", "--config", chain["config_path"],
                                       "--no-dagster", "--json")[1])
     assert payload["summary"][STALE] == len(report.flags(STALE))
+    assert agssp_main(["lineage", "finetune_evaluation", "--config", chain["config_path"], "--no-dagster",
+                       "--fail-on-stale"]) == 1
+    capsys.readouterr()
+
+
+def test_deleted_checkpoint_is_missing_and_its_recorded_lineage_still_shown(chain):
+    """Runs after the staleness test: moves the detector run away (as a clean-up script might)."""
+    layout = chain["layout"]
+    detector_dir = _detector_run(layout)
+    detector_dir.rename(detector_dir.with_name(detector_dir.name + ".moved"))
+    report = build_lineage_report(layout.evaluations("demo_downstream"), use_dagster=False)
+    missing = [(stage, flag.message) for stage, _, flag in report.flags(MISSING)]
+    assert ("detector", f"checkpoint files no longer at {detector_dir}; shown as recorded by its consumer") in missing
+    detector = report.stage("detector").entries[0]
+    assert detector.fields["weights digest"]  # from the lineage the evaluation table recorded
+    # its pseudo-box tables, known only from that recorded lineage, are still followed
+    assert {e.label for e in report.stage("pseudo_boxes").entries} == set(_pretrain_sources(chain))
