@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 
 from agssp_pipeline.boxes import plots, stage
-from agssp_pipeline.boxes.pseudo import boxes_only, image_summary, write_table
+from agssp_pipeline.boxes.pseudo import boxes_only, image_summary, settings_of, write_table
 from agssp_pipeline.boxes.settings import BoxesSettings
 from assets.partitions import image_source_partitions
 from assets.resources import PipelineConfigResource
@@ -188,7 +188,7 @@ def pseudo_boxes_at_most_top_k(
     if table is None:
         return MISSING_TABLE
     summary = image_summary(table)
-    top_k = pipeline_config.load().boxes.top_k
+    top_k = settings_of(table, pipeline_config.load().boxes).top_k
     most = int(summary["n_boxes"].max()) if len(summary) else 0
     return dg.AssetCheckResult(passed=most <= top_k, metadata={"max_boxes_per_image": most, "top_k": top_k})
 
@@ -207,7 +207,7 @@ def pseudo_boxes_flagged_fraction(
     if table is None:
         return MISSING_TABLE
     summary = image_summary(table)
-    low, high = pipeline_config.load().boxes.flagged_fraction_band
+    low, high = settings_of(table, pipeline_config.load().boxes).flagged_fraction_band
     fraction = float((summary["n_boxes"] > 0).mean()) if len(summary) else 0.0
     return dg.AssetCheckResult(
         passed=low <= fraction <= high,

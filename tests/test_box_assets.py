@@ -130,6 +130,8 @@ def test_thresholds_boxes_checks_and_quality_materialize(tiny_pipeline):
                             run_config=override)
     assert result.success
     assert pd.read_parquet(layout.pseudo_boxes("line_a")).groupby("image_id")["box_index"].count().max() <= 1
+    top_k_check = [e for e in result.get_asset_check_evaluations() if e.check_name == "pseudo_boxes_at_most_top_k"]
+    assert top_k_check[0].metadata["top_k"].value == 1  # the run's override, recorded in the table
 
     result = dg.materialize([pseudo_box_quality], instance=instance, resources=resources, partition_key="masks_b")
     assert result.success

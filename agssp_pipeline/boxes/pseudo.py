@@ -111,8 +111,16 @@ def build_pseudo_boxes(
         without[column] = np.full(len(without), np.nan, np.float32)
     without["area"] = pd.array([None] * len(without), dtype="Int64")
     table = pd.concat([with_boxes[PSEUDO_BOX_COLUMNS], without[PSEUDO_BOX_COLUMNS]], ignore_index=True)
-    table = table.sort_values(["image_id", "box_index"], na_position="last", kind="stable")
-    return table.reset_index(drop=True)
+    table = table.sort_values(["image_id", "box_index"], na_position="last", kind="stable").reset_index(drop=True)
+    # the settings a run used (per-run overrides included) travel with the file: checks read them back
+    table.attrs = {"boxes_settings": settings.model_dump(mode="json")}
+    return table
+
+
+def settings_of(table: pd.DataFrame, fallback: BoxesSettings) -> BoxesSettings:
+    """The settings a pseudo-box table was built with (``fallback`` for tables written without them)."""
+    recorded = table.attrs.get("boxes_settings")
+    return BoxesSettings.model_validate(recorded) if recorded else fallback
 
 
 def boxes_only(table: pd.DataFrame) -> pd.DataFrame:
