@@ -21,7 +21,7 @@ from pydantic import PrivateAttr
 from agssp_pipeline.kead.base import AnomalyEncoder
 from agssp_pipeline.kead.evaluation import evaluate_maps, has_masks, write_evaluation
 from agssp_pipeline.kead.maps import upsample_map
-from agssp_pipeline.kead.references import select_references
+from agssp_pipeline.kead.references import REFERENCE_COLUMNS, select_references
 from agssp_pipeline.kead.runner import Progress, RunStats, compute_anomaly_maps, mappable_rows, read_rgb
 from agssp_pipeline.kead.settings import KeadSettings
 from agssp_pipeline.kead.store import CODE_VERSION, StoreEmptyError, read_map_table
@@ -257,14 +257,18 @@ def anomaly_maps(
         index = _index(layout, source)
         store_uri = layout.maps_store(source)
         pool = reference_pool(config, layout, source, index, context.log)
-        references = select_references(
-            pool, k=settings.k_shot, strategy=settings.reference_strategy,
-            explicit=settings.reference_images, zero_shot_scores=_previous_zero_shot_scores(store_uri),
-            categories=sorted(index["category"].dropna().astype(str).unique()),
-        )
+        if settings.k_shot == 0 and not settings.reference_images:  # zero-shot only (text path)
+            references = pd.DataFrame(columns=REFERENCE_COLUMNS)
+        else:
+            references = select_references(
+                pool, k=settings.k_shot, strategy=settings.reference_strategy,
+                explicit=settings.reference_images, zero_shot_scores=_previous_zero_shot_scores(store_uri),
+                categories=sorted(index["category"].dropna().astype(str).unique()),
+            )
         stats = compute_anomaly_maps(
             index, encoder, store_uri, references, batch_size=settings.batch_size,
             num_workers=settings.num_workers, progress=_ProgressLogger(context.log, source),
+            require_references=settings.k_shot > 0,
         )
         table = read_map_table(store_uri)
         context.log.info(f"{source}: computed {stats.computed}, skipped {stats.skipped}, "

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import sys
 import tempfile
 import time
@@ -77,14 +78,14 @@ def build_index(root: Path, k: int, max_per_class: int, free_test: int, seed: in
     return index, reference_rows
 
 
-def encoders(names: list[str], image_size: int | None) -> dict:
+def encoders(names: list[str], image_size: int | None, cnn_kwargs: dict) -> dict:
     def clip(kind: str):
         from agssp_pipeline.kead.encoders import build_encoder
 
         return build_encoder(KeadSettings(encoder=kind, allow_random_weights=True, device="cpu"))
 
     table = {
-        "cnn_fewshot": lambda: CnnFewShotEncoder(image_size=image_size or 320),
+        "cnn_fewshot": lambda: CnnFewShotEncoder(**{"image_size": image_size or 320, **cnn_kwargs}),
         "patchcore_plain": lambda: CnnFewShotEncoder(image_size=224, augment="none", blur_sigma=0.0),
         "clip": lambda: clip("clip"),
         "winclip": lambda: clip("winclip"),
@@ -103,6 +104,8 @@ def main() -> None:
     parser.add_argument("--encoders", default="cnn_fewshot,patchcore_plain")
     parser.add_argument("--clip", action="store_true", help="add the CLIP/WinCLIP rows (random weights)")
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--cnn-kwargs", type=json.loads, default={},
+                        help='overrides of CnnFewShotEncoder arguments, e.g. \'{"layers": [2, 3, 4]}\'')
     parser.add_argument("--out", type=Path, default=None, help="write the table as CSV here")
     args = parser.parse_args()
     if not args.root.is_dir():
@@ -115,7 +118,7 @@ def main() -> None:
           f"references: {len(references)} from MT_Free, torch threads {torch.get_num_threads()}")
     frames = []
     with tempfile.TemporaryDirectory() as scratch:
-        for name, make in encoders(names, args.image_size).items():
+        for name, make in encoders(names, args.image_size, args.cnn_kwargs).items():
             encoder = make()
             store = str(Path(scratch) / name)
             started = time.perf_counter()

@@ -127,3 +127,22 @@ def test_demo_billet_masks_maps_find_the_planted_defects(demo_corpus, tmp_path):
     overall = evaluation.loc[("overall", "all")]
     # measured: pixel 0.81, image 0.89 (classes: crack 0.79, inclusion 0.83, pit 0.72 pixel AUROC)
     assert overall["pixel_auroc"] > 0.75 and overall["image_auroc"] > 0.8
+
+
+def test_zero_shot_run_without_references_through_the_registry(tmp_path):
+    """k_shot 0: the CLIP encoder (registry, tiny random-weight model: plumbing, not quality) scores a
+    category with no references; the zero-shot score is stored."""
+    pytest.importorskip("open_clip")
+    from agssp_pipeline.kead.encoders import build_encoder
+    from agssp_pipeline.kead.settings import KeadSettings
+
+    index = _write_corpus(tmp_path / "images", n_normal=2, n_defect=2)
+    encoder = build_encoder(KeadSettings(encoder="clip", allow_random_weights=True, k_shot=0), device="cpu")
+    store = str(tmp_path / "maps")
+    no_references = select_references(index, k=1, strategy="normal").iloc[:0]
+    with pytest.raises(ValueError, match="no reference images"):
+        compute_anomaly_maps(index, encoder, store, no_references, num_workers=0)
+    stats = compute_anomaly_maps(index, encoder, store, no_references, num_workers=0, require_references=False)
+    table = read_map_table(store)
+    assert stats.computed == 4 and table.attrs["encoder"].startswith("clip") and table.attrs["references"] == {}
+    assert np.isfinite(table.zero_shot_score).all() and np.isfinite(table.maps.astype(np.float32)).all()

@@ -131,12 +131,17 @@ def compute_anomaly_maps(
     progress: Callable[[Progress], None] | None = None,
     storage_options: dict[str, Any] | None = None,
     code_version: str = CODE_VERSION,
+    require_references: bool = True,
 ) -> RunStats:
-    """Maps for every mappable image of ``index`` not yet in the store's current version."""
+    """Maps for every mappable image of ``index`` not yet in the store's current version.
+
+    ``require_references=False`` allows categories without references (zero-shot encoders, k_shot 0);
+    the encoder is then asked to score them without a few-shot memory.
+    """
     rows = mappable_rows(index)
     categories = sorted(rows["category"].astype(str).unique())
     missing = sorted(set(categories) - set(references["category"].astype(str)))
-    if missing:
+    if missing and require_references:
         raise ValueError(f"no reference images for categories {missing}; see kead.reference_strategy")
     version, attrs = store_version_for(encoder, references, categories, code_version)
     device = torch.device(encoder.device)
@@ -151,7 +156,8 @@ def compute_anomaly_maps(
         for category, group in todo.groupby("category", sort=True):
             category = str(category)
             reference_rows = references[references["category"].astype(str) == category]
-            encoder.set_references(category, load_reference_images(encoder, reference_rows))
+            if len(reference_rows):
+                encoder.set_references(category, load_reference_images(encoder, reference_rows))
             loader = DataLoader(
                 _ImageDataset(group, encoder.preprocess, encoder.image_size),
                 batch_size=batch_size,
