@@ -220,3 +220,11 @@ def test_dockerfiles_copy_what_exists_and_serve_the_project_definitions():
     entrypoint = DOCKER_DIR / "daemon-entrypoint.sh"
     assert os.access(entrypoint, os.X_OK)
     assert subprocess.run(["sh", "-n", str(entrypoint)]).returncode == 0
+
+
+def test_system_deps_script_parses_and_can_be_switched_off():
+    script = REPO_ROOT / "scripts" / "system_deps.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    result = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=30,
+                            env={**os.environ, "AGSSP_SKIP_SYSTEM_DEPS": "1"})
+    assert result.returncode == 0 and "not installing anything" in result.stdout

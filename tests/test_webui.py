@@ -136,8 +136,15 @@ def test_asset_graph_renders_and_a_partition_materialises_from_the_ui(demo_corpu
         # the run page shows the success, the asset graph the materialised partition
         browser.get(f"{url}/runs/{run_id}")
         _wait_for_text(browser, ["Success", "image_index"])
+        browser.get(f"{url}/assets/image_index?view=partitions")
+        _wait_for_text(browser, ["Materialized (1)", "Missing (0)", SOURCE])
+        # a wide window: at small zoom the graph draws names only, without the partition status rows
+        browser.set_window_size(2400, 1500)
         browser.get(f"{url}/assets/image_index?view=lineage")
-        _wait_for_text(browser, ["image_index", "plant_images", "100% filled"])
+        _wait_for_text(browser, ["image_index", "plant_images", "Partitions"])
+        deadline = time.monotonic() + 30  # let the node status rows finish loading before the picture
+        while "Loading" in browser.find_element("tag name", "body").text and time.monotonic() < deadline:
+            time.sleep(0.5)
         screenshot = ARTIFACTS / "webui_asset_graph.png"
         assert browser.save_screenshot(str(screenshot))
         assert screenshot.stat().st_size > 20_000, "screenshot suspiciously small: did the page render?"
