@@ -304,7 +304,7 @@ class DagsterRecords:
         return {
             "asset": asset,
             "partition": partition,
-            "run_id": record.run_id,
+            "run_id": record.run_id or "(runless event)",
             "timestamp": datetime.fromtimestamp(record.timestamp, UTC).isoformat(timespec="seconds"),
             "data_version": tags.get("dagster/data_version"),
             "match": match,
@@ -524,13 +524,16 @@ class ChainBuilder:
         if not isinstance(data, dict):
             self.note("sources", f"no data lineage recorded in backbone checkpoint {label}")
             return
+        dagster_seen = lineage.get("dagster_upstream_data_versions") or {}
         for source, info in sorted((data.get("sources") or {}).items()):
-            self.add_source(source, consumer, info.get("index_version"), info.get("images_used"),
-                            info.get("index_path"))
+            index = self.add_source(source, consumer, info.get("index_version"), info.get("images_used"),
+                                    info.get("index_path"))
             version = info.get("map_store_version")
-            self.add_maps(source, consumer, [version] if version else None, info.get("map_store"))
+            maps = self.add_maps(source, consumer, [version] if version else None, info.get("map_store"))
             if not version:
                 self.note("maps", f"no map store version recorded for {source} in backbone checkpoint {label}")
+            for asset, entry in (("image_index", index), ("anomaly_maps", maps)):
+                _compare_dagster_version(entry, asset, (dagster_seen.get(asset) or {}).get(source), consumer)
         if data.get("threshold_table_version"):
             self.add_thresholds(consumer, data["threshold_table_version"])
         else:
@@ -668,6 +671,16 @@ class ChainBuilder:
                 found = True
         if not found:
             self.note("evaluations", "no evaluation table under the storage root used this checkpoint")
+
+
+def _compare_dagster_version(entry: Entry, asset: str, recorded: str | None, consumer: str) -> None:
+    """STALE when Dagster's latest materialisation has another data version than the one the consumer saw."""
+    latest = entry.dagster[0] if entry.dagster else None  # records() lists the latest first
+    if recorded is None or latest is None or not latest.get("data_version"):
+        return
+    if latest["data_version"] != recorded:
+        entry.flag(STALE, f"Dagster has a newer materialisation of {asset}{_partition_text(latest)} (data version "
+                          f"{latest['data_version']}, run {latest['run_id']}) than the {recorded} {consumer} consumed")
 
 
 CheckpointAdder = Callable[..., Entry]

@@ -225,6 +225,18 @@ def test_changed_upstream_artifacts_are_flagged_stale(chain, capsys):
     assert "labelled set of demo_downstream changed" in stale[("evaluations", "dataset demo_downstream")]
     newer = [f.message for _, _, f in report.flags(NEWER)]
     assert any("20991231T000000-later" in m for m in newer)
+    # Dagster knows of a newer anomaly_maps materialisation than the one the backbone run consumed
+    import dagster as dg
+
+    chain["instance"].report_runless_asset_event(dg.AssetMaterialization(
+        asset_key="anomaly_maps", partition="demo_billet_masks", tags={"dagster/data_version": "feedfacefeedface"}))
+    with_dagster = build_lineage_report("finetune_evaluation", chain["config_path"], instance=chain["instance"])
+    billet = next(e for e in with_dagster.stage("maps").entries if e.label == "demo_billet_masks")
+    assert billet.dagster[0]["data_version"] == "feedfacefeedface"
+    assert any("newer materialisation of anomaly_maps[demo_billet_masks]" in f.message for f in billet.flags)
+    index = next(e for e in with_dagster.stage("sources").entries if e.label == "demo_billet_masks")
+    assert not index.flags  # image_index was not re-materialised: its recorded Dagster version still holds
+
     code, text = _lineage_cli(capsys, "finetune_evaluation", "--config", chain["config_path"], "--no-dagster")
     assert code == 0 and "!! STALE: map store moved to version" in text
     payload = json.loads(_lineage_cli(capsys, "finetune_evaluation", "--config", chain["config_path"],
