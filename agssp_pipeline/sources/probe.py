@@ -88,7 +88,8 @@ def probe_image(path: str | os.PathLike[str]) -> ImageProbe:
     base = {"path": path, "bytes": size, "mtime": mtime, "image_id": image_id}
     try:
         image = Image.open(io.BytesIO(data))
-    except UnidentifiedImageError:
+    except (UnidentifiedImageError, ImportError):
+        # ImportError: ultralytics patches Image.open to load an optional HEIF plugin on unknown bytes
         return ImageProbe(**base, error=f"not an image: no decoder recognises the bytes of this {Path(path).suffix} file")
     except Exception as error:  # PIL raises many types for malformed headers
         return ImageProbe(**base, error=f"unreadable image header: {type(error).__name__}: {error}")
