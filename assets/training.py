@@ -92,7 +92,9 @@ def _loss_table(history: list[dict]) -> str:
 
 @dg.asset(
     partitions_def=backbone_partitions,
-    deps=[dg.AssetDep(name, partition_mapping=dg.AllPartitionMapping()) for name in UPSTREAM_ASSETS],
+    # thresholds are not a training input, but the checkpoint records the table version it was made beside
+    deps=[dg.AssetDep(name, partition_mapping=dg.AllPartitionMapping()) for name in UPSTREAM_ASSETS]
+    + [dg.AssetDep("category_thresholds")],
     pool="gpu",
     code_version=AGBP_CODE_VERSION,
     group_name="training",
