@@ -154,8 +154,10 @@ class MapWriter:
         grid_size: int,
         attrs: dict[str, Any] | None = None,
         storage_options: dict[str, Any] | None = None,
+        replace: bool = False,
     ) -> None:
         self.store_uri = store_uri.rstrip("/")
+        self.replace = replace  # drop an existing group of this version first (under the lock)
         self.version_id = version_id
         self.grid_size = int(grid_size)
         self.attrs = _jsonable(attrs or {})
@@ -183,6 +185,8 @@ class MapWriter:
 
     def _open(self) -> None:
         root = _open_group(self.store_uri, "a", self.storage_options)
+        if self.replace and self.version_id in root.group_keys():
+            del root[self.version_id]
         if self.version_id in root.group_keys():
             group = root[self.version_id]
             stored_grid = int(group.attrs.get("grid_size", self.grid_size))
@@ -297,10 +301,7 @@ def write_map_table(
     version = attrs.pop("version", None) or store_version_id(
         attrs.get("identity", attrs), attrs.get("references", {}), table.maps.shape[-1]
     )
-    root = _open_group(store_uri, "a", storage_options)
-    if version in root.group_keys():
-        del root[version]
-    with MapWriter(store_uri, version, table.maps.shape[-1], attrs, storage_options) as writer:
+    with MapWriter(store_uri, version, table.maps.shape[-1], attrs, storage_options, replace=True) as writer:
         writer.append(table.image_id, table.maps, table.image_score, table.zero_shot_score)
     return version
 
