@@ -95,8 +95,9 @@ def test_evaluation_chain_names_sources_maps_and_checkpoints(chain, capsys):
     assert f"yolov8n run {backbone_run_id}" in text
     assert _detector_run(layout).name in text
     assert "dataset demo_downstream" in text
-    # AGBP ran before category_thresholds existed: stated, not invented
-    assert "no threshold table recorded in backbone checkpoint" in text
+    # AGBP runs after category_thresholds, so its checkpoint names the table it was made beside
+    assert "no threshold table recorded in backbone checkpoint" not in text
+    assert "thresholds table" in text
     assert "flags: 0 STALE" in text
     # the stages come upstream first
     titles = ("image sources", "anomaly maps", "category thresholds", "pseudo boxes", "backbone checkpoints",
