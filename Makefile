@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE ?= 1
 export YOLO_OFFLINE ?= 1
 export YOLO_AUTOINSTALL ?= 0
 
-.PHONY: install demo test ui lint clean-demo
+.PHONY: install system-deps demo test ui lint clean-demo
 
 install: $(VENV)/.installed
 
@@ -27,7 +27,12 @@ $(VENV)/.installed: pyproject.toml Makefile
 demo: install
 	$(VENV)/bin/agssp demo --root $(DEMO_ROOT)
 
-test: install
+# Chromium, PostgreSQL and docker-compose for the integration tests; installs only what is missing and
+# never fails the build (those tests skip with a reason where it cannot install). AGSSP_SKIP_SYSTEM_DEPS=1 skips.
+system-deps:
+	bash scripts/system_deps.sh
+
+test: install system-deps
 	$(VENV)/bin/python -m pytest tests
 
 ui: install
