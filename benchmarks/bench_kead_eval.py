@@ -86,7 +86,7 @@ def encoders(names: list[str], image_size: int | None, cnn_kwargs: dict) -> dict
 
     table = {
         "cnn_fewshot": lambda: CnnFewShotEncoder(**{"image_size": image_size or 320, **cnn_kwargs}),
-        "patchcore_plain": lambda: CnnFewShotEncoder(image_size=224, augment="none", blur_sigma=0.0),
+        "patchcore_plain": lambda: CnnFewShotEncoder(image_size=224, layers=(2, 3), augment="none", blur_sigma=0.0),
         "clip": lambda: clip("clip"),
         "winclip": lambda: clip("winclip"),
     }

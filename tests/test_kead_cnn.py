@@ -129,7 +129,7 @@ def test_scores_need_references_and_grey_inputs_work(cnn_encoder):
     grey = np.full((40, 70), 100, np.uint8)
     assert cnn_encoder.preprocess(grey).shape == (3, 128, 128)
     assert cnn_encoder.preprocess(np.zeros((40, 70, 4), np.uint8)).shape == (3, 128, 128)
-    with pytest.raises(ValueError, match="multiple of 16"):
+    with pytest.raises(ValueError, match="multiple of 32"):
         CnnFewShotEncoder(image_size=100)
 
 
@@ -138,5 +138,7 @@ def test_registry_builds_named_encoders():
     encoder = build_encoder(KeadSettings(encoder="cnn_fewshot", image_size=64), device="auto")
     assert encoder.identity.encoder == "cnn_fewshot" and encoder.grid_size == 8
     assert encoder.device == resolve_device("auto")
+    shallow = build_encoder(KeadSettings(encoder="cnn_fewshot", image_size=64, cnn_layers=[2, 3]), device="cpu")
+    assert shallow.identity.extra["layers"] == [2, 3] and encoder.identity.extra["layers"] == [2, 3, 4]
     with pytest.raises(ValueError, match="unknown kead.encoder 'nope'"):
         build_encoder(KeadSettings(encoder="nope"))

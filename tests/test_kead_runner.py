@@ -125,7 +125,7 @@ def test_demo_billet_masks_maps_find_the_planted_defects(demo_corpus, tmp_path):
     assert stats.computed == index["duplicate_of"].isna().sum() and not stats.failed
     evaluation = evaluate_maps(index, read_map_table(store)).set_index(["level", "name"])
     overall = evaluation.loc[("overall", "all")]
-    # measured: pixel 0.81, image 0.89 (classes: crack 0.79, inclusion 0.83, pit 0.72 pixel AUROC)
+    # measured: pixel 0.80, image 0.87 (layers 2-3 only: 0.81 / 0.89); a plain PatchCore map: 0.81 / 0.89
     assert overall["pixel_auroc"] > 0.75 and overall["image_auroc"] > 0.8
 
 

@@ -35,3 +35,6 @@ class KeadSettings(BaseModel):
     text_cache_dir: str | None = None  # text-embedding cache; None = $AGSSP_CACHE_DIR/kead_text
     fewshot_tokens: Literal["original", "vv"] = "original"  # which tapped tokens the few-shot memory holds
     winclip_windows: list[int] = Field(default_factory=lambda: [2, 3])  # window sides in patches
+    # CNN few-shot encoder (cnn_encoder.py): timm EfficientNet-Lite0 stages (2 = stride 8, 3 = 16, 4 = 32);
+    # None = (2, 3, 4); (2, 3) favours small defects on low-resolution inputs
+    cnn_layers: list[int] | None = None
