@@ -9,6 +9,7 @@ import pandas as pd
 from agssp_pipeline.boxes import plots, stage
 from agssp_pipeline.boxes.pseudo import boxes_only, image_summary, settings_of, write_table
 from agssp_pipeline.boxes.settings import BoxesSettings
+from assets.automation import CHEAP_ASSET_AUTOMATION
 from assets.partitions import image_source_partitions
 from assets.resources import PipelineConfigResource
 
@@ -46,6 +47,7 @@ def _md_table(frame: pd.DataFrame, floats: str = "{:.4g}") -> str:
     key="category_thresholds",
     deps=[dg.AssetDep("anomaly_maps")],
     code_version=THRESHOLDS_CODE_VERSION,
+    automation_condition=CHEAP_ASSET_AUTOMATION,
     group_name="pseudo_labels",
     kinds={"python", "parquet"},
     description=(
@@ -103,6 +105,7 @@ def thresholds_well_founded(pipeline_config: PipelineConfigResource) -> dg.Asset
     partitions_def=image_source_partitions,
     deps=[dg.AssetDep("anomaly_maps"), dg.AssetDep("category_thresholds")],
     code_version=PSEUDO_BOXES_CODE_VERSION,
+    automation_condition=CHEAP_ASSET_AUTOMATION,
     group_name="pseudo_labels",
     kinds={"python", "parquet"},
     description=(

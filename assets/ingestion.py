@@ -23,6 +23,7 @@ from agssp_pipeline.sources import (
 )
 from agssp_pipeline.sources.ingest import write_bytes_atomic
 from agssp_pipeline.sources.preview import contact_sheet
+from assets.automation import CHEAP_ASSET_AUTOMATION
 from assets.partitions import image_source_partitions
 from assets.resources import PipelineConfigResource
 
@@ -138,6 +139,7 @@ def _last_code_version(context: dg.AssetExecutionContext, partition: str) -> str
     partitions_def=image_source_partitions,
     deps=[plant_images],
     code_version=INGESTION_CODE_VERSION,
+    automation_condition=CHEAP_ASSET_AUTOMATION,
     group_name="ingestion",
     kinds={"parquet"},
     description=(

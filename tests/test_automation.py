@@ -8,6 +8,7 @@ that the project's real Definitions attach the policy to exactly the cheap asset
 # no `from __future__ import annotations`: Dagster inspects the context annotation at runtime
 import dagster as dg
 import pytest
+import yaml
 
 from jobs.automation import (
     AUTOMATION_SENSOR_NAME,
@@ -141,3 +142,86 @@ def test_sensor_is_exported_and_running_by_default():
     assert sensor.name == AUTOMATION_SENSOR_NAME
     assert sensor.default_status == dg.DefaultSensorStatus.RUNNING
     assert not set(CHEAP_ASSETS) & set(EXPENSIVE_ASSETS)
+
+
+# --------------------------------------------------------------------------------------------------
+# The project's own definitions: the policy as attached, together with the ingestion sensor
+
+
+def _project_defs():
+    from agssp_pipeline.definitions import defs
+
+    return defs
+
+
+@pytest.fixture
+def plant_folders(tmp_path):
+    from sources_fixtures import write_image
+
+    folders = {name: tmp_path / name for name in ("line1", "line2")}
+    for number, folder in enumerate(folders.values()):
+        for index in range(2):
+            write_image(folder / f"{index:04d}.png", size=(48, 40), seed=10 * number + index)
+    sources = [{"name": name, "kind": "plant", "format": "image_folder", "root": str(folder), "category": "strip"}
+               for name, folder in folders.items()]
+    config_path = tmp_path / "agssp.yaml"
+    config_path.write_text(yaml.safe_dump({"storage_root": str(tmp_path / "storage"), "sources": sources}))
+    return config_path, folders
+
+
+def _sensor_tick(instance, resources, cursor):
+    """One tick of the ingestion sensor, applied the way the daemon applies it (partitions, events, runs)."""
+    from jobs.ingestion import new_plant_images_sensor
+
+    context = dg.build_sensor_context(instance=instance, cursor=cursor, resources=resources)
+    result = new_plant_images_sensor(context)
+    for request in result.dynamic_partitions_requests:
+        instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
+    for event in result.asset_events:
+        instance.report_runless_asset_event(event)
+    return result
+
+
+def test_project_policy_with_the_ingestion_sensor_reindexes_exactly_the_changed_source(plant_folders):
+    """Real definitions: cheap assets carry the policy, GPU assets none; a new image in one plant folder
+    gets one index run for that source (the sensor's) and no automation request on top of it."""
+    from sources_fixtures import write_image
+
+    from assets.ingestion import image_index
+    from assets.resources import PipelineConfigResource
+
+    defs = _project_defs()
+    graph = defs.resolve_asset_graph()
+    keys = {key.to_user_string(): key for key in graph.get_all_asset_keys()}
+    for name in CHEAP_ASSETS:
+        assert graph.get(keys[name]).automation_condition == CHEAP_ASSET_AUTOMATION, name
+    for name in EXPENSIVE_ASSETS:
+        if name in keys and graph.get(keys[name]).is_materializable:
+            assert graph.get(keys[name]).automation_condition is None, f"{name} must not start by itself"
+
+    config_path, folders = plant_folders
+    resources = {"pipeline_config": PipelineConfigResource(config_path=str(config_path))}
+    selection = dg.AssetSelection.assets(*CHEAP_ASSETS)
+    instance = dg.DagsterInstance.ephemeral()
+
+    def run_requested(result) -> None:
+        for request in result.run_requests:
+            assert dg.materialize([image_index], instance=instance, resources=resources,
+                                  partition_key=request.partition_key).success
+
+    first = _sensor_tick(instance, resources, None)
+    assert sorted(r.partition_key for r in first.run_requests) == ["line1", "line2"]
+    run_requested(first)
+    ticks = dg.evaluate_automation_conditions(defs=defs, instance=instance, asset_selection=selection)
+    assert requested(ticks) == {}
+
+    write_image(folders["line2"] / "0099.png", size=(48, 40), seed=99)
+    changed = _sensor_tick(instance, resources, first.cursor)
+    assert [r.partition_key for r in changed.run_requests] == ["line2"]
+    ticks = dg.evaluate_automation_conditions(defs=defs, instance=instance, asset_selection=selection,
+                                              cursor=ticks.cursor)
+    assert requested(ticks) == {}, "the sensor's run covers the change; automation must not add runs"
+    run_requested(changed)
+    ticks = dg.evaluate_automation_conditions(defs=defs, instance=instance, asset_selection=selection,
+                                              cursor=ticks.cursor)
+    assert requested(ticks) == {}
