@@ -8,6 +8,7 @@ import agssp_pipeline  # noqa: F401  (applies offline defaults before anything l
 from assets import ASSET_MODULES
 from assets.resources import PipelineConfigResource, default_config_path
 from jobs import JOB_MODULES
+from jobs.deploy import executor_from_env
 
 
 def build_resources(config_path: str | None = None) -> dict:
@@ -25,6 +26,7 @@ def build_definitions(config_path: str | None = None) -> dg.Definitions:
         schedules=[s for module in JOB_MODULES for s in getattr(module, "SCHEDULES", [])],
         sensors=[s for module in JOB_MODULES for s in getattr(module, "SENSORS", [])],
         resources=build_resources(config_path),
+        executor=executor_from_env(),  # AGSSP_EXECUTOR=k8s: one pod per step (docs/deployment.md)
     )
 
 

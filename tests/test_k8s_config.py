@@ -215,3 +215,12 @@ def test_the_projects_gpu_assets_declare_the_gpu_pool():
             assert node.pools == {deploy.GPU_POOL}, f"{name} runs on a GPU but is in pools {node.pools}"
             checked.append(name)
     assert checked, "no GPU asset found in the definitions"
+
+
+def test_project_definitions_switch_to_step_pods_with_agssp_executor(monkeypatch):
+    from agssp_pipeline.definitions import build_definitions
+
+    monkeypatch.setenv("AGSSP_EXECUTOR", "k8s")
+    assert build_definitions().resolve_job_def("ingest_job").executor_def.name == "agssp_k8s"
+    monkeypatch.delenv("AGSSP_EXECUTOR")
+    assert build_definitions().resolve_job_def("ingest_job").executor_def.name != "agssp_k8s"
