@@ -1,9 +1,12 @@
 """Ingestion automation: a job per source partition, a sensor that watches the source folders, and a
 daily schedule that catches whatever the sensor missed (sensor stopped, cursor reset).
 
-Both compare folder fingerprints (paths, sizes, mtimes; no file contents) and launch ``image_index`` only
-for sources whose folder changed. Run keys are ``<source>:<fingerprint>``, so a folder state is
-ingested once however many ticks see it.
+Both compare folder fingerprints (paths, sizes, mtimes; no file contents) and launch runs only for
+sources whose folder changed. Run keys are ``<source>:<fingerprint>``, so a folder state is ingested
+once however many ticks see it. The sensor's run of a pretraining source also materialises its
+``anomaly_maps`` partition: the map store is incremental, so only the new images are encoded; the
+cheap assets downstream (thresholds, pseudo boxes) then follow through their automation condition.
+Downstream-only sources are re-indexed only (they never get maps).
 
 Settling: a source with ``options.settle_seconds`` (or the ``AGSSP_INGEST_SETTLE_SECONDS`` default, 0)
 is left for a later tick while its newest file is younger than that, for folders filled in batches
@@ -21,6 +24,7 @@ import dagster as dg
 from agssp_pipeline.config import PipelineConfig
 from agssp_pipeline.sources import source_snapshot
 from assets.ingestion import combined_fingerprint, fingerprint_metadata, image_index, plant_images
+from assets.kead import anomaly_maps
 from assets.partitions import image_source_partitions
 from assets.resources import PipelineConfigResource
 
@@ -58,10 +62,17 @@ def settled_fingerprints(config: PipelineConfig, log=None, now: float | None = N
     return found
 
 
-def ingestion_requests(current: dict[str, str], previous: dict[str, str]) -> list[dg.RunRequest]:
-    """One run per source whose fingerprint differs from ``previous`` (new sources included)."""
+def ingestion_requests(current: dict[str, str], previous: dict[str, str],
+                       pretrain_sources: set[str] | None = None) -> list[dg.RunRequest]:
+    """One run per source whose fingerprint differs from ``previous`` (new sources included).
+
+    Sources in ``pretrain_sources`` get their anomaly maps brought up to date in the same run.
+    """
+    pretrain_sources = pretrain_sources or set()
     return [
         dg.RunRequest(partition_key=name, run_key=f"{name}:{fingerprint}",
+                      asset_selection=[image_index.key, anomaly_maps.key] if name in pretrain_sources
+                      else [image_index.key],
                       tags={"agssp/source": name, "agssp/folder_fingerprint": fingerprint})
         for name, fingerprint in sorted(current.items())
         if previous.get(name) != fingerprint
@@ -74,7 +85,7 @@ def _unregistered(instance: dg.DagsterInstance, config: PipelineConfig) -> list[
 
 
 @dg.sensor(
-    job=ingest_job,
+    target=dg.AssetSelection.assets(image_index, anomaly_maps),
     minimum_interval_seconds=60,
     description="Registers every configured source as a partition and re-ingests sources whose folder changed.",
 )
@@ -84,7 +95,7 @@ def new_plant_images_sensor(context: dg.SensorEvaluationContext,
     previous: dict[str, str] = json.loads(context.cursor) if context.cursor else {}
     current = settled_fingerprints(config, context.log)
     new_partitions = _unregistered(context.instance, config)
-    run_requests = ingestion_requests(current, previous)
+    run_requests = ingestion_requests(current, previous, {s.name for s in config.pretrain_sources()})
     state = {name: fp for name, fp in {**previous, **current}.items() if name in config.source_names}
     # a runless observation of plant_images: the UI marks image_index stale right away
     observations = [dg.AssetObservation(asset_key=plant_images.key, metadata=fingerprint_metadata(state),

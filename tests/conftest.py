@@ -41,3 +41,16 @@ def demo_corpus(tmp_path_factory):
     from agssp_pipeline.demo import generate_demo
 
     return generate_demo(tmp_path_factory.mktemp("demo"), seed=0)
+
+
+@pytest.fixture(autouse=True)
+def _forget_closed_dagster_instances():
+    """Dagster keeps the last instance's defs-state storage in a context variable, which can outlive
+    ``instance_for_test`` (its temp folder then gone); a later Definitions load would open that
+    deleted SQLite file. Reset it after every test so tests don't depend on their order."""
+    yield
+    try:
+        from dagster._core.storage.defs_state import base as defs_state_base
+    except ImportError:  # a Dagster without defs-state storage has nothing to reset
+        return
+    defs_state_base._current_storage.set(None)
