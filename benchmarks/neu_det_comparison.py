@@ -157,7 +157,8 @@ def report(config_path: Path, wall_seconds: float | None) -> int:
     if detector_lineage:
         print(f"  AGDP training set: {detector_lineage.get('training_set')}")
         print(f"  AGDP checkpoint: {detector_lineage.get('checkpoint')}")
-    print(f"  train seconds per variant: {dict(zip(table['variant'], table['train_seconds'], strict=False))}")
+    seconds = {f"{r.regime}/{r.variant}": r.train_seconds for r in table.itertuples(index=False)}
+    print(f"  train seconds (incl. ultralytics' final val): {seconds}")
     if wall_seconds is not None:
         print(f"  wall time of this run: {wall_seconds / 60:.1f} min on {os.cpu_count()} CPU cores (shared)")
     return 0
