@@ -137,11 +137,14 @@ def test_demo_corpus_planted_defects_are_recovered_above_a_random_baseline(demo_
     from agssp_pipeline.kead.store import read_map_table
     from agssp_pipeline.sources.ingest import ingest_source
 
-    source = load_config(demo_corpus.config_path).source("demo_plant_line1")
+    config = load_config(demo_corpus.config_path)
+    source = config.source("demo_plant_line1")
     index = ingest_source(source).images
     references = select_references(index, k=4, strategy="auto", seed=0)  # no marked normals: "typical"
     store = str(tmp_path / "maps.zarr" / source.name)
-    compute_anomaly_maps(index, CnnFewShotEncoder(image_size=160), store, references, num_workers=0)
+    # the encoder exactly as the demo configures it (small-defect stages), at the frames' own size
+    encoder = CnnFewShotEncoder.from_settings(config.kead.model_copy(update={"image_size": 160}))
+    compute_anomaly_maps(index, encoder, store, references, num_workers=0)
     maps = read_map_table(store)
     keep = ~np.isin(maps.image_id, references["image_id"])
     ids = maps.image_id[keep].astype(str)

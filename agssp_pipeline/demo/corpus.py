@@ -394,6 +394,7 @@ kead:
   k_shot: 4
   reference_strategy: auto
   image_size: 224           # 160 px frames upsampled: small defects survive the stride-8 grid, CPU-cheap
+  cnn_layers: [2, 3]        # stride 8 and 16 only: the demo's defects are small on low-resolution frames
   batch_size: 16
   num_workers: 0
   device: auto
