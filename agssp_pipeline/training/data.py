@@ -232,9 +232,10 @@ class PretrainDataset(Dataset):
 
 
 def _seed_worker(worker_id: int) -> None:
-    # one thread per worker: the main process already uses every core for the model step
+    # one torch thread per worker: the main process already uses every core for the model step.
+    # Not cv2.setNumThreads: in a forked worker whose parent already ran OpenCV's thread pool it
+    # deadlocks (seen when a Dagster run indexes, maps, then trains in one process).
     torch.set_num_threads(1)
-    cv2.setNumThreads(1)
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
