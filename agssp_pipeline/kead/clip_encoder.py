@@ -204,6 +204,18 @@ class ClipEngine:
         )
         return embeddings.to(self.device)
 
+    def identity(self, encoder: str, mode: str, **extra: Any) -> EncoderIdentity:
+        """What identifies maps of this model (weights, prompts, precision) plus the encoder's own knobs."""
+        return EncoderIdentity(
+            encoder=encoder,
+            model=self.loaded.model_name,
+            weights=self.loaded.weights.identity,
+            mode=mode,
+            prompt_hash=self.prompt_hash,
+            extra={"image_size": self.image_size, **extra, "temperature": self.temperature,
+                   "precision": self.precision},
+        )
+
     @property
     def prompt_hash(self) -> str:
         return self.knowledge.hash
@@ -253,22 +265,8 @@ class ClipKeadEncoder:
         self.grid_size = engine.grid_size
         self._memory: dict[str, list[torch.Tensor]] = {}
         self.reference_counts: dict[str, int] = {}
-        loaded = engine.loaded
-        self.identity = EncoderIdentity(
-            encoder=self.name,
-            model=loaded.model_name,
-            weights=loaded.weights.identity,
-            mode="kead",
-            prompt_hash=engine.prompt_hash,
-            extra={
-                "image_size": self.image_size,
-                "vv_start_block": self.vv_start_block,
-                "tap_layers": list(self.tap_layers),
-                "temperature": engine.temperature,
-                "fewshot_tokens": fewshot_tokens,
-                "precision": engine.precision,
-            },
-        )
+        self.identity = engine.identity(self.name, "kead", vv_start_block=self.vv_start_block,
+                                        tap_layers=list(self.tap_layers), fewshot_tokens=fewshot_tokens)
 
     @classmethod
     def from_settings(cls, settings: Any, device: str | torch.device = "cpu") -> ClipKeadEncoder:

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from agssp_pipeline.kead.base import EncoderIdentity, MapBatch
+from agssp_pipeline.kead.base import MapBatch
 from agssp_pipeline.kead.clip_encoder import ClipEngine, anomaly_probability, nearest_memory_distance
 from agssp_pipeline.kead.surgery import dual_path_forward, embed_tokens, window_embeddings, window_indices
 
@@ -68,20 +68,7 @@ class WinClipEncoder:
         self._window_memory: dict[str, dict[int, torch.Tensor]] = {}
         self._patch_memory: dict[str, torch.Tensor] = {}
         self.reference_counts: dict[str, int] = {}
-        loaded = engine.loaded
-        self.identity = EncoderIdentity(
-            encoder=self.name,
-            model=loaded.model_name,
-            weights=loaded.weights.identity,
-            mode="winclip",
-            prompt_hash=engine.prompt_hash,
-            extra={
-                "image_size": self.image_size,
-                "windows": list(self.windows),
-                "temperature": engine.temperature,
-                "precision": engine.precision,
-            },
-        )
+        self.identity = engine.identity(self.name, "winclip", windows=list(self.windows))
 
     @classmethod
     def from_settings(cls, settings: Any, device: str | torch.device = "cpu") -> WinClipEncoder:
