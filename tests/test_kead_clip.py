@@ -18,6 +18,8 @@ from agssp_pipeline.kead.settings import KeadSettings
 from agssp_pipeline.kead.surgery import (
     dual_path_forward,
     embed_tokens,
+    fused_dual_block,
+    supports_fused_block,
     vv_attention,
     window_embeddings,
     window_indices,
@@ -93,17 +95,44 @@ def test_vv_path_reuses_weights_and_leaves_original_path_untouched():
     n_params = sum(p.numel() for p in model.parameters())
     with torch.no_grad():
         plain = dual_path_forward(visual, batch, (1, 2, 3, 4), None)
-        dual = dual_path_forward(visual, batch, (1, 2, 3, 4), vv_start_block=2)
+        dual = dual_path_forward(visual, batch, (1, 2, 3, 4), vv_start_block=2, fused=False)
+        fused = dual_path_forward(visual, batch, (1, 2, 3, 4), vv_start_block=2)
         block = visual.transformer.resblocks[1]
         hidden = block.ln_1(embed_tokens(visual, batch))
         torch.testing.assert_close(vv_attention(block, hidden), _reference_vv(block, hidden), rtol=1e-4, atol=1e-5)
     assert sum(p.numel() for p in model.parameters()) == n_params
+    # unfused: the original path runs through the model's own modules, bit for bit
     assert torch.equal(dual.image_embedding, plain.image_embedding)
     for a, b in zip(dual.original_tokens, plain.original_tokens, strict=True):
         assert torch.equal(a, b)
     assert torch.equal(dual.vv_tokens[1], plain.vv_tokens[1])  # tap 2 is before the first V-V block (0-based 2)
     assert not torch.allclose(dual.vv_tokens[2], plain.vv_tokens[2])
     assert not torch.allclose(dual.vv_tokens[3], plain.vv_tokens[3])
+    # fused (shared in_proj/out_proj, the default): the same numbers up to float rounding
+    torch.testing.assert_close(fused.image_embedding, plain.image_embedding, rtol=1e-5, atol=1e-5)
+    for a, b in zip(fused.original_tokens, plain.original_tokens, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for a, b in zip(fused.vv_tokens, dual.vv_tokens, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert torch.equal(fused.vv_tokens[1], plain.vv_tokens[1])  # blocks before V-V run as modules
+
+
+def test_fused_dual_block_equals_the_module_and_falls_back_for_unpacked_projections():
+    model = _perturbed_tiny(5)
+    visual = model.visual
+    block = visual.transformer.resblocks[3]
+    assert supports_fused_block(block)
+    x = embed_tokens(visual, torch.randn(2, 3, 96, 96))
+    with torch.no_grad():
+        out, vv_update = fused_dual_block(block, x)
+        torch.testing.assert_close(out, block(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(vv_update, _reference_vv(block, block.ln_1(x)), rtol=1e-4, atol=1e-5)
+    unpacked = torch.nn.MultiheadAttention(block.attn.embed_dim, block.attn.num_heads, kdim=7, vdim=7)
+    assert unpacked.in_proj_weight is None
+    block_copy = type(block).__new__(type(block))
+    block_copy.__dict__.update(block.__dict__)
+    block_copy._modules = {**block._modules, "attn": unpacked}
+    assert not supports_fused_block(block_copy)
 
 
 def test_vv_surgery_path_recursion_matches_clip_surgery():

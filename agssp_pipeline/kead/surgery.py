@@ -14,8 +14,13 @@ V-V attention (CLIP Surgery, Li et al. 2023, "dual paths"), as implemented here:
   As in the CLIP Surgery reference: the V-V attention reads the ORIGINAL path's block input (the new
   path does not feed itself), the residual is kept, the FFN is skipped on the surgery path, and the
   surgery path starts as the original residual stream at the input of the first V-V block.
-  Cost: one extra value projection and out_proj per V-V block (about 1/6 of a block's FLOPs), paid so
-  that the original path runs through the model's own modules and stays bit-exact.
+  Cost: nothing is projected twice. A V-V block computes its ``in_proj`` once; the original (q, k, v)
+  attention and the V-V (v, v, v) attention run as one ``scaled_dot_product_attention`` call over the
+  two stacked, and one ``out_proj`` serves both (``fused_dual_block``). What is left of the extra cost
+  is the second attention and out_proj rows: about 1/12 of a block's FLOPs at ViT-B sizes.
+  Blocks before ``vv_start_block`` (and every block with V-V off) are called as the model's own
+  modules, so with V-V off the forward is bit-identical to open_clip's; inside the fused blocks the
+  original path equals the module's output to float rounding (tested with tolerances).
 * Patch tokens are tapped after the chosen (1-based) block outputs from both paths and passed through
   ``ln_post`` and ``proj`` (so they live in the joint image-text space). A tap before the first V-V
   block returns the original tokens on the surgery side (the two paths are still equal there).
@@ -107,6 +112,39 @@ def vv_attention(block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     return attn.out_proj(mixed)
 
 
+def supports_fused_block(block: nn.Module) -> bool:
+    """A plain self-attention ``ResidualAttentionBlock`` whose packed ``in_proj`` the fused path can share."""
+    attn = getattr(block, "attn", None)
+    return (
+        isinstance(attn, nn.MultiheadAttention)
+        and attn.in_proj_weight is not None
+        and attn.bias_k is None
+        and not attn.add_zero_attn
+        and not hasattr(block, "ln_1_kv")
+        and all(hasattr(block, name) for name in ("ln_1", "ls_1", "ln_2", "mlp", "ls_2"))
+    )
+
+
+def fused_dual_block(block: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One block on the original path plus its V-V attention output, sharing ``in_proj`` and ``out_proj``.
+
+    Returns ``(block(x), ls_1(out_proj(vv(ln_1(x)))))``: the first is the model's own block output (same
+    weights and operations, eval-mode attention), the second is what the surgery path adds.
+    """
+    attn: nn.MultiheadAttention = block.attn
+    batch, length, width = x.shape
+    heads = attn.num_heads
+    qkv = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)
+    query, key, value = qkv.view(batch, length, 3, heads, width // heads).permute(2, 0, 3, 1, 4).unbind(0)
+    mixed = F.scaled_dot_product_attention(
+        torch.cat([query, value]), torch.cat([key, value]), torch.cat([value, value])
+    )  # rows :batch are the original attention, rows batch: the V-V attention
+    attended = block.ls_1(attn.out_proj(mixed.transpose(1, 2).reshape(2 * batch, length, width)))
+    x = x + attended[:batch]
+    x = x + block.ls_2(block.mlp(block.ln_2(x)))
+    return x, attended[batch:]
+
+
 def project_tokens(visual: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     """ln_post then the visual projection: tokens into the joint image-text space."""
     tokens = visual.ln_post(tokens)
@@ -127,8 +165,13 @@ def dual_path_forward(
     images: torch.Tensor,
     tap_layers: tuple[int, ...],
     vv_start_block: int | None,
+    fused: bool = True,
 ) -> VisualTaps:
     """One pass: original path (model's blocks) + V-V surgery path from ``vv_start_block`` (None: off).
+
+    ``fused=False`` runs every V-V block as the model's own module plus a separate V-V attention (the
+    original path then stays bit-identical to open_clip's even with V-V on, at the cost of a second
+    value projection and out_proj per V-V block).
 
     ``tap_layers`` are 1-based block outputs (block i's output is tap i). Blocks after the last tap
     still run because the image embedding comes from the final block.
@@ -149,8 +192,14 @@ def dual_path_forward(
         if index >= start:
             if surgery is None:
                 surgery = x
-            surgery = surgery + block.ls_1(vv_attention(block, block.ln_1(x)))
-        x = _run_block(visual, block, x)
+            if fused and supports_fused_block(block):
+                x, vv_update = fused_dual_block(block, x)
+                surgery = surgery + vv_update
+            else:
+                surgery = surgery + block.ls_1(vv_attention(block, block.ln_1(x)))
+                x = _run_block(visual, block, x)
+        else:
+            x = _run_block(visual, block, x)
         if index + 1 in wanted:
             taps_original.append(x[:, 1:])
             taps_surgery.append((surgery if surgery is not None else x)[:, 1:])
