@@ -6,9 +6,14 @@ the model is loaded; elsewhere ``ru_maxrss``), on CUDA ``torch.cuda.max_memory_a
 Weights are random (seeded): throughput does not depend on them, and no weights are reachable offline.
 Timed: ``encoder.score`` on preprocessed batches after one warm-up batch (text embeddings cached);
 reported: median images/s over repeats, peak memory, and the KeAD / WinCLIP throughput ratio.
+For scale, a third mode times the bare image tower (``visual(images)``: one plain CLIP forward, no
+taps, no scoring): KeAD / bare says what KeAD's V-V path, taps and scoring cost on top of one forward,
+and the "ceiling" column (WinCLIP GMAC / bare-forward GMAC) is the largest KeAD / WinCLIP ratio that
+any method needing one full forward per image could reach on that encoder and grid.
 
     .venv/bin/python benchmarks/bench_kead.py            # CPU section; GPU section too when CUDA is present
     .venv/bin/python benchmarks/bench_kead.py --quick    # tiny model only
+    .venv/bin/python benchmarks/bench_kead.py --large    # also L-14-336 and H-14-378 on CPU (~15 min)
 """
 
 from __future__ import annotations
@@ -32,12 +37,16 @@ CPU_CASES = [
     ("agssp-tiny-clip", 32, [8], 5),
     ("ViT-B-16-plus-240", 4, [2], 3),
 ]
+CPU_LARGE_CASES = [
+    ("ViT-L-14-336", 2, [1], 3),
+    ("ViT-H-14-378-quickgelu", 1, [1], 2),
+]
 GPU_CASES = [
     ("ViT-B-16-plus-240", 256, [1, 8, 32, 64], 5),
     ("ViT-L-14-336", 128, [1, 8, 32], 5),
     ("ViT-H-14-378-quickgelu", 64, [1, 8, 16], 3),
 ]
-MODES = ("kead", "winclip")
+MODES = ("kead", "winclip", "bare")
 CATEGORY = "steel_strip"
 
 
@@ -79,7 +88,7 @@ def run_child(spec: dict) -> dict:
     settings = KeadSettings(encoder="clip", clip_model=spec["model"], allow_random_weights=True,
                             batch_size=spec["batch"], precision=spec["precision"])
     engine = ClipEngine.from_settings(settings, device)
-    encoder = ClipKeadEncoder(engine) if spec["mode"] == "kead" else WinClipEncoder(engine)
+    encoder = {"kead": ClipKeadEncoder, "winclip": WinClipEncoder, "bare": BareForward}[spec["mode"]](engine)
     rng = np.random.default_rng(0)  # the same images for every mode
     raw = [rng.integers(0, 256, size=(256, 256, 3), dtype=np.uint8) for _ in range(spec["images"])]
     images = torch.stack([encoder.preprocess(image) for image in raw])
@@ -116,6 +125,30 @@ def run_child(spec: dict) -> dict:
             "gmacs_per_image": estimated_gmacs(engine, encoder)}
 
 
+class BareForward:
+    """The image tower alone (``visual(images)``), scored as nothing: the cost floor of one forward."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+        self.grid_size = engine.grid_size
+
+    def preprocess(self, image):
+        return self.engine.preprocess(image)
+
+    def set_references(self, category, images) -> None:
+        pass
+
+    def score(self, images, category):
+        import torch
+
+        from agssp_pipeline.kead.base import MapBatch
+
+        with torch.no_grad(), self.engine.autocast():
+            embedding = self.engine.visual(self.engine.check_batch(images)).float()
+        return MapBatch(maps=embedding[:, :1, None].cpu(), image_score=embedding[:, 0].cpu(),
+                        zero_shot_score=embedding[:, 0].cpu())
+
+
 def estimated_gmacs(engine, encoder) -> float:
     """Multiply-accumulates per image of the transformer blocks (machine-independent cost estimate).
 
@@ -148,9 +181,9 @@ def measure(spec: dict) -> dict:
 
 def print_table(rows: list[dict], title: str) -> None:
     print(f"\n## {title}")
-    header = f"{'model':<24} {'dev':<5} {'prec':<5} {'batch':>5} {'imgs':>5} {'grid':>4} " \
-             f"{'GMAC K/W':>13} {'KeAD img/s':>11} {'WinCLIP img/s':>14} {'KeAD/WinCLIP':>13} {'KeAD peak (+scoring) MiB':>25} " \
-             f"{'WinCLIP peak (+scoring) MiB':>28}"
+    header = (f"{'model':<24} {'dev':<5} {'prec':<5} {'batch':>5} {'imgs':>5} {'grid':>4} {'GMAC K/W/bare':>20} "
+              f"{'KeAD img/s':>11} {'WinCLIP img/s':>14} {'bare img/s':>11} {'KeAD/WinCLIP':>13} {'ceiling':>8} "
+              f"{'KeAD/bare':>10} {'KeAD peak (+scoring) MiB':>25} {'WinCLIP peak (+scoring) MiB':>28}")
     print(header)
     print("-" * len(header))
     keyed = {(r["model"], r["device"], r["batch"], r["mode"]): r for r in rows}
@@ -160,24 +193,47 @@ def print_table(rows: list[dict], title: str) -> None:
         if key in seen:
             continue
         seen.append(key)
-        kead, win = keyed.get((*key, "kead"), {}), keyed.get((*key, "winclip"), {})
-        if "error" in kead or "error" in win:
-            print(f"{key[0]:<24} {key[1]:<5} error: {kead.get('error') or win.get('error')}")
+        kead, win, bare = (keyed.get((*key, mode), {}) for mode in MODES)
+        errors = [m.get("error") for m in (kead, win, bare) if "error" in m or not m]
+        if errors:
+            print(f"{key[0]:<24} {key[1]:<5} error: {errors[0] or 'not measured'}")
             continue
         ratio = kead["images_per_s"] / win["images_per_s"]
+        ceiling = win["gmacs_per_image"] / bare["gmacs_per_image"]
+        gmacs = "/".join(f"{m['gmacs_per_image']:.3g}" for m in (kead, win, bare))
         print(f"{key[0]:<24} {key[1]:<5} {kead['precision_used']:<5} {key[2]:>5} {kead['images']:>5} "
-              f"{kead['grid']:>4} {kead['gmacs_per_image']:>6.2f}/{win['gmacs_per_image']:<6.2f} {kead['images_per_s']:>11.2f} {win['images_per_s']:>14.2f} {ratio:>12.1f}x "
-              f"{kead['peak_mib']:>14.0f} (+{kead['scoring_mib']:>6.0f}) {win['peak_mib']:>17.0f} (+{win['scoring_mib']:>6.0f})")
+              f"{kead['grid']:>4} {gmacs:>20} {kead['images_per_s']:>11.2f} {win['images_per_s']:>14.2f} "
+              f"{bare['images_per_s']:>11.2f} {ratio:>12.1f}x {ceiling:>7.1f}x "
+              f"{kead['images_per_s'] / bare['images_per_s']:>9.2f} "
+              f"{kead['peak_mib']:>14.0f} (+{kead['scoring_mib']:>6.0f}) {win['peak_mib']:>17.0f} "
+              f"(+{win['scoring_mib']:>6.0f})")
     kinds = sorted({r.get("peak_kind", "") for r in rows if "peak_kind" in r})
     print(f"(images/s: median over repeats; peak memory: {', '.join(kinds)}; (+x): peak minus the memory "
-          "held before referencing/scoring (model, text embeddings, inputs); GMAC K/W: estimated transformer "
-          "multiply-accumulates per image, KeAD / WinCLIP)")
+          "held before referencing/scoring (model, text embeddings, inputs); GMAC K/W/bare: estimated "
+          "transformer multiply-accumulates per image of KeAD / WinCLIP / one bare forward; ceiling: "
+          "WinCLIP GMAC / bare GMAC, the best KeAD/WinCLIP ratio a one-forward method could reach; "
+          "KeAD/bare: KeAD throughput as a fraction of one bare forward's)")
+
+
+def run_cases(cases, device: str, precision: str, threads: int) -> list[dict]:
+    rows = []
+    for model, n_images, batch_sizes, repeats in cases:
+        for batch in batch_sizes:
+            for mode in MODES:
+                spec = {"model": model, "mode": mode, "device": device, "precision": precision, "batch": batch,
+                        "images": n_images, "repeats": repeats, "threads": threads}
+                row = measure(spec)
+                rows.append(row)
+                print(f"  measured {model} {mode} batch {batch}: "
+                      f"{row.get('images_per_s', float('nan')):.2f} img/s {row.get('error', '')}", flush=True)
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--quick", action="store_true", help="tiny model only (CPU)")
+    parser.add_argument("--large", action="store_true", help="also ViT-L-14-336 and ViT-H-14-378 on CPU (slow)")
     parser.add_argument("--no-gpu", action="store_true", help="skip the GPU section even when CUDA is present")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     args = parser.parse_args()
@@ -187,31 +243,14 @@ def main() -> None:
 
     import torch
 
-    cpu_rows = []
-    for model, n_images, batch_sizes, repeats in CPU_CASES[:1] if args.quick else CPU_CASES:
-        for batch in batch_sizes:
-            for mode in MODES:
-                spec = {"model": model, "mode": mode, "device": "cpu", "precision": "fp32", "batch": batch,
-                        "images": n_images, "repeats": repeats, "threads": args.threads}
-                row = measure(spec)
-                cpu_rows.append(row)
-                print(f"  measured {model} {mode} batch {batch}: "
-                      f"{row.get('images_per_s', float('nan')):.2f} img/s {row.get('error', '')}", flush=True)
+    cases = CPU_CASES[:1] if args.quick else CPU_CASES + (CPU_LARGE_CASES if args.large else [])
+    cpu_rows = run_cases(cases, "cpu", "fp32", args.threads)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print_table(cpu_rows, f"CPU ({torch.get_num_threads()} threads, {os.cpu_count()} cores, load avg "
                           f"{load:.1f} at the end), fp32, random weights")
 
     if torch.cuda.is_available() and not args.no_gpu and not args.quick:
-        gpu_rows = []
-        for model, n_images, batch_sizes, repeats in GPU_CASES:
-            for batch in batch_sizes:
-                for mode in MODES:
-                    spec = {"model": model, "mode": mode, "device": "cuda", "precision": "bf16", "batch": batch,
-                            "images": n_images, "repeats": repeats, "threads": 0}
-                    row = measure(spec)
-                    gpu_rows.append(row)
-                    print(f"  measured {model} {mode} batch {batch}: "
-                          f"{row.get('images_per_s', float('nan')):.1f} img/s {row.get('error', '')}", flush=True)
+        gpu_rows = run_cases(GPU_CASES, "cuda", "bf16", 0)
         print_table(gpu_rows, f"GPU {torch.cuda.get_device_name(0)}, bf16 autocast, random weights")
     else:
         print("\n(GPU section skipped: no CUDA device" + (" or --no-gpu/--quick)" if torch.cuda.is_available() else ")"))
