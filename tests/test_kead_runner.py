@@ -10,7 +10,7 @@ import pytest
 from agssp_pipeline.kead.cnn_encoder import CnnFewShotEncoder
 from agssp_pipeline.kead.evaluation import defect_class_of, evaluate_maps, has_masks
 from agssp_pipeline.kead.references import select_references, typicality
-from agssp_pipeline.kead.runner import Progress, compute_anomaly_maps, read_rgb
+from agssp_pipeline.kead.runner import Progress, compute_anomaly_maps, load_reference_images, read_rgb
 from agssp_pipeline.kead.store import read_map_table
 from tests.test_kead_cnn import planted_defect_images
 
@@ -142,7 +142,13 @@ def test_zero_shot_run_without_references_through_the_registry(tmp_path):
     no_references = select_references(index, k=1, strategy="normal").iloc[:0]
     with pytest.raises(ValueError, match="no reference images"):
         compute_anomaly_maps(index, encoder, store, no_references, num_workers=0)
+    pixels = load_reference_images(encoder, index)
+    encoder.set_references("tile", pixels[:1])  # a memory left over from another source's run
     stats = compute_anomaly_maps(index, encoder, store, no_references, num_workers=0, require_references=False)
+    assert not encoder.has_references("tile")  # this run has no references: the stale memory must not score
     table = read_map_table(store)
+    order = [list(table.image_id).index(i) for i in index["image_id"]]
+    zero_shot_maps = encoder.score(pixels, "tile").maps.numpy()
+    np.testing.assert_allclose(table.maps[order].astype(np.float32), zero_shot_maps, atol=2e-3)
     assert stats.computed == 4 and table.attrs["encoder"].startswith("clip") and table.attrs["references"] == {}
     assert np.isfinite(table.zero_shot_score).all() and np.isfinite(table.maps.astype(np.float32)).all()

@@ -60,6 +60,10 @@ class AnomalyEncoder(Protocol):
         """Build the few-shot memory for ``category`` from preprocessed normal images (K, C, H, W)."""
         ...
 
+    def clear_references(self, category: str | None = None) -> None:
+        """Forget the memory of ``category`` (None: of every category), e.g. before another source's run."""
+        ...
+
     def score(self, images: torch.Tensor, category: str) -> MapBatch:
         """One forward pass for a preprocessed batch (B, C, H, W) of one category."""
         ...

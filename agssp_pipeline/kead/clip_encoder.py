@@ -266,7 +266,8 @@ class ClipKeadEncoder:
         self._memory: dict[str, list[torch.Tensor]] = {}
         self.reference_counts: dict[str, int] = {}
         self.identity = engine.identity(self.name, "kead", vv_start_block=self.vv_start_block,
-                                        tap_layers=list(self.tap_layers), fewshot_tokens=fewshot_tokens)
+                                        tap_layers=list(self.tap_layers), fewshot_tokens=fewshot_tokens,
+                                        vv_path="fused-qkv")  # numerics of surgery.fused_dual_block
 
     @classmethod
     def from_settings(cls, settings: Any, device: str | torch.device = "cpu") -> ClipKeadEncoder:

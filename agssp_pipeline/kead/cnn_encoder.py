@@ -350,6 +350,16 @@ class CnnFewShotEncoder:
         low, high = float(np.mean(medians)), float(np.mean(maxima))
         return low, max(high, low + 1e-6)
 
+    def has_references(self, category: str) -> bool:
+        return category in self.memories
+
+    def clear_references(self, category: str | None = None) -> None:
+        for memory in (self.memories, self.normalisation):
+            if category is None:
+                memory.clear()
+            else:
+                memory.pop(category, None)
+
     @torch.no_grad()
     def score(self, images: torch.Tensor, category: str) -> MapBatch:
         if category not in self.memories:

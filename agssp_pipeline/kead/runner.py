@@ -148,6 +148,8 @@ def compute_anomaly_maps(
     on_cuda = device.type == "cuda"
     started = time.perf_counter()
     computed, forward_passes, failed = 0, 0, []
+    # an encoder may be reused across runs and sources: only this run's references may score this store
+    encoder.clear_references()
     with MapWriter(store_uri, version, encoder.grid_size, attrs, storage_options) as writer:
         done_ids = writer.committed_ids()
         todo = rows[~rows["image_id"].astype(str).isin(done_ids)]

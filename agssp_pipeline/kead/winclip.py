@@ -105,6 +105,13 @@ class WinClipEncoder:
     def has_references(self, category: str) -> bool:
         return category in self._patch_memory
 
+    def clear_references(self, category: str | None = None) -> None:
+        for memory in (self._patch_memory, self._window_memory, self.reference_counts):
+            if category is None:
+                memory.clear()
+            else:
+                memory.pop(category, None)
+
     @torch.no_grad()
     def score(self, images: torch.Tensor, category: str) -> MapBatch:
         engine = self.engine
