@@ -10,13 +10,13 @@ import base64
 import hashlib
 import io
 import time
+from pathlib import Path
 from typing import Any
 
 import cv2
 import dagster as dg
 import numpy as np
 import pandas as pd
-from pydantic import PrivateAttr
 
 from agssp_pipeline.kead.base import AnomalyEncoder
 from agssp_pipeline.kead.evaluation import evaluate_maps, has_masks, write_evaluation
@@ -41,8 +41,11 @@ LOG_EVERY_S = 20.0
 class KeadModelResource(dg.ConfigurableResource):
     """Encoder and device settings: run-time overrides of the ``kead:`` section of agssp.yaml.
 
-    Unset fields keep the file's value. The built encoder is cached for the life of the resource
-    (one run), so a single-run backfill over many sources loads the weights once.
+    Unset fields keep the file's value. The built encoder is kept for the life of the process (the most
+    recent one only), so a single-run backfill over many sources loads the weights once, and so does the
+    headless runner (``agssp materialize``), which runs each source in its own in-process run. Under the
+    Dagster daemon every run is its own process, so nothing outlives a run there. A weights file or folder
+    changed on disk (size or mtime) is a new key: the encoder is built again.
     """
 
     encoder: str | None = None
@@ -54,19 +57,32 @@ class KeadModelResource(dg.ConfigurableResource):
     num_workers: int | None = None
     reference_strategy: str | None = None
 
-    _cache: dict[str, AnomalyEncoder] = PrivateAttr(default_factory=dict)
-
     def settings(self, base: KeadSettings) -> KeadSettings:
         overrides = {k: v for k, v in self.model_dump().items() if v is not None}
         return KeadSettings.model_validate({**base.model_dump(), **overrides})
 
     def encoder_for(self, settings: KeadSettings) -> AnomalyEncoder:
-        from agssp_pipeline.kead.encoders import build_encoder
+        from agssp_pipeline.kead import encoders
 
-        key = settings.model_dump_json()
-        if key not in self._cache:
-            self._cache[key] = build_encoder(settings)
-        return self._cache[key]
+        key = settings.model_dump_json() + "|" + _weights_stamp(settings.weights)
+        if key not in _PROCESS_ENCODERS:
+            _PROCESS_ENCODERS.clear()  # one model at a time: a large CLIP model fills a GPU
+            _PROCESS_ENCODERS[key] = encoders.build_encoder(settings)
+        return _PROCESS_ENCODERS[key]
+
+
+_PROCESS_ENCODERS: dict[str, AnomalyEncoder] = {}
+
+
+def _weights_stamp(weights: str | None) -> str:
+    """Size and mtime of a local weights file (or of every file in a weights folder); '' for tags."""
+    if not weights:
+        return ""
+    path = Path(weights).expanduser()
+    if not path.exists():
+        return ""
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    return ";".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
 
 
 RESOURCES = {"kead_model": KeadModelResource()}

@@ -106,3 +106,39 @@ def test_definitions_load_with_kead_resource():
 
     assert anomaly_maps.op.pool == "gpu"
     assert dg.AssetKey("image_index") in maps.parent_keys
+
+
+def test_encoder_is_built_once_per_process_across_runs(kead_pipeline, monkeypatch, tmp_path):
+    """The headless runner makes one run per source: the model must still load once, and be rebuilt
+    when its settings or its weights file change."""
+    from agssp_pipeline.kead import encoders
+    from assets import kead as kead_assets
+    from assets.kead import KeadModelResource, anomaly_maps
+    from assets.resources import PipelineConfigResource
+
+    config_path, pipeline = kead_pipeline
+    built = []
+    real_build = encoders.build_encoder
+    monkeypatch.setattr(encoders, "build_encoder", lambda settings: built.append(settings) or real_build(settings))
+    monkeypatch.setattr(kead_assets, "_PROCESS_ENCODERS", {})
+    instance = dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions("image_source", ["plant", "tiles"])
+
+    def run(partition: str, **overrides) -> None:
+        resources = {"pipeline_config": PipelineConfigResource(config_path=str(config_path)),
+                     "kead_model": KeadModelResource(device="cpu", **overrides)}
+        assert dg.materialize([anomaly_maps], instance=instance, resources=resources,
+                              partition_key=partition).success
+
+    run("tiles")
+    run("plant")
+    assert len(built) == 1
+    run("plant", batch_size=2)  # other settings: another encoder (and only the newest is kept)
+    assert len(built) == 2 and len(kead_assets._PROCESS_ENCODERS) == 1
+
+    weights = tmp_path / "weights.bin"
+    weights.write_bytes(b"a")
+    first = kead_assets._weights_stamp(str(weights))
+    weights.write_bytes(b"ab")
+    assert first and kead_assets._weights_stamp(str(weights)) != first
+    assert kead_assets._weights_stamp("laion400m_e32") == ""
