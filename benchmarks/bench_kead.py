@@ -202,8 +202,8 @@ def print_table(rows: list[dict], title: str) -> None:
         ceiling = win["gmacs_per_image"] / bare["gmacs_per_image"]
         gmacs = "/".join(f"{m['gmacs_per_image']:.3g}" for m in (kead, win, bare))
         print(f"{key[0]:<24} {key[1]:<5} {kead['precision_used']:<5} {key[2]:>5} {kead['images']:>5} "
-              f"{kead['grid']:>4} {gmacs:>20} {kead['images_per_s']:>11.2f} {win['images_per_s']:>14.2f} "
-              f"{bare['images_per_s']:>11.2f} {ratio:>12.1f}x {ceiling:>7.1f}x "
+              f"{kead['grid']:>4} {gmacs:>20} {kead['images_per_s']:>11.3g} {win['images_per_s']:>14.3g} "
+              f"{bare['images_per_s']:>11.3g} {ratio:>12.1f}x {ceiling:>7.1f}x "
               f"{kead['images_per_s'] / bare['images_per_s']:>9.2f} "
               f"{kead['peak_mib']:>14.0f} (+{kead['scoring_mib']:>6.0f}) {win['peak_mib']:>17.0f} "
               f"(+{win['scoring_mib']:>6.0f})")
