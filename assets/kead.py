@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from agssp_pipeline.kead.base import AnomalyEncoder
-from agssp_pipeline.kead.evaluation import evaluate_maps, has_masks, write_evaluation
+from agssp_pipeline.kead.evaluation import evaluate_maps, has_masks, with_run_columns, write_evaluation
 from agssp_pipeline.kead.maps import upsample_map
 from agssp_pipeline.kead.references import REFERENCE_COLUMNS, select_references
 from agssp_pipeline.kead.runner import Progress, RunStats, compute_anomaly_maps, mappable_rows, read_rgb
@@ -384,8 +384,8 @@ def anomaly_maps_one_per_image(context: dg.AssetCheckExecutionContext,
     kinds={"parquet"},
     description=(
         "Image and pixel AUROC of one source's anomaly maps against its ground-truth masks, overall and per "
-        "defect class and category (evaluations/kead_<source>.parquet). Sources without masks are skipped "
-        "with a note."
+        "defect class and category (evaluations/kead_<source>.parquet, one block of rows per map-store "
+        "version, so encoders stay comparable). Sources without masks are skipped with a note."
     ),
 )
 def kead_evaluation(context: dg.AssetExecutionContext, pipeline_config: PipelineConfigResource) -> dg.MaterializeResult:
@@ -397,10 +397,13 @@ def kead_evaluation(context: dg.AssetExecutionContext, pipeline_config: Pipeline
         return dg.MaterializeResult(metadata={"evaluated": False,
                                               "reason": f"source '{source}' has no ground-truth masks"})
     table = read_map_table(layout.maps_store(source))
-    frame = evaluate_maps(index, table)
+    frame = with_run_columns(evaluate_maps(index, table), table)
     uri = layout.evaluations(f"kead_{source}")
-    write_evaluation(frame, uri)
+    history = write_evaluation(frame, uri)
     overall = frame[frame["level"] == "overall"].iloc[0]
+    history_columns = ["store_version", "encoder", "weights", "n_images", "image_auroc", "pixel_auroc",
+                       "evaluated_at"]
+    overall_history = history[history["level"] == "overall"].reindex(columns=history_columns)
     return dg.MaterializeResult(
         metadata={
             "evaluated": True,
@@ -410,7 +413,10 @@ def kead_evaluation(context: dg.AssetExecutionContext, pipeline_config: Pipeline
             "n_images": int(overall["n_images"]),
             "image_auroc": float(overall["image_auroc"]),
             "pixel_auroc": float(overall["pixel_auroc"]),
-            "table": dg.MetadataValue.md(_md_table(frame.drop(columns=["encoder"]))),
+            "table": dg.MetadataValue.md(_md_table(frame.drop(columns=["encoder", "store_version", "weights",
+                                                                     "evaluated_at"]))),
+            "history": dg.MetadataValue.md(_md_table(overall_history)),
+            "versions_evaluated": int(overall_history["store_version"].nunique()),
         },
         data_version=dg.DataVersion(f"{table.attrs.get('version')}:{len(table)}"),
     )

@@ -89,6 +89,21 @@ def test_anomaly_maps_checks_and_evaluation(kead_pipeline):
     evaluation = pd.read_parquet(layout.evaluations("kead_tiles"))
     assert {"encoder", "n_images", "image_auroc", "pixel_auroc"} <= set(evaluation.columns)
     assert evaluation.loc[evaluation["level"] == "overall", "pixel_auroc"].item() > 0.7
+    first_version = evaluation["store_version"].iloc[0]
+    assert first_version == tiles_table.attrs["version"] and evaluation["weights"].nunique() == 1
+
+    # another map-store version (other references): its evaluation joins the history, none is written over
+    other = {**resources, "kead_model": KeadModelResource(device="cpu", k_shot=2)}
+    assert dg.materialize(assets, instance=instance, resources=other, partition_key="tiles").success
+    for _ in range(2):  # evaluating the same version twice replaces its rows
+        result = dg.materialize([kead_evaluation], instance=instance, resources=other, partition_key="tiles")
+    history = pd.read_parquet(layout.evaluations("kead_tiles"))
+    overall = history[history["level"] == "overall"]
+    assert len(overall) == 2 and set(overall["store_version"]) == {first_version, read_map_table(
+        layout.maps_store("tiles")).attrs["version"]}
+    assert len(history) == 2 * len(evaluation)
+    metadata = result.asset_materializations_for_node("kead_evaluation")[0].metadata
+    assert metadata["versions_evaluated"].value == 2 and first_version in metadata["history"].value
     result = dg.materialize([kead_evaluation], instance=instance, resources=resources, partition_key="plant")
     metadata = result.asset_materializations_for_node("kead_evaluation")[0].metadata
     assert metadata["evaluated"].value is False and "no ground-truth masks" in metadata["reason"].value

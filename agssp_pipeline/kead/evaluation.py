@@ -15,6 +15,7 @@ generic folder names (``MT_Crack/Imgs/x.jpg`` -> ``MT_Crack``), which is how mas
 from __future__ import annotations
 
 import hashlib
+import io
 from pathlib import PurePath
 
 import cv2
@@ -24,6 +25,8 @@ from sklearn.metrics import roc_auc_score
 
 from agssp_pipeline.kead.maps import upsample_map
 from agssp_pipeline.kead.store import MapTable
+from agssp_pipeline.sources import parquet_exists, read_parquet
+from agssp_pipeline.sources.ingest import write_bytes_atomic
 
 GENERIC_FOLDERS = {"imgs", "images", "img", "image", "jpegimages", "train", "test", "val", "good", "data"}
 EVALUATION_COLUMNS = ["level", "name", "encoder", "n_images", "n_anomalous", "n_normal", "image_auroc",
@@ -126,9 +129,30 @@ def evaluate_maps(
     return pd.DataFrame(out, columns=EVALUATION_COLUMNS)
 
 
-def write_evaluation(frame: pd.DataFrame, uri: str) -> None:
-    if "://" not in uri:
-        from pathlib import Path
+def with_run_columns(frame: pd.DataFrame, table: MapTable) -> pd.DataFrame:
+    """Name the map-store version (encoder, weights, prompts, references) and the time of an evaluation."""
+    identity = table.attrs.get("identity", {})
+    return frame.assign(
+        store_version=str(table.attrs.get("version", "")),
+        weights=str(table.attrs.get("weights", identity.get("weights", ""))),
+        evaluated_at=pd.Timestamp.now(tz="UTC").isoformat(timespec="seconds"),
+    )
 
-        Path(uri).parent.mkdir(parents=True, exist_ok=True)
-    frame.to_parquet(uri, index=False)
+
+def write_evaluation(frame: pd.DataFrame, uri: str) -> pd.DataFrame:
+    """Add ``frame`` to the evaluation history at ``uri`` and return the whole history.
+
+    One block of rows per map-store version: evaluating a version again replaces its rows, while
+    evaluations of other versions (another encoder, other weights or references) stay, so encoders can
+    be compared on the same source. Files written before the history existed count as version "".
+    """
+    history = read_parquet(uri) if parquet_exists(uri) else pd.DataFrame(columns=frame.columns)
+    if "store_version" not in history:
+        history = history.assign(store_version="")
+    versions = set(frame["store_version"].astype(str)) if "store_version" in frame else {""}
+    kept = history[~history["store_version"].astype(str).isin(versions)]
+    merged = pd.concat([kept, frame], ignore_index=True) if len(kept) else frame.reset_index(drop=True)
+    buffer = io.BytesIO()
+    merged.to_parquet(buffer, index=False)
+    write_bytes_atomic(uri, buffer.getvalue())
+    return merged
