@@ -92,6 +92,30 @@ def nearest_memory_distance(tokens: torch.Tensor, memory: torch.Tensor) -> torch
     return 0.5 * (1.0 - best)
 
 
+def squash_preprocess(
+    image_rgb_uint8: np.ndarray, side: int, mean: torch.Tensor, std: torch.Tensor
+) -> torch.Tensor:
+    """HWC (or HW) uint8 -> normalised CHW float32 of ``side`` x ``side`` (whole image, no crop).
+
+    ``mean``/``std`` are (3, 1, 1) tensors in [0, 1] units. Area interpolation when shrinking, cubic when
+    growing. Pure CPU work: the map runner calls it in DataLoader workers.
+    """
+    image = np.asarray(image_rgb_uint8)
+    if image.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 image, got {image.dtype}")
+    if image.ndim == 2:
+        image = image[:, :, None]
+    if image.ndim != 3 or image.shape[2] not in (1, 3, 4):
+        raise ValueError(f"expected an HxW, HxWx1, HxWx3 or HxWx4 image, got shape {image.shape}")
+    if image.shape[2] == 1:
+        image = np.repeat(image, 3, axis=2)
+    image = image[:, :, :3]
+    shrinking = image.shape[0] > side or image.shape[1] > side
+    resized = cv2.resize(image, (side, side), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_CUBIC)
+    tensor = torch.from_numpy(np.ascontiguousarray(resized)).permute(2, 0, 1).float().div_(255.0)
+    return (tensor - mean) / std
+
+
 class ClipEngine:
     """An OpenCLIP model loaded once, with preprocessing, precision and cached class text embeddings."""
 
@@ -156,21 +180,7 @@ class ClipEngine:
     # -- images --------------------------------------------------------------------------------------
     def preprocess(self, image_rgb_uint8: np.ndarray) -> torch.Tensor:
         """HWC (or HW) uint8 -> normalised CHW float32 at the model's input size (squash resize)."""
-        image = np.asarray(image_rgb_uint8)
-        if image.dtype != np.uint8:
-            raise ValueError(f"expected a uint8 image, got {image.dtype}")
-        if image.ndim == 2:
-            image = image[:, :, None]
-        if image.ndim != 3 or image.shape[2] not in (1, 3, 4):
-            raise ValueError(f"expected an HxW, HxWx1, HxWx3 or HxWx4 image, got shape {image.shape}")
-        if image.shape[2] == 1:
-            image = np.repeat(image, 3, axis=2)
-        image = image[:, :, :3]
-        side = self.image_size
-        shrinking = image.shape[0] > side or image.shape[1] > side
-        resized = cv2.resize(image, (side, side), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_CUBIC)
-        tensor = torch.from_numpy(np.ascontiguousarray(resized)).permute(2, 0, 1).float().div_(255.0)
-        return (tensor - self._mean) / self._std
+        return squash_preprocess(image_rgb_uint8, self.image_size, self._mean, self._std)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.precision == "bf16" and self.device.type in ("cuda", "cpu"):
