@@ -178,3 +178,85 @@ def test_store_on_s3(moto_s3):
     assert table.image_id.tolist() == ["img_1", "img_2", "img_3"]
     _assert_consistent(table)
     assert LazyMaps(uri, storage_options=moto_s3)["img_3"].shape == (GRID, GRID)
+
+
+def _s3(storage_options: dict):
+    import boto3
+
+    return boto3.client("s3", endpoint_url=storage_options["endpoint_url"], aws_access_key_id="testing",
+                        aws_secret_access_key="testing", region_name="us-east-1")
+
+
+def test_s3_writers_hold_a_lease(moto_s3):
+    """One writer per S3 store: a live lease locks others out, is released on exit, and is not left behind."""
+    import json
+
+    uri = "s3://agssp/storage/maps.zarr/leased"
+    s3 = _s3(moto_s3)
+    with MapWriter(uri, "v1", GRID, storage_options=moto_s3) as writer:
+        lease = json.loads(s3.get_object(Bucket="agssp", Key="storage/maps.zarr/leased.lock")["Body"].read())
+        assert lease["expires_at"] > time.time() and lease["host"]
+        with pytest.raises(StoreLockedError, match="being written by pid"):
+            with MapWriter(uri, "v1", GRID, storage_options=moto_s3):
+                pass
+        writer.append(["img_1"], *_rows(["img_1"]))
+    assert "Contents" not in s3.list_objects_v2(Bucket="agssp", Prefix="storage/maps.zarr/leased.lock")
+    with MapWriter(uri, "v1", GRID, storage_options=moto_s3) as writer:  # released: the next run goes on
+        assert writer.committed_ids() == {"img_1"}
+
+
+def test_s3_lease_of_a_dead_writer_expires_and_a_lost_lease_stops_commits(moto_s3):
+    import json
+
+    from agssp_pipeline.kead.locks import S3Lease
+
+    uri = "s3://agssp/storage/maps.zarr/crashed"
+    key = "storage/maps.zarr/crashed.lock"
+    s3 = _s3(moto_s3)
+    dead = {"owner": "x", "host": "gpu-node-7", "pid": 4242, "renewed_at": time.time() - 3600,
+            "expires_at": time.time() - 60}  # what a killed writer leaves behind
+    s3.put_object(Bucket="agssp", Key=key, Body=json.dumps(dead).encode())
+    with MapWriter(uri, "v1", GRID, storage_options=moto_s3) as writer:  # expired: taken over
+        writer.append(["img_1"], *_rows(["img_1"]))
+        # a writer that stalled past its TTL meets one that took its lease over: it must stop committing
+        assert isinstance(writer._lock, S3Lease) and writer._lock.renew()
+        s3.put_object(Bucket="agssp", Key=key, Body=json.dumps({**dead, "expires_at": time.time() + 600}).encode())
+        assert not writer._lock.renew()
+        with pytest.raises(StoreLockedError, match="taken over"):
+            writer.append(["img_2"], *_rows(["img_2"]))
+    assert read_map_table(uri, storage_options=moto_s3).image_id.tolist() == ["img_1"]
+    # the live (foreign) lease survives the loser's exit and keeps others out
+    with pytest.raises(StoreLockedError, match="gpu-node-7"):
+        with MapWriter(uri, "v1", GRID, storage_options=moto_s3):
+            pass
+
+
+def test_s3_lease_is_renewed_by_its_heartbeat(moto_s3):
+    import json
+
+    from agssp_pipeline.kead.locks import S3Lease
+
+    lease = S3Lease("s3://agssp/storage/maps.zarr/beating", moto_s3, ttl_s=30, heartbeat_s=0.2)
+    lease.acquire()
+    try:
+        s3 = _s3(moto_s3)
+        first = json.loads(s3.get_object(Bucket="agssp", Key="storage/maps.zarr/beating.lock")["Body"].read())
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            now = json.loads(s3.get_object(Bucket="agssp", Key="storage/maps.zarr/beating.lock")["Body"].read())
+            if now["renewed_at"] > first["renewed_at"]:
+                break
+            time.sleep(0.1)
+        assert now["renewed_at"] > first["renewed_at"] and now["owner"] == first["owner"]
+        lease.check()
+    finally:
+        lease.release()
+    assert "Contents" not in s3.list_objects_v2(Bucket="agssp", Prefix="storage/maps.zarr/beating.lock")
+
+    deleted = S3Lease("s3://agssp/storage/maps.zarr/deleted", moto_s3, heartbeat_s=600)
+    deleted.acquire()
+    s3.delete_object(Bucket="agssp", Key="storage/maps.zarr/deleted.lock")  # someone removed it by hand
+    assert not deleted.renew()
+    with pytest.raises(StoreLockedError, match="deleted while this writer held it"):
+        deleted.check()
+    deleted.release()

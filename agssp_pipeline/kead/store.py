@@ -19,19 +19,18 @@ an S3 PUT is atomic). Readers only trust rows below ``committed``; a killed run 
 uncommitted rows past it, which the next run overwrites. So there are never duplicates or half rows.
 Arrays grow in whole chunks (``GROW_ROWS``) to avoid a metadata write per batch.
 
-Concurrent writers: ``MapWriter`` holds an exclusive ``fcntl`` lock on ``<store>.lock`` for local stores,
-so a second run on the same source fails fast with ``StoreLockedError`` instead of interleaving rows.
-Object stores (s3://) have no such lock here: run one writer per source there (Dagster does so when the
-asset runs under one concurrency pool / one run per partition).
+Concurrent writers: ``MapWriter`` holds ``<store>.lock``, so a second run on the same source fails fast
+with ``StoreLockedError`` instead of interleaving rows: an ``fcntl`` lock for local stores, an expiring,
+renewed lease written with S3 conditional writes for s3:// stores (``agssp_pipeline.kead.locks``; a writer
+that loses its lease stops before its next commit). Other object stores get no lock: run one writer per
+source there (Dagster does so when the asset runs under one concurrency pool / one run per partition).
 """
 
 from __future__ import annotations
 
 import datetime as _dt
-import fcntl
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,15 +38,13 @@ from typing import Any
 import numpy as np
 import zarr
 
+from agssp_pipeline.kead.locks import LocalLock, S3Lease, StoreLockedError  # noqa: F401 (re-exported)
+
 CODE_VERSION = "kead-maps-1"  # bump when map semantics change: starts new store versions everywhere
 MAP_CHUNK_ROWS = 32  # small chunks: training loaders read single maps at random
 VECTOR_CHUNK_ROWS = 4096
 GROW_ROWS = 1024
 ARRAY_NAMES = ("maps", "image_score", "zero_shot_score", "image_id")
-
-
-class StoreLockedError(RuntimeError):
-    """Another process is writing this map store."""
 
 
 class StoreEmptyError(FileNotFoundError):
@@ -110,37 +107,6 @@ def _jsonable(value: Any) -> Any:
     return json.loads(_canonical(value))
 
 
-class _LocalLock:
-    """Exclusive, non-blocking ``fcntl`` lock released when the process dies (no stale locks)."""
-
-    def __init__(self, uri: str) -> None:
-        self.path = Path(str(_local_path(uri)).rstrip("/") + ".lock")
-        self._handle: Any = None
-
-    def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(self.path, "a+")
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.close()
-            raise StoreLockedError(
-                f"map store {self.path.with_suffix('')} is being written by another process "
-                f"(lock {self.path}); wait for that run to finish"
-            ) from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()}\n")
-        handle.flush()
-        self._handle = handle
-
-    def release(self) -> None:
-        if self._handle is not None:
-            fcntl.flock(self._handle.fileno(), fcntl.LOCK_UN)
-            self._handle.close()
-            self._handle = None
-
-
 class MapWriter:
     """Appends rows to one version of a source's map store; use as a context manager.
 
@@ -162,7 +128,11 @@ class MapWriter:
         self.grid_size = int(grid_size)
         self.attrs = _jsonable(attrs or {})
         self.storage_options = storage_options
-        self._lock = _LocalLock(self.store_uri) if _is_local(self.store_uri) else None
+        self._lock: LocalLock | S3Lease | None = None
+        if _is_local(self.store_uri):
+            self._lock = LocalLock(_local_path(self.store_uri))
+        elif self.store_uri.startswith(("s3://", "s3a://")):
+            self._lock = S3Lease(self.store_uri, storage_options)
         self._group: zarr.Group | None = None
         self.committed = 0
 
@@ -244,6 +214,8 @@ class MapWriter:
         arrays["image_score"][start:stop] = np.asarray(image_score, dtype=np.float32)
         arrays["zero_shot_score"][start:stop] = np.asarray(zero_shot_score, dtype=np.float32)
         arrays["image_id"][start:stop] = ids.astype(str)
+        if self._lock is not None:
+            self._lock.check()  # a writer that lost its lease must not move the commit point
         self._group.attrs["committed"] = stop  # the commit point: rows below it are trusted
         self.committed = stop
         return stop
