@@ -15,6 +15,7 @@ from agssp_pipeline.kead.cnn_encoder import (
     PACKAGE_WEIGHTS,
     RANDOM_WEIGHTS,
     CnnFewShotEncoder,
+    fold_batchnorm,
     load_lite0_classifier,
     package_weights_path,
 )
@@ -142,3 +143,30 @@ def test_registry_builds_named_encoders():
     assert shallow.identity.extra["layers"] == [2, 3] and encoder.identity.extra["layers"] == [2, 3, 4]
     with pytest.raises(ValueError, match="unknown kead.encoder 'nope'"):
         build_encoder(KeadSettings(encoder="nope"))
+
+
+def test_batchnorm_folding_keeps_the_features():
+    """Folded convs + channels-last give the features of the plain timm model (random BN statistics)."""
+    import copy
+
+    import timm
+
+    torch.manual_seed(0)
+    plain = timm.create_model("efficientnet_lite0", pretrained=False, features_only=True, out_indices=(2, 3, 4))
+    for norm in plain.modules():
+        if isinstance(norm, torch.nn.BatchNorm2d):  # non-trivial statistics, so a wrong fold shows
+            norm.running_mean.uniform_(-0.5, 0.5)
+            norm.running_var.uniform_(0.5, 2.0)
+            norm.weight.data.uniform_(0.5, 1.5)
+            norm.bias.data.uniform_(-0.2, 0.2)
+    plain.eval()
+    folded = copy.deepcopy(plain)
+    count = fold_batchnorm(folded)
+    assert count == sum(isinstance(m, torch.nn.BatchNorm2d) for m in plain.modules()) > 0
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    images = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        expected = plain(images)
+        got = folded.to(memory_format=torch.channels_last)(images.contiguous(memory_format=torch.channels_last))
+    for a, b in zip(expected, got, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
