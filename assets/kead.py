@@ -54,7 +54,7 @@ class KeadModelResource(dg.ConfigurableResource):
     image_size: int | None = None
     k_shot: int | None = None
     batch_size: int | None = None
-    num_workers: int | None = None
+    num_workers: int | None = None  # a count; unset keeps the file's value (default "auto")
     reference_strategy: str | None = None
 
     def settings(self, base: KeadSettings) -> KeadSettings:

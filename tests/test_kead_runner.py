@@ -152,3 +152,21 @@ def test_zero_shot_run_without_references_through_the_registry(tmp_path):
     np.testing.assert_allclose(table.maps[order].astype(np.float32), zero_shot_maps, atol=2e-3)
     assert stats.computed == 4 and table.attrs["encoder"].startswith("clip") and table.attrs["references"] == {}
     assert np.isfinite(table.zero_shot_score).all() and np.isfinite(table.maps.astype(np.float32)).all()
+
+
+def test_decoding_workers_auto_scale_with_cores_and_device(monkeypatch):
+    import os
+
+    from agssp_pipeline.kead.runner import resolve_num_workers
+    from agssp_pipeline.kead.settings import KeadSettings
+
+    assert KeadSettings().num_workers == "auto" and KeadSettings(num_workers=3).num_workers == 3
+    with pytest.raises(ValueError):
+        KeadSettings(num_workers=-1)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert resolve_num_workers("auto", "cuda") == 8 and resolve_num_workers("auto", "cpu") == 2
+    assert resolve_num_workers(5, "cuda") == 5 and resolve_num_workers(0, "cpu") == 0
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert resolve_num_workers("auto", "cuda") == 1 and resolve_num_workers("auto", "cpu") == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert resolve_num_workers("auto", "cuda") == 0  # one core: decode in the main process

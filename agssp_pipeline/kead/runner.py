@@ -7,6 +7,7 @@ model never waits on JPEG decoding, pinned memory and bf16 autocast on CUDA.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -121,13 +122,29 @@ def store_version_for(encoder: AnomalyEncoder, references: pd.DataFrame, categor
     return version, attrs
 
 
+def resolve_num_workers(setting: int | str, device: torch.device | str) -> int:
+    """Decoding workers for ``setting`` ("auto" or a count) on ``device``: see ``KeadSettings.num_workers``.
+
+    One core decodes roughly 60-75 camera frames (1600x1200 JPEG) per second (benchmarks/
+    bench_kead_loader.py), fewer than a GPU scores, so CUDA runs get up to 8 workers.
+    """
+    if setting != "auto":
+        return int(setting)
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    ceiling = 8 if torch.device(device).type == "cuda" else 2
+    return max(0, min(ceiling, cores - 1))
+
+
 def compute_anomaly_maps(
     index: pd.DataFrame,
     encoder: AnomalyEncoder,
     store_uri: str,
     references: pd.DataFrame,
     batch_size: int = 16,
-    num_workers: int = 2,
+    num_workers: int | str = "auto",
     progress: Callable[[Progress], None] | None = None,
     storage_options: dict[str, Any] | None = None,
     code_version: str = CODE_VERSION,
@@ -146,6 +163,7 @@ def compute_anomaly_maps(
     version, attrs = store_version_for(encoder, references, categories, code_version)
     device = torch.device(encoder.device)
     on_cuda = device.type == "cuda"
+    num_workers = resolve_num_workers(num_workers, device)
     started = time.perf_counter()
     computed, forward_passes, failed = 0, 0, []
     # an encoder may be reused across runs and sources: only this run's references may score this store

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -24,7 +24,9 @@ class KeadSettings(BaseModel):
     vv_start_block: int | None = None  # 0-based first block with the V-V path; None = encoder preset
     image_size: int | None = None
     batch_size: int = Field(16, ge=1)
-    num_workers: int = Field(2, ge=0)
+    # DataLoader decoding workers; "auto": up to 8 on CUDA (a GPU outruns one decoding core), up to 2 on CPU
+    # (the model needs the cores), always leaving one core to the main process
+    num_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = "auto"
     device: str = "auto"
     prompts_file: str | None = None
     # CLIP engine (clip_encoder.py / winclip.py)
