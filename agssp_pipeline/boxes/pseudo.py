@@ -40,9 +40,11 @@ PSEUDO_BOX_COLUMNS = [
 ]
 
 
-def _image_frame(image_ids: np.ndarray, index: pd.DataFrame) -> pd.DataFrame:
-    """Index rows (category, width, height) aligned with the map table's ids; stale maps are an error."""
-    needed = {"image_id", "category", "width", "height"}
+def index_rows_for_maps(
+    image_ids: np.ndarray, index: pd.DataFrame, columns: tuple[str, ...] = ("category", "width", "height")
+) -> pd.DataFrame:
+    """Index rows (``columns``) aligned with the map table's ids; maps of images not indexed are an error."""
+    needed = {"image_id", *columns}
     missing = needed - set(index.columns)
     if missing:
         raise ValueError(f"image index lacks columns {sorted(missing)}")
@@ -54,7 +56,7 @@ def _image_frame(image_ids: np.ndarray, index: pd.DataFrame) -> pd.DataFrame:
             f"{len(unknown)} mapped images are not in the image index (e.g. {list(unknown[:3])}): "
             "the map store is stale, rematerialize anomaly_maps for this source"
         )
-    return lookup.loc[ids, ["category", "width", "height"]].reset_index(drop=True)
+    return lookup.loc[ids, list(columns)].reset_index(drop=True)
 
 
 def build_pseudo_boxes(
@@ -69,7 +71,7 @@ def build_pseudo_boxes(
 ) -> pd.DataFrame:
     """Pseudo boxes of one source's map table (see module docstring for the row layout)."""
     image_ids = np.asarray(image_ids, dtype=str)
-    images = _image_frame(image_ids, index)
+    images = index_rows_for_maps(image_ids, index)
     categories = images["category"].astype(str).to_numpy()
     threshold, cutoff = thresholds_for(categories, thresholds)
     scores = np.asarray(image_score, dtype=np.float32)

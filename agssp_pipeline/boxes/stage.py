@@ -16,10 +16,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import fsspec
-import numpy as np
 import pandas as pd
 
-from agssp_pipeline.boxes.pseudo import build_pseudo_boxes, write_table
+from agssp_pipeline.boxes.pseudo import build_pseudo_boxes, index_rows_for_maps, write_table
 from agssp_pipeline.boxes.quality import evaluate_source, has_ground_truth
 from agssp_pipeline.boxes.settings import BoxesSettings
 from agssp_pipeline.boxes.thresholds import compute_category_thresholds, map_statistics, reference_ids
@@ -60,18 +59,6 @@ def load_maps(layout: StorageLayout, source: str):
     return read_map_table(uri)
 
 
-def categories_of(image_ids: np.ndarray, index: pd.DataFrame) -> np.ndarray:
-    lookup = index.drop_duplicates("image_id").set_index("image_id")["category"]
-    ids = pd.Index(np.asarray(image_ids, dtype=str))
-    unknown = ids.difference(lookup.index)
-    if len(unknown):
-        raise ValueError(
-            f"{len(unknown)} mapped images are not in the image index (e.g. {list(unknown[:3])}): "
-            "the map store is stale, rematerialize anomaly_maps"
-        )
-    return lookup.loc[ids].astype(str).to_numpy()
-
-
 @dataclass
 class ThresholdRun:
     table: pd.DataFrame
@@ -96,7 +83,7 @@ def compute_thresholds(
             missing.append(source)
             continue
         index = read_index(layout, source)
-        categories = categories_of(maps.image_id, index)
+        categories = index_rows_for_maps(maps.image_id, index, ("category",))["category"].astype(str).to_numpy()
         references = reference_ids(maps.attrs)
         parts.append(map_statistics(source, maps.image_id, maps.maps, maps.image_score, categories, references))
         versions[source] = str(maps.attrs.get("version"))
