@@ -54,3 +54,32 @@ def _forget_closed_dagster_instances():
     except ImportError:  # a Dagster without defs-state storage has nothing to reset
         return
     defs_state_base._current_storage.set(None)
+
+
+class MotoS3:
+    """A moto S3 server on 127.0.0.1 with the bucket ``agssp``: its endpoint, fsspec options and a client."""
+
+    bucket = "agssp"
+    credentials = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing", "region_name": "us-east-1"}
+
+    def __init__(self, endpoint: str) -> None:
+        self.endpoint = endpoint
+        self.storage_options = {"key": "testing", "secret": "testing", "anon": False, "endpoint_url": endpoint}
+
+    def client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint, **self.credentials)
+
+
+@pytest.fixture
+def moto_s3_server():
+    pytest.importorskip("s3fs")
+    moto_server = pytest.importorskip("moto.server")
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    s3 = MotoS3(f"http://{host}:{port}")
+    s3.client().create_bucket(Bucket=MotoS3.bucket)
+    yield s3
+    server.stop()

@@ -126,27 +126,19 @@ def test_training_state_loads_with_weights_only(tmp_path):
 
 
 @pytest.fixture
-def moto_endpoint(monkeypatch):
-    pytest.importorskip("s3fs")
-    moto_server = pytest.importorskip("moto.server")
-    import boto3
+def moto_endpoint(moto_s3_server, monkeypatch):
+    """The server reached through the standard AWS environment variables (no storage options)."""
     import fsspec
 
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
     for key, value in {
         "AWS_ACCESS_KEY_ID": "testing",
         "AWS_SECRET_ACCESS_KEY": "testing",
         "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ENDPOINT_URL": moto_s3_server.endpoint,
     }.items():
         monkeypatch.setenv(key, value)
-    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="agssp")
     fsspec.filesystem("s3").clear_instance_cache()
-    yield endpoint
-    server.stop()
+    return moto_s3_server.endpoint
 
 
 def test_checkpoint_round_trip_on_object_storage(moto_endpoint):

@@ -151,19 +151,8 @@ def test_killed_writer_leaves_a_completable_store(tmp_path):
 
 
 @pytest.fixture
-def moto_s3():
-    pytest.importorskip("s3fs")
-    moto_server = pytest.importorskip("moto.server")
-    import boto3
-
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing", aws_secret_access_key="testing",
-                 region_name="us-east-1").create_bucket(Bucket="agssp")
-    yield {"key": "testing", "secret": "testing", "anon": False, "endpoint_url": endpoint}
-    server.stop()
+def moto_s3(moto_s3_server):
+    return moto_s3_server.storage_options
 
 
 def test_store_on_s3(moto_s3):
@@ -181,10 +170,9 @@ def test_store_on_s3(moto_s3):
 
 
 def _s3(storage_options: dict):
-    import boto3
+    from tests.conftest import MotoS3
 
-    return boto3.client("s3", endpoint_url=storage_options["endpoint_url"], aws_access_key_id="testing",
-                        aws_secret_access_key="testing", region_name="us-east-1")
+    return MotoS3(storage_options["endpoint_url"]).client()
 
 
 def test_s3_writers_hold_a_lease(moto_s3):
