@@ -84,7 +84,7 @@ def print_summary(config: PipelineConfig) -> None:
     for label, path in artifacts:
         state = "" if Path(path).exists() else "  (not produced)"
         print(f"  {label:<14}{path}{state}")
-    for table in sorted(Path(layout.path("evaluations")).glob("*.md")):
+    for table in sorted(Path(layout.path("evaluations", "finetune")).glob("*.md")):
         print(f"\n{table.stem}:\n{table.read_text()}")
     print("\nOpen the web UI on these assets with: make ui   (then http://127.0.0.1:3000)")
     print("The demo images are synthetic; point a copy of agssp.yaml at your own folders for real data.")

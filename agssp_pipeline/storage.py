@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from agssp_pipeline import artifact_io
+
 
 @dataclass(frozen=True)
 class StorageLayout:
@@ -14,17 +16,17 @@ class StorageLayout:
 
     @property
     def is_local(self) -> bool:
-        return "://" not in self.root or self.root.startswith("file://")
+        return not artifact_io.is_remote(self.root)
 
     def path(self, *parts: str) -> str:
-        root = self.root.rstrip("/")
-        return "/".join([root, *parts])
+        return artifact_io.join(self.root, *parts)
 
     def ensure_dir(self, *parts: str) -> str:
-        target = self.path(*parts)
-        if self.is_local:
-            Path(target).mkdir(parents=True, exist_ok=True)
-        return target
+        return artifact_io.makedirs(self.path(*parts))
+
+    def scratch(self, *parts: str) -> Path:
+        """A local working folder for tools that need one (never an artifact's home on object storage)."""
+        return artifact_io.scratch_dir(self.root, *parts)
 
     # ingestion
     def index(self, source: str) -> str:
@@ -57,8 +59,12 @@ class StorageLayout:
     def checkpoints(self, kind: str, name: str, *parts: str) -> str:
         return self.path("checkpoints", kind, name, *parts)
 
-    def evaluations(self, name: str) -> str:
-        return self.path("evaluations", f"{name}.parquet")
+    def evaluations(self, kind: str, name: str, suffix: str = ".parquet") -> str:
+        """``evaluations/<kind>/<name><suffix>``: each evaluation kind in its own folder.
+
+        Kinds: ``finetune`` (per downstream dataset), ``kead`` and ``box_quality`` (per source).
+        """
+        return self.path("evaluations", kind, f"{name}{suffix}")
 
     def previews(self, *parts: str) -> str:
         return self.path("previews", *parts)

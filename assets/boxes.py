@@ -244,7 +244,7 @@ def pseudo_box_quality(
             data_version=dg.DataVersion("no-ground-truth"),
         )
     table = stage.compute_quality(pipeline, source, config.apply(pipeline.boxes))
-    uri = write_table(table, pipeline.layout().evaluations(stage.quality_name(source)))
+    uri = write_table(table, pipeline.layout().evaluations("box_quality", source))
     boxes = table[table["view"] == "boxes"][["method", "iou_threshold", "n_pred", "n_gt", "recall", "precision"]]
     metadata = {
         "evaluated": True,

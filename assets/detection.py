@@ -19,6 +19,7 @@ from pathlib import Path
 import dagster as dg
 import pandas as pd
 
+from agssp_pipeline import artifact_io
 from assets.resources import PipelineConfigResource
 
 DETECTOR_CODE_VERSION = "agdp-1"
@@ -166,8 +167,8 @@ def finetune_evaluation(
     markdown = comparison_markdown(table)
     layout = pipeline.layout()
     for evaluation in evaluations:
-        Path(layout.path("evaluations", f"{evaluation.dataset}.md")).write_text(
-            comparison_markdown(evaluation.table) + "\n")
+        artifact_io.write_text(layout.evaluations("finetune", evaluation.dataset, ".md"),
+                               comparison_markdown(evaluation.table) + "\n")
     per_class_wide = per_class.pivot_table(index=["dataset", "regime", "variant"], columns="class_name",
                                            values="ap50_95", dropna=False).reset_index()
     lineage_rows = pd.DataFrame([
@@ -213,8 +214,8 @@ def agssp_not_worse_than_scratch(pipeline_config: PipelineConfigResource) -> dg.
 
     config = pipeline_config.load()
     layout = config.layout()
-    tables = [pd.read_parquet(layout.evaluations(s.name)) for s in config.downstream_sources()
-              if Path(layout.evaluations(s.name)).is_file()]
+    tables = [pd.read_parquet(layout.evaluations("finetune", s.name)) for s in config.downstream_sources()
+              if Path(layout.evaluations("finetune", s.name)).is_file()]
     if not tables:
         return dg.AssetCheckResult(passed=False, severity=dg.AssetCheckSeverity.WARN,
                                    metadata={"reason": "no evaluation tables found"})

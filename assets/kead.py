@@ -398,7 +398,7 @@ def kead_evaluation(context: dg.AssetExecutionContext, pipeline_config: Pipeline
                                               "reason": f"source '{source}' has no ground-truth masks"})
     table = read_map_table(layout.maps_store(source))
     frame = with_run_columns(evaluate_maps(index, table), table)
-    uri = layout.evaluations(f"kead_{source}")
+    uri = layout.evaluations("kead", source)
     history = write_evaluation(frame, uri)
     overall = frame[frame["level"] == "overall"].iloc[0]
     history_columns = ["store_version", "encoder", "weights", "n_images", "image_auroc", "pixel_auroc",

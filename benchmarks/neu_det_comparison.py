@@ -129,12 +129,12 @@ def report(config_path: Path, wall_seconds: float | None) -> int:
 
     config = load_config(config_path)
     layout = config.layout()
-    table_path = Path(layout.evaluations("neu_det"))
+    table_path = Path(layout.evaluations("finetune", "neu_det"))
     if not table_path.is_file():
         print(f"no evaluation table at {table_path}", file=sys.stderr)
         return 1
     table = pd.read_parquet(table_path)
-    per_class = pd.read_parquet(layout.evaluations("neu_det.per_class"))
+    per_class = pd.read_parquet(layout.evaluations("finetune", "neu_det.per_class"))
     print("\n=== NEU-DET: YOLOv8 finetuned from scratch vs AGSSP pretraining (COCO mAP, val split) ===\n")
     print(comparison_markdown(table))
     print("\nper-class AP@0.5:0.95:")

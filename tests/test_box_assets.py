@@ -135,7 +135,7 @@ def test_thresholds_boxes_checks_and_quality_materialize(tiny_pipeline):
 
     result = dg.materialize([pseudo_box_quality], instance=instance, resources=resources, partition_key="masks_b")
     assert result.success
-    quality = pd.read_parquet(layout.evaluations("pseudo_box_quality_masks_b"))
+    quality = pd.read_parquet(layout.evaluations("box_quality", "masks_b"))
     pseudo = quality[(quality["view"] == "boxes") & (quality["method"] == "pseudo")].set_index("iou_threshold")
     assert pseudo.loc[0.3, "recall"] > 0.8
     metadata = result.asset_materializations_for_node("pseudo_box_quality")[0].metadata

@@ -38,7 +38,7 @@ def test_assets_materialize_and_publish_lineage_and_comparison(tmp_path):
         [check] = result.get_asset_check_evaluations()
         assert check.severity == dg.AssetCheckSeverity.WARN
         assert check.metadata["rows_checked"].value == 1
-        assert Path(config.layout().path("evaluations", "labelled.md")).is_file()
+        assert Path(config.layout().evaluations("finetune", "labelled", ".md")).is_file()
 
 
 def test_definitions_load_with_detection_assets():

@@ -66,7 +66,7 @@ def test_whole_chain_on_the_demo_corpus(tmp_path, dagster_home):
     assert Path(layout.thresholds()).exists()
     boxes = pd.read_parquet(layout.pseudo_boxes("demo_billet_masks"))
     assert len(boxes) > 0
-    evaluation = pd.read_parquet(layout.evaluations("demo_downstream"))
+    evaluation = pd.read_parquet(layout.evaluations("finetune", "demo_downstream"))
     assert {"scratch", "agbp", "agssp"} <= set(evaluation["variant"])
     assert evaluation[["map50", "map50_95"]].notna().all().all()
     # every materialisation is recorded in the instance, with lineage metadata on the checkpoints

@@ -86,7 +86,7 @@ def test_anomaly_maps_checks_and_evaluation(kead_pipeline):
 
     result = dg.materialize([kead_evaluation], instance=instance, resources=resources, partition_key="tiles")
     assert result.success
-    evaluation = pd.read_parquet(layout.evaluations("kead_tiles"))
+    evaluation = pd.read_parquet(layout.evaluations("kead", "tiles"))
     assert {"encoder", "n_images", "image_auroc", "pixel_auroc"} <= set(evaluation.columns)
     assert evaluation.loc[evaluation["level"] == "overall", "pixel_auroc"].item() > 0.7
     first_version = evaluation["store_version"].iloc[0]
@@ -97,7 +97,7 @@ def test_anomaly_maps_checks_and_evaluation(kead_pipeline):
     assert dg.materialize(assets, instance=instance, resources=other, partition_key="tiles").success
     for _ in range(2):  # evaluating the same version twice replaces its rows
         result = dg.materialize([kead_evaluation], instance=instance, resources=other, partition_key="tiles")
-    history = pd.read_parquet(layout.evaluations("kead_tiles"))
+    history = pd.read_parquet(layout.evaluations("kead", "tiles"))
     overall = history[history["level"] == "overall"]
     assert len(overall) == 2 and set(overall["store_version"]) == {first_version, read_map_table(
         layout.maps_store("tiles")).attrs["version"]}

@@ -140,7 +140,7 @@ def test_path_targets_resolve_to_their_artifact(chain):
         layout.maps_store(source): "maps",
         layout.index(source): "index",
         layout.thresholds(): "thresholds",
-        layout.evaluations("demo_downstream.per_class"): "evaluation",
+        layout.evaluations("finetune", "demo_downstream.per_class"): "evaluation",
     }
     for target, kind in cases.items():
         report = build_lineage_report(target, use_dagster=False)  # storage root from the path, no Dagster
@@ -253,7 +253,7 @@ def test_deleted_checkpoint_is_missing_and_its_recorded_lineage_still_shown(chai
     layout = chain["layout"]
     detector_dir = _detector_run(layout)
     detector_dir.rename(detector_dir.with_name(detector_dir.name + ".moved"))
-    report = build_lineage_report(layout.evaluations("demo_downstream"), use_dagster=False)
+    report = build_lineage_report(layout.evaluations("finetune", "demo_downstream"), use_dagster=False)
     missing = [(stage, flag.message) for stage, _, flag in report.flags(MISSING)]
     assert ("detector", f"checkpoint files no longer at {detector_dir}; shown as recorded by its consumer") in missing
     detector = report.stage("detector").entries[0]

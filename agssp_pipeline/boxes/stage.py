@@ -146,10 +146,6 @@ def compute_pseudo_boxes(
     )
 
 
-def quality_name(source: str) -> str:
-    return f"pseudo_box_quality_{source}"
-
-
 def source_has_ground_truth(config: PipelineConfig, source: str) -> bool:
     layout = config.layout()
     return has_ground_truth(read_index(layout, source), read_annotations(layout, source))

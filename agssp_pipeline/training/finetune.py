@@ -388,8 +388,8 @@ def evaluate_dataset(
             lineage[variant] = result.lineage
     table = add_deltas(pd.DataFrame(rows))
     per_class_table = pd.concat(per_class, ignore_index=True)
-    table_path = layout.evaluations(dataset.name)
-    per_class_path = layout.evaluations(f"{dataset.name}.per_class")
+    table_path = layout.evaluations("finetune", dataset.name)
+    per_class_path = layout.evaluations("finetune", f"{dataset.name}.per_class")
     Path(table_path).parent.mkdir(parents=True, exist_ok=True)
     table.to_parquet(table_path, index=False)
     per_class_table.to_parquet(per_class_path, index=False)
