@@ -154,7 +154,7 @@ def _mounts(service: dict) -> dict[str, dict]:
 
 def test_compose_services_ports_and_gpus(compose):
     services = compose["services"]
-    assert set(services) == {"postgres", "user_code", "webserver", "daemon"}
+    assert set(services) == {"postgres", "user_code", "webserver", "daemon", "docker_api"}
     (port,) = services["webserver"]["ports"]
     published = port if isinstance(port, str) else f"{port.get('host_ip')}:{port['published']}:{port['target']}"
     assert published.startswith("127.0.0.1:"), "the UI must not be published on all interfaces by default"
@@ -186,6 +186,34 @@ def test_compose_volumes_networks_and_env_agree_with_dagster_yaml(compose):
     # runs start from the code server's own image
     assert services["user_code"]["environment"]["DAGSTER_CURRENT_IMAGE"] == services["user_code"]["image"]
     assert services["daemon"]["environment"]["AGSSP_GPU_POOL_LIMIT"] == "1"
+
+
+def test_only_the_api_proxy_sees_the_docker_socket(compose):
+    services = compose["services"]
+    with_socket = {name for name, service in services.items()
+                   if any("docker.sock" in m["source"] for m in _mounts(service).values())}
+    assert with_socket == {"docker_api"}
+    assert _mounts(services["docker_api"])["/var/run/docker.sock"]["read_only"]
+    proxy_env = services["docker_api"]["environment"]
+    assert proxy_env["CONTAINERS"] == "1" and proxy_env["EXEC"] == "0" and proxy_env["VOLUMES"] == "0"
+    # the launcher (daemon) and the terminate button (webserver) reach the engine only through the proxy,
+    # on an internal network that the proxy shares with nobody else
+    api_network = "agssp_docker_api"
+    assert compose["networks"][api_network]["internal"] is True
+    for name in ("webserver", "daemon"):
+        assert services[name]["environment"]["DOCKER_HOST"] == "tcp://docker_api:2375"
+        assert api_network in services[name]["networks"]
+    assert {n for n, s in services.items() if api_network in s.get("networks", {})} == {
+        "docker_api", "webserver", "daemon"}
+
+
+def test_containers_run_as_a_non_root_user_and_secrets_are_ignored():
+    for dockerfile in ("Dockerfile.user_code", "Dockerfile.dagster"):
+        users = re.findall(r"^USER (\S+)\s*$", (DOCKER_DIR / dockerfile).read_text(), re.M)
+        assert users and users[-1] not in {"root", "0"}, f"{dockerfile} must end as a non-root user"
+    ignored = subprocess.run(["git", "check-ignore", "-q", "docker/.env"], cwd=REPO_ROOT)
+    assert ignored.returncode == 0, "docker/.env (the database password) must be ignored by git"
+    assert subprocess.run(["git", "check-ignore", "-q", "docker/.env.example"], cwd=REPO_ROOT).returncode == 1
 
 
 def test_compose_refuses_to_start_without_a_database_password(tmp_path):
