@@ -13,15 +13,13 @@ import os
 import dagster as dg
 import pandas as pd
 
+from agssp_pipeline import artifact_io
 from agssp_pipeline.sources import (
     ingest_source,
     known_hashes_from,
-    parquet_exists,
     previous_probe_cache,
-    read_parquet,
     source_fingerprint,
 )
-from agssp_pipeline.sources.ingest import write_bytes_atomic
 from agssp_pipeline.sources.preview import contact_sheet
 from assets.automation import CHEAP_ASSET_AUTOMATION
 from assets.partitions import image_source_partitions
@@ -114,7 +112,7 @@ def _preview_metadata(result, root: str, layout, name: str) -> dict[str, dg.Meta
     sheet = contact_sheet(result.images, result.annotations)
     if sheet is not None:
         target = layout.previews("ingestion", f"{name}.jpg")
-        write_bytes_atomic(target, sheet)
+        artifact_io.write_bytes(target, sheet)
         encoded = base64.b64encode(sheet).decode()
         metadata["contact_sheet"] = dg.MetadataValue.md(f"![{name}](data:image/jpeg;base64,{encoded})")
         metadata["contact_sheet_path"] = dg.MetadataValue.path(target)
@@ -189,9 +187,9 @@ class QuarantineRateConfig(dg.Config):
 
 def _written_tables(pipeline_config: PipelineConfigResource, name: str) -> tuple[pd.DataFrame, pd.DataFrame] | None:
     layout = pipeline_config.layout()
-    if not parquet_exists(layout.index(name)):
+    if not artifact_io.exists(layout.index(name)):
         return None
-    return read_parquet(layout.index(name)), read_parquet(layout.quarantine(name))
+    return artifact_io.read_parquet(layout.index(name)), artifact_io.read_parquet(layout.quarantine(name))
 
 
 @dg.asset_check(asset=image_index, partitions_def=image_source_partitions,

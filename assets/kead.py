@@ -18,6 +18,7 @@ import dagster as dg
 import numpy as np
 import pandas as pd
 
+from agssp_pipeline import artifact_io
 from agssp_pipeline.kead.base import AnomalyEncoder
 from agssp_pipeline.kead.evaluation import evaluate_maps, has_masks, with_run_columns, write_evaluation
 from agssp_pipeline.kead.maps import upsample_map
@@ -25,8 +26,6 @@ from agssp_pipeline.kead.references import REFERENCE_COLUMNS, select_references
 from agssp_pipeline.kead.runner import Progress, RunStats, compute_anomaly_maps, mappable_rows, read_rgb
 from agssp_pipeline.kead.settings import KeadSettings
 from agssp_pipeline.kead.store import CODE_VERSION, StoreEmptyError, read_map_table
-from agssp_pipeline.sources import parquet_exists, read_parquet
-from agssp_pipeline.sources.ingest import write_bytes_atomic
 from assets.partitions import image_source_partitions
 from assets.resources import PipelineConfigResource
 
@@ -91,9 +90,9 @@ RESOURCES = {"kead_model": KeadModelResource()}
 # -- helpers ------------------------------------------------------------------------------------------
 def _index(layout, source: str) -> pd.DataFrame:
     uri = layout.index(source)
-    if not parquet_exists(uri):
+    if not artifact_io.exists(uri):
         raise FileNotFoundError(f"no image index for source '{source}' at {uri}: materialize image_index first")
-    return read_parquet(uri)
+    return artifact_io.read_parquet(uri)
 
 
 def reference_pool(config, layout, source: str, index: pd.DataFrame, log=None) -> pd.DataFrame:
@@ -104,9 +103,9 @@ def reference_pool(config, layout, source: str, index: pd.DataFrame, log=None) -
     categories = set(index["category"].dropna().astype(str))
     frames = [index]
     for other in [s.name for s in config.pretrain_sources()]:
-        if other == source or not parquet_exists(layout.index(other)):
+        if other == source or not artifact_io.exists(layout.index(other)):
             continue
-        rows = read_parquet(layout.index(other))
+        rows = artifact_io.read_parquet(layout.index(other))
         rows = rows[rows["category"].astype(str).isin(categories)]
         if len(rows):
             frames.append(rows)
@@ -232,7 +231,7 @@ def _source_metadata(source: str, stats: RunStats, table, index: pd.DataFrame, r
         preview = top_anomalous_preview(table, index)
         if preview is not None:
             target = layout.previews("kead", f"{source}_top_anomalous.png")
-            write_bytes_atomic(target, preview)
+            artifact_io.write_bytes(target, preview)
             metadata["top_anomalous"] = dg.MetadataValue.md(_png_markdown(preview, f"top anomalous {source}"))
             metadata["top_anomalous_path"] = dg.MetadataValue.path(target)
     return metadata
@@ -384,7 +383,7 @@ def anomaly_maps_one_per_image(context: dg.AssetCheckExecutionContext,
     kinds={"parquet"},
     description=(
         "Image and pixel AUROC of one source's anomaly maps against its ground-truth masks, overall and per "
-        "defect class and category (evaluations/kead_<source>.parquet, one block of rows per map-store "
+        "defect class and category (evaluations/kead/<source>.parquet, one block of rows per map-store "
         "version, so encoders stay comparable). Sources without masks are skipped with a note."
     ),
 )

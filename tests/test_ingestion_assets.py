@@ -9,7 +9,7 @@ import pytest
 import yaml
 from sources_fixtures import make_voc, write_image
 
-from agssp_pipeline.sources import read_parquet
+from agssp_pipeline.artifact_io import read_parquet
 from assets.ingestion import image_index, image_index_not_empty, image_index_quarantine_rate
 from assets.partitions import image_source_partitions
 from assets.resources import PipelineConfigResource

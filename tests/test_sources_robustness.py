@@ -10,13 +10,13 @@ import pandas as pd
 import pytest
 from sources_fixtures import make_voc, write_image
 
+from agssp_pipeline.artifact_io import read_parquet
 from agssp_pipeline.config import SourceConfig
 from agssp_pipeline.sources import (
     folder_fingerprint,
     ingest_source,
     known_hashes_from,
     probe_image,
-    read_parquet,
 )
 from agssp_pipeline.storage import StorageLayout
 

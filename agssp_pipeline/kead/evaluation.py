@@ -15,7 +15,6 @@ generic folder names (``MT_Crack/Imgs/x.jpg`` -> ``MT_Crack``), which is how mas
 from __future__ import annotations
 
 import hashlib
-import io
 from pathlib import PurePath
 
 import cv2
@@ -23,10 +22,9 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_auc_score
 
+from agssp_pipeline import artifact_io
 from agssp_pipeline.kead.maps import upsample_map
 from agssp_pipeline.kead.store import MapTable
-from agssp_pipeline.sources import parquet_exists, read_parquet
-from agssp_pipeline.sources.ingest import write_bytes_atomic
 
 GENERIC_FOLDERS = {"imgs", "images", "img", "image", "jpegimages", "train", "test", "val", "good", "data"}
 EVALUATION_COLUMNS = ["level", "name", "encoder", "n_images", "n_anomalous", "n_normal", "image_auroc",
@@ -146,13 +144,11 @@ def write_evaluation(frame: pd.DataFrame, uri: str) -> pd.DataFrame:
     evaluations of other versions (another encoder, other weights or references) stay, so encoders can
     be compared on the same source. Files written before the history existed count as version "".
     """
-    history = read_parquet(uri) if parquet_exists(uri) else pd.DataFrame(columns=frame.columns)
+    history = artifact_io.read_parquet(uri) if artifact_io.exists(uri) else pd.DataFrame(columns=frame.columns)
     if "store_version" not in history:
         history = history.assign(store_version="")
     versions = set(frame["store_version"].astype(str)) if "store_version" in frame else {""}
     kept = history[~history["store_version"].astype(str).isin(versions)]
     merged = pd.concat([kept, frame], ignore_index=True) if len(kept) else frame.reset_index(drop=True)
-    buffer = io.BytesIO()
-    merged.to_parquet(buffer, index=False)
-    write_bytes_atomic(uri, buffer.getvalue())
+    artifact_io.write_parquet(uri, merged)
     return merged

@@ -28,6 +28,8 @@ import cv2
 import numpy as np
 import pandas as pd
 
+from agssp_pipeline import artifact_io
+
 STRATEGIES = ("explicit", "normal", "lowest_zero_shot", "typical", "auto")
 REFERENCE_COLUMNS = ["category", "image_id", "path", "source", "reason"]
 TYPICAL_MAX_CANDIDATES = 256
@@ -69,12 +71,8 @@ def _explicit(rows: pd.DataFrame, wanted: list[str], category: str) -> pd.DataFr
 
 
 def _read_grey(path: str) -> np.ndarray | None:
-    data = np.fromfile(path, dtype=np.uint8) if "://" not in path else None
-    if data is None:
-        import fsspec
-
-        with fsspec.open(path, "rb") as handle:
-            data = np.frombuffer(handle.read(), dtype=np.uint8)
+    local = artifact_io.local_path(path)
+    data = np.fromfile(local, dtype=np.uint8) if local is not None else np.frombuffer(artifact_io.read_bytes(path), np.uint8)
     return cv2.imdecode(data, cv2.IMREAD_GRAYSCALE)
 
 

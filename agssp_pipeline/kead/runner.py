@@ -19,6 +19,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from agssp_pipeline import artifact_io
 from agssp_pipeline.kead.base import AnomalyEncoder
 from agssp_pipeline.kead.references import references_by_category
 from agssp_pipeline.kead.store import CODE_VERSION, MapWriter, store_version_id
@@ -50,13 +51,8 @@ class RunStats:
 
 def read_rgb(path: str) -> np.ndarray:
     """Decode any image file to HxWx3 uint8 RGB (grey and 16-bit inputs included); OSError if unreadable."""
-    if "://" in path:
-        import fsspec
-
-        with fsspec.open(path, "rb") as handle:
-            data = np.frombuffer(handle.read(), dtype=np.uint8)
-    else:
-        data = np.fromfile(path, dtype=np.uint8)
+    local = artifact_io.local_path(path)
+    data = np.fromfile(local, dtype=np.uint8) if local is not None else np.frombuffer(artifact_io.read_bytes(path), np.uint8)
     image = cv2.imdecode(data, cv2.IMREAD_COLOR)  # grey -> 3 channels, 16-bit -> 8-bit
     if image is None:
         raise OSError(f"cannot decode image {path}")

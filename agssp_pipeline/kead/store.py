@@ -32,12 +32,12 @@ import datetime as _dt
 import hashlib
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zarr
 
+from agssp_pipeline import artifact_io
 from agssp_pipeline.kead.locks import LocalLock, S3Lease, StoreLockedError  # noqa: F401 (re-exported)
 
 CODE_VERSION = "kead-maps-1"  # bump when map semantics change: starts new store versions everywhere
@@ -89,17 +89,10 @@ def store_version_id(
     return "v" + hashlib.sha256(_canonical(payload).encode()).hexdigest()[:12]
 
 
-def _is_local(uri: str) -> bool:
-    return "://" not in uri or uri.startswith("file://")
-
-
-def _local_path(uri: str) -> Path:
-    return Path(uri[len("file://") :] if uri.startswith("file://") else uri)
-
-
 def _open_group(uri: str, mode: str, storage_options: dict[str, Any] | None) -> zarr.Group:
-    if _is_local(uri):
-        return zarr.open_group(str(_local_path(uri)), mode=mode, zarr_format=3)
+    local = artifact_io.local_path(uri)
+    if local is not None:
+        return zarr.open_group(str(local), mode=mode, zarr_format=3)
     return zarr.open_group(uri, mode=mode, zarr_format=3, storage_options=storage_options or {})
 
 
@@ -129,9 +122,10 @@ class MapWriter:
         self.attrs = _jsonable(attrs or {})
         self.storage_options = storage_options
         self._lock: LocalLock | S3Lease | None = None
-        if _is_local(self.store_uri):
-            self._lock = LocalLock(_local_path(self.store_uri))
-        elif self.store_uri.startswith(("s3://", "s3a://")):
+        local = artifact_io.local_path(self.store_uri)
+        if local is not None:
+            self._lock = LocalLock(local)
+        elif artifact_io.to_upath(self.store_uri).protocol in ("s3", "s3a"):
             self._lock = S3Lease(self.store_uri, storage_options)
         self._group: zarr.Group | None = None
         self.committed = 0

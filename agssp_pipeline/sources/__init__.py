@@ -18,9 +18,7 @@ from agssp_pipeline.sources.ingest import (
     ProbeCache,
     ingest_source,
     known_hashes_from,
-    parquet_exists,
     previous_probe_cache,
-    read_parquet,
     require_source_root,
 )
 from agssp_pipeline.sources.probe import ImageProbe, probe_image
@@ -39,10 +37,8 @@ __all__ = [
     "folder_snapshot",
     "ingest_source",
     "known_hashes_from",
-    "parquet_exists",
     "previous_probe_cache",
     "probe_image",
-    "read_parquet",
     "require_source_root",
     "source_fingerprint",
     "source_snapshot",

@@ -18,15 +18,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from agssp_pipeline import artifact_io
 from agssp_pipeline.config import SourceConfig
 from agssp_pipeline.sources.formats import FORMAT_ADAPTERS, check_options
 from agssp_pipeline.sources.probe import ImageProbe, probe_image
@@ -199,7 +198,7 @@ class IngestResult:
         }
 
     def serialized(self) -> dict[str, bytes]:
-        return {key: parquet_bytes(table) for key, table in self.tables().items()}
+        return {key: artifact_io.parquet_bytes(table) for key, table in self.tables().items()}
 
     def content_hash(self) -> str:
         """Hash of the three Parquet files' bytes: the data version of the ingested source."""
@@ -214,60 +213,8 @@ class IngestResult:
         targets = {"annotations": layout.annotations(name), "quarantine": layout.quarantine(name), "index": layout.index(name)}
         data = self.serialized()
         for key, target in targets.items():
-            write_bytes_atomic(target, data[key])
+            artifact_io.write_bytes(target, data[key])
         return targets
-
-
-def parquet_bytes(table: pa.Table) -> bytes:
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="zstd")
-    return sink.getvalue().to_pybytes()
-
-
-def _local_path(target: str) -> str | None:
-    if target.startswith("file://"):
-        return target[len("file://"):]
-    return None if "://" in target else target
-
-
-def write_bytes_atomic(target: str, data: bytes) -> None:
-    """Local: temp file + rename (readers never see half a file). Remote (s3://): one PUT, atomic there."""
-    local = _local_path(target)
-    if local is None:
-        import fsspec
-
-        with fsspec.open(target, "wb") as handle:
-            handle.write(data)
-        return
-    Path(local).parent.mkdir(parents=True, exist_ok=True)
-    tmp = f"{local}.tmp-{os.getpid()}-{threading.get_ident()}"
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, local)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def read_parquet(target: str) -> pd.DataFrame:
-    local = _local_path(target)
-    if local is not None:
-        return pq.read_table(local).to_pandas()
-    import fsspec
-
-    with fsspec.open(target, "rb") as handle:
-        return pq.read_table(handle).to_pandas()
-
-
-def parquet_exists(target: str) -> bool:
-    local = _local_path(target)
-    if local is not None:
-        return os.path.exists(local)
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(target)
-    return fs.exists(path)
 
 
 def known_hashes_from(layout: StorageLayout, sources: list[str]) -> dict[str, str]:
@@ -275,9 +222,9 @@ def known_hashes_from(layout: StorageLayout, sources: list[str]) -> dict[str, st
     known: dict[str, str] = {}
     for name in sources:
         target = layout.index(name)
-        if not parquet_exists(target):
+        if not artifact_io.exists(target):
             continue
-        index = read_parquet(target)
+        index = artifact_io.read_parquet(target)
         for image_id in index.loc[index["duplicate_of"].isna(), "image_id"]:
             known.setdefault(image_id, name)
     return known
@@ -285,11 +232,11 @@ def known_hashes_from(layout: StorageLayout, sources: list[str]) -> dict[str, st
 
 def require_source_root(source: SourceConfig) -> Path:
     """The source's root folder, or FileNotFoundError naming source and path (fails one partition only)."""
-    if "://" in source.root and not source.root.startswith("file://"):
+    root = artifact_io.local_path(source.root)
+    if root is None:
         raise FileNotFoundError(
             f"source '{source.name}': root {source.root} is a URL; ingestion reads local or mounted folders "
             "(mount the bucket, e.g. with s3fs or rclone, and give the mount path)")
-    root = Path(source.root.removeprefix("file://"))
     if not root.is_dir():
         raise FileNotFoundError(f"source '{source.name}': root folder {root} does not exist (or is not a folder)")
     return root
@@ -392,10 +339,11 @@ def _check_boxes(boxes: list[RawBox], probes: dict[Path, ImageProbe], source: So
 def previous_probe_cache(layout: StorageLayout, source: str) -> ProbeCache | None:
     """A ProbeCache from the tables last written for ``source``; None when there are none or unreadable."""
     try:
-        if not parquet_exists(layout.index(source)):
+        if not artifact_io.exists(layout.index(source)):
             return None
-        quarantine = read_parquet(layout.quarantine(source)) if parquet_exists(layout.quarantine(source)) else None
-        return ProbeCache(read_parquet(layout.index(source)), quarantine)
+        quarantine_uri = layout.quarantine(source)
+        quarantine = artifact_io.read_parquet(quarantine_uri) if artifact_io.exists(quarantine_uri) else None
+        return ProbeCache(artifact_io.read_parquet(layout.index(source)), quarantine)
     except Exception as error:  # a damaged previous index only costs a full re-read
         log.warning("previous index of %s unusable as a cache (%s); reading every file", source, error)
         return None
