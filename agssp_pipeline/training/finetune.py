@@ -43,7 +43,7 @@ from agssp_pipeline.training.detector import (
     resolve_device,
     train_yolo,
 )
-from agssp_pipeline.training.splits import SplitParams, load_or_create_split, split_summary
+from agssp_pipeline.training.splits import SplitParams, first_copies, load_or_create_split, split_summary
 
 LOGGER = logging.getLogger(__name__)
 BASELINE_VARIANT = "scratch"
@@ -128,13 +128,8 @@ def load_labelled_dataset(layout: StorageLayout, source: str, classes: Sequence[
             raise FileNotFoundError(f"{what} of downstream source '{source}' missing at {path}")
     index = pd.read_parquet(index_path)
     annotations = pd.read_parquet(annotation_path)
-    keep = index["duplicate_of"].isna() if "duplicate_of" in index else pd.Series(True, index=index.index)
-    kept = index[keep].drop_duplicates("image_id")
+    kept, annotations = first_copies(index, annotations)
     dropped = len(index) - len(kept)
-    if "path" in annotations:
-        annotations = annotations[annotations["path"].isin(set(kept["path"]))]
-    else:
-        annotations = annotations[annotations["image_id"].isin(set(kept["image_id"]))]
     names = list(classes) or sorted(annotations["class_name"].astype(str).unique())
     if not names:
         raise ValueError(f"downstream source '{source}' has no annotated boxes: nothing to evaluate")

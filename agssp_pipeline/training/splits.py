@@ -109,6 +109,30 @@ def index_fingerprint(images: pd.DataFrame, annotations: pd.DataFrame) -> str:
     return digest.hexdigest()[:16]
 
 
+def first_copies(index: pd.DataFrame, annotations: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The labelled set a split is made of: first copies of each image (``duplicate_of`` unset) and their boxes.
+
+    Duplicates share their original's image_id, so they are dropped before splitting (a copy must not sit in
+    train and val at once). Idempotent: an already de-duplicated set comes back unchanged.
+    """
+    keep = index["duplicate_of"].isna() if "duplicate_of" in index else pd.Series(True, index=index.index)
+    kept = index[keep].drop_duplicates("image_id")
+    if "path" in annotations and "path" in kept:
+        boxes = annotations[annotations["path"].isin(set(kept["path"]))]
+    else:
+        boxes = annotations[annotations["image_id"].isin(set(kept["image_id"]))]
+    return kept, boxes
+
+
+def labelled_set_fingerprint(index: pd.DataFrame, annotations: pd.DataFrame) -> str:
+    """The split fingerprint: of the de-duplicated labelled set, whether given raw (lineage) or deduplicated.
+
+    The one function finetune (through :func:`load_or_create_split`) and ``agssp lineage`` both call, so a
+    source with duplicate images is not reported as changed right after a clean run.
+    """
+    return index_fingerprint(*first_copies(index, annotations))
+
+
 def _read(path: str) -> tuple[pd.DataFrame, dict] | None:
     fs, fs_path = fsspec.core.url_to_fs(path)
     if not fs.exists(fs_path):
@@ -137,7 +161,7 @@ def load_or_create_split(
     Returns (split table, metadata incl. ``fingerprint``, ``params`` and ``reused``).
     """
     path = split_path(layout, dataset)
-    fingerprint = index_fingerprint(images, annotations)
+    fingerprint = labelled_set_fingerprint(images, annotations)
     wanted = {"fingerprint": fingerprint, "params": params.as_dict(), "dataset": dataset}
     stored = _read(path)
     if stored is not None:
