@@ -31,15 +31,17 @@ defect folder). Null is not "normal": KeAD's normal references use ``is_normal =
 
 from __future__ import annotations
 
+import csv
 import json
+import math
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
-import pandas as pd
 import yaml
 
 from agssp_pipeline.config import SOURCE_FORMATS, SourceConfig
+from agssp_pipeline.sources.probe import IMAGE_EXTENSIONS
 from agssp_pipeline.sources.scan import (
     RawBox,
     Scan,
@@ -231,6 +233,9 @@ def _yolo_box(scan: Scan, image_path: Path, label_path: Path, number: int, value
     except ValueError:
         scan.reject(label_path, f"line {number}: non-numeric values")
         return
+    if not all(math.isfinite(v) for v in numbers):
+        scan.reject(label_path, f"line {number}: non-finite value (nan or inf) in {' '.join(values)!r}")
+        return
     if len(numbers) < 5 or (len(numbers) > 5 and len(numbers) % 2 == 0):
         scan.reject(label_path, f"line {number}: expected 'class cx cy w h' or a polygon, got {len(numbers)} values")
         return
@@ -283,21 +288,25 @@ def scan_coco(source: SourceConfig, root: Path) -> Scan:
         try:
             data = json.loads(json_path.read_text())
             categories = {int(c["id"]): str(c["name"]) for c in data.get("categories", [])}
-            records = {int(im["id"]): str(im["file_name"]) for im in data["images"]}
+            records = _coco_image_records(scan, json_path, data["images"])
             annotations = list(data.get("annotations", []))
         except Exception as error:
-            scan.reject(json_path, f"unreadable COCO JSON ({type(error).__name__}: {error})")
+            scan.reject(json_path, f"unreadable COCO JSON ({type(error).__name__}: {error}); expected an object "
+                        "with 'images' [{id, file_name}], 'annotations' [{image_id, category_id, bbox}] "
+                        "and 'categories' [{id, name}]")
             continue
         resolved: dict[int, Path] = {}
         for image_key, file_name in records.items():
-            candidates = (file_name, f"{split}/{file_name}" if split else None, Path(file_name).name)
-            path = next((by_relative[c] for c in candidates[:2] if c in by_relative), None) or by_name.get(candidates[2])
+            path = _coco_resolve(file_name, split, by_relative, by_name)
             if path is None:
                 scan.reject(json_path, f"annotation references a missing image '{file_name}' (id {image_key})")
                 continue
             resolved[image_key] = path
             known.setdefault(path, {"split": option(source, "split") or split, "objects": 0})
         for number, ann in enumerate(annotations, start=1):
+            if not isinstance(ann, dict):
+                scan.reject(json_path, f"annotation {number} is not an object: {str(ann)[:80]!r}")
+                continue
             image_key, category_id, bbox = ann.get("image_id"), ann.get("category_id"), ann.get("bbox")
             if image_key not in resolved:
                 if image_key not in records:
@@ -319,6 +328,44 @@ def scan_coco(source: SourceConfig, root: Path) -> Scan:
         split = info["split"] if info else option(source, "split")
         make_entry(scan, source, root, images_dir, path, split=split, is_normal=is_normal)
     return scan
+
+
+def _coco_image_records(scan: Scan, json_path: Path, images: list) -> dict[int, str]:
+    """image id -> file_name; malformed entries and ids used twice get a row (their boxes are not used)."""
+    records: dict[int, str] = {}
+    duplicated: set[int] = set()
+    malformed: list[str] = []
+    for number, record in enumerate(images, start=1):
+        try:
+            image_key, file_name = int(record["id"]), str(record["file_name"])
+        except (TypeError, KeyError, ValueError):
+            malformed.append(f"image entry {number} needs an integer 'id' and a 'file_name': {str(record)[:80]!r}")
+            continue
+        if image_key in records:
+            duplicated.add(image_key)
+            scan.reject(json_path, f"image id {image_key} is used twice ('{records[image_key]}' and '{file_name}'): "
+                        "its annotations cannot be assigned and are not used")
+            continue
+        records[image_key] = file_name
+    if malformed and not records and not duplicated:
+        raise ValueError(f"no image entry has an integer 'id' and a 'file_name' (first: {malformed[0]})")
+    for reason in malformed:
+        scan.reject(json_path, reason)
+    for image_key in duplicated:
+        records.pop(image_key)
+    return records
+
+
+def _coco_resolve(file_name: str, split: str | None, by_relative: dict[str, Path],
+                  by_name: dict[str, Path]) -> Path | None:
+    """The image a COCO file_name names: relative path first, then by base name unless it leaves the folder."""
+    for candidate in (file_name, f"{split}/{file_name}" if split else None):
+        if candidate in by_relative:
+            return by_relative[candidate]
+    posix = PurePosixPath(file_name.replace("\\", "/"))
+    if posix.is_absolute() or ".." in posix.parts:
+        return None  # '../x.jpg' is another folder's x.jpg, not ours
+    return by_name.get(posix.name)
 
 
 # -------------------------------------------------------------------------------------------- mask_folder
@@ -355,10 +402,12 @@ def scan_mask_folder(source: SourceConfig, root: Path) -> Scan:
         if is_mask_beside(path):
             continue
         mask_path = mask_of(path)
+        # a lone PNG is an image without a mask, never its own ground truth
+        has_mask = mask_path != path and mask_path.is_file()
         rel = relative_parts(path, images_dir)
         mask_class = fixed_class or (rel[0].removeprefix(strip_prefix) if len(rel) > 1 else source.category or source.name)
-        is_normal = True if (not mask_path.is_file() and option(source, "missing_mask_is_normal", False)) else None
-        make_entry(scan, source, root, images_dir, path, mask_path=mask_path if mask_path.is_file() else None,
+        is_normal = True if (not has_mask and option(source, "missing_mask_is_normal", False)) else None
+        make_entry(scan, source, root, images_dir, path, mask_path=mask_path if has_mask else None,
                    mask_class=mask_class, is_normal=is_normal)
     return scan
 
@@ -374,28 +423,65 @@ def scan_severstal_rle(source: SourceConfig, root: Path) -> Scan:
     images = list_images(images_dir)
     by_name = {p.name: p for p in images}
     runs: dict[str, list[tuple[str, str, str]]] = {}
-    try:
-        table = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
-        if "ImageId_ClassId" in table.columns:  # the 2019 competition's first layout
-            table[["ImageId", "ClassId"]] = table["ImageId_ClassId"].str.rsplit("_", n=1, expand=True)
-        missing = {"ImageId", "ClassId", "EncodedPixels"} - set(table.columns)
-        if missing:
-            raise ValueError(f"missing columns {sorted(missing)}")
-        labelled = True
-    except Exception as error:
-        scan.reject(csv_path, f"unreadable run-length CSV ({type(error).__name__}: {error}); images indexed without labels")
-        table, labelled = pd.DataFrame(columns=["ImageId", "ClassId", "EncodedPixels"]), False
-    for image_name, class_id, encoded in table[["ImageId", "ClassId", "EncodedPixels"]].itertuples(index=False):
+    rows = _read_rle_rows(scan, csv_path)
+    for image_name, class_id, encoded in rows or []:
         if image_name not in by_name:
             scan.reject(csv_path, f"row references a missing image '{image_name}'")
             continue
         if encoded.strip():
             runs.setdefault(image_name, []).append((class_names.get(class_id, class_id), encoded, str(csv_path)))
+    labelled = rows is not None
     for path in images:
         entry_runs = runs.get(path.name, [])
         make_entry(scan, source, root, images_dir, path, rle=entry_runs,
                    is_normal=(not entry_runs) if labelled else None)
     return scan
+
+
+def _read_rle_rows(scan: Scan, csv_path: Path) -> list[tuple[str, str, str]] | None:
+    """(ImageId, ClassId, EncodedPixels) rows; a bad line gets a row naming it and the others are kept.
+
+    Lines are parsed one at a time (the format has no multi-line fields), so one unterminated quote costs
+    one line, not the whole file; a repeated row is reported and read once. None: no usable CSV at all.
+    """
+    try:
+        lines = csv_path.read_text(errors="replace").splitlines()
+        header = next(csv.reader([lines[0]])) if lines else []
+    except (OSError, csv.Error) as error:
+        scan.reject(csv_path, f"unreadable run-length CSV ({type(error).__name__}: {error}); images indexed without labels")
+        return None
+    legacy = "ImageId_ClassId" in header
+    wanted = ["ImageId_ClassId", "EncodedPixels"] if legacy else ["ImageId", "ClassId", "EncodedPixels"]
+    missing = [column for column in wanted if column not in header]
+    if missing:
+        scan.reject(csv_path, f"run-length CSV lacks column(s) {missing} (header: {header}); expected "
+                    "ImageId,ClassId,EncodedPixels; images indexed without labels")
+        return None
+    positions = [header.index(column) for column in wanted]
+    rows: list[tuple[str, str, str]] = []
+    seen: dict[tuple[str, str, str], int] = {}
+    for number, line in enumerate(lines[1:], start=2):
+        if not line.strip():
+            continue
+        try:
+            fields = next(csv.reader([line], strict=True))
+        except csv.Error as error:
+            scan.reject(csv_path, f"line {number}: {error}; line skipped")
+            continue
+        if len(fields) != len(header):
+            scan.reject(csv_path, f"line {number}: {len(fields)} fields, the header has {len(header)}; line skipped")
+            continue
+        picked = [fields[i].strip() for i in positions]
+        row = (*picked[0].rsplit("_", 1), picked[1]) if legacy else tuple(picked)
+        if len(row) != 3:
+            scan.reject(csv_path, f"line {number}: ImageId_ClassId '{picked[0]}' has no '_<class>' part")
+            continue
+        if row in seen:
+            scan.reject(csv_path, f"line {number}: repeats line {seen[row]}; read once")
+            continue
+        seen[row] = number
+        rows.append(row)
+    return rows
 
 
 FormatAdapter = Callable[[SourceConfig, Path], Scan]
@@ -409,6 +495,21 @@ FORMAT_ADAPTERS: dict[str, FormatAdapter] = {
     "severstal_rle": scan_severstal_rle,
 }
 assert set(FORMAT_ADAPTERS) == set(SOURCE_FORMATS), "every configured format needs an adapter"
+
+# image files the pipeline cannot decode: each gets a quarantine row instead of vanishing from the count
+UNSUPPORTED_IMAGE_EXTENSIONS = frozenset({
+    ".gif", ".svg", ".psd", ".heic", ".heif", ".avif", ".jp2", ".j2k", ".exr", ".ico",
+    ".dng", ".cr2", ".nef", ".arw", ".raw",
+})
+
+
+def scan_source(source: SourceConfig, root: Path) -> Scan:
+    """The source's adapter, plus a row for every image file in a format the pipeline does not read."""
+    scan = FORMAT_ADAPTERS[source.format](source, root)
+    for path in list_files(root, UNSUPPORTED_IMAGE_EXTENSIONS):
+        scan.reject(path, f"unsupported image format '{path.suffix.lower()}' (supported: "
+                    f"{', '.join(sorted(IMAGE_EXTENSIONS))}); convert it to PNG, JPEG or TIFF", KIND_IMAGE)
+    return scan
 
 # options read outside the adapters: the sensor (settle_seconds) and the quarantine-rate check
 COMMON_OPTIONS = frozenset({"split", "settle_seconds", "max_quarantine_rate"})

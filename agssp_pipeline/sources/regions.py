@@ -77,6 +77,8 @@ def decode_rle(encoded: str, height: int, width: int) -> np.ndarray:
         runs = np.asarray(values, dtype=np.int64).reshape(-1, 2)
     except ValueError:
         raise ValueError("non-integer run-length values") from None
+    except OverflowError:
+        raise ValueError("a run-length value is too large for any image") from None
     total = height * width
     starts, lengths = runs[:, 0] - 1, runs[:, 1]
     if (starts < 0).any() or (lengths <= 0).any() or (starts + lengths > total).any():
