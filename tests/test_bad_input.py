@@ -126,3 +126,19 @@ def test_unsupported_image_formats_get_a_row(tmp_path):
     assert "'.heic'" in _reasons(result, "photo.HEIC")[0]
     assert _reasons(result, "notes.txt") == []
     assert set(Path(p).name for p in result.quarantine["path"]) == {"anim.gif", "photo.HEIC"}
+
+
+def test_symlinks_leaving_the_source_root_are_quarantined_unless_allowed(tmp_path):
+    outside = write_image(tmp_path / "elsewhere" / "secret.jpg", seed=3)
+    root = tmp_path / "line"
+    write_image(root / "own.jpg", seed=4)
+    (root / "link_out.jpg").symlink_to(outside)
+    (root / "link_in.jpg").symlink_to(root / "own.jpg")
+    source = SourceConfig(name="p", kind="plant", format="image_folder", root=str(root), category="steel")
+    result = ingest_source(source)
+    names = {Path(p).name for p in result.images["path"]}
+    assert "link_out.jpg" not in names and {"own.jpg", "link_in.jpg"} <= names
+    (reason,) = _reasons(result, "link_out.jpg")
+    assert "leaves the source root" in reason and "follow_external_symlinks" in reason
+    allowed = ingest_source(source.model_copy(update={"options": {"follow_external_symlinks": True}}))
+    assert "link_out.jpg" in {Path(p).name for p in allowed.images["path"]}

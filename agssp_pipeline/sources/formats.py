@@ -504,15 +504,38 @@ UNSUPPORTED_IMAGE_EXTENSIONS = frozenset({
 
 
 def scan_source(source: SourceConfig, root: Path) -> Scan:
-    """The source's adapter, plus a row for every image file in a format the pipeline does not read."""
+    """The source's adapter, plus a row for every image file in a format the pipeline does not read
+    and for every image behind a symlink that leaves the source's root (unless the source allows them)."""
     scan = FORMAT_ADAPTERS[source.format](source, root)
     for path in list_files(root, UNSUPPORTED_IMAGE_EXTENSIONS):
         scan.reject(path, f"unsupported image format '{path.suffix.lower()}' (supported: "
                     f"{', '.join(sorted(IMAGE_EXTENSIONS))}); convert it to PNG, JPEG or TIFF", KIND_IMAGE)
+    if not option(source, "follow_external_symlinks", False):
+        _drop_external_symlinks(scan, root)
     return scan
 
+
+def _drop_external_symlinks(scan: Scan, root: Path) -> None:
+    """Images (and masks) that resolve outside the root are another folder's files: quarantine, never index."""
+    real_root = root.resolve()
+
+    def leaves_root(path: Path | None) -> bool:
+        return path is not None and not path.resolve().is_relative_to(real_root)
+
+    kept = []
+    for entry in scan.entries:
+        if leaves_root(entry.path) or leaves_root(entry.mask_path):
+            outside = entry.path if leaves_root(entry.path) else entry.mask_path
+            scan.reject(entry.path, f"symlink leaves the source root: {outside} -> {outside.resolve()} "
+                        "(set options.follow_external_symlinks: true to index it)", KIND_IMAGE)
+        else:
+            kept.append(entry)
+    dropped = {entry.path for entry in scan.entries} - {entry.path for entry in kept}
+    scan.entries = kept
+    scan.boxes = [box for box in scan.boxes if box.image_path not in dropped]
+
 # options read outside the adapters: the sensor (settle_seconds) and the quarantine-rate check
-COMMON_OPTIONS = frozenset({"split", "settle_seconds", "max_quarantine_rate"})
+COMMON_OPTIONS = frozenset({"split", "settle_seconds", "max_quarantine_rate", "follow_external_symlinks"})
 FORMAT_OPTIONS: dict[str, frozenset[str]] = {
     "image_folder": frozenset({"images"}),
     "voc": frozenset({"layouts", "images", "annotations"}),
