@@ -230,6 +230,21 @@ def current_version(store_uri: str, storage_options: dict[str, Any] | None = Non
     return root.attrs.get("current_version")
 
 
+def store_versions(
+    store_uri: str, storage_options: dict[str, Any] | None = None
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]]] | None:
+    """(store attrs, {version id: version attrs}): what each version was made from; None without a store.
+
+    The version attrs are the writer's record (encoder identity, weights, prompts, references, grid, code
+    version): ``agssp lineage`` reads them here rather than opening the Zarr groups itself.
+    """
+    try:
+        root = _open_group(store_uri, "r", storage_options)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+        return None
+    return dict(root.attrs), {name: dict(root[name].attrs) for name in root.group_keys()}
+
+
 def _version_group(store_uri: str, version: str | None, storage_options: dict[str, Any] | None) -> zarr.Group:
     try:
         root = _open_group(store_uri, "r", storage_options)
