@@ -25,7 +25,13 @@ class StorageLayout:
         return artifact_io.makedirs(self.path(*parts))
 
     def scratch(self, *parts: str) -> Path:
-        """A local working folder for tools that need one (never an artifact's home on object storage)."""
+        """A local working folder for tools that need one (never an artifact's home on object storage).
+
+        Under ``<root>/scratch/`` for a local root, under ``$AGSSP_SCRATCH`` (default: the system temp folder)
+        for an object store. Finetune datasets and ultralytics run folders live here; the files that are
+        artifacts (evaluation tables, markdown, kept plots and results.csv, COCO results) are published to
+        ``evaluations/`` and ``runs/`` under the root.
+        """
         return artifact_io.scratch_dir(self.root, *parts)
 
     # ingestion
@@ -54,6 +60,19 @@ class StorageLayout:
 
     def exports(self, *parts: str) -> str:
         return self.path("exports", *parts)
+
+    def export_dir(self, *parts: str) -> Path:
+        """The local folder of a training export (YOLO labels + symlinked images, COCO JSON, data.yaml).
+
+        Local root: ``<root>/exports/...``, kept where it always was (users point other tools at it).
+        Object-store root: ``scratch("exports", ...)``, a local cache that is never an artifact: exports are
+        rebuilt from the Parquet tables, and what a training run produces is published through ``artifact_io``.
+        """
+        local = artifact_io.local_path(self.exports(*parts))
+        if local is None:
+            return self.scratch("exports", *parts)
+        local.mkdir(parents=True, exist_ok=True)
+        return local
 
     # training and evaluation
     def checkpoints(self, kind: str, name: str, *parts: str) -> str:

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 
 from agssp_pipeline.boxes import plots, stage
-from agssp_pipeline.boxes.pseudo import boxes_only, image_summary, settings_of, write_table
+from agssp_pipeline.boxes.pseudo import boxes_only, image_summary, settings_of
 from agssp_pipeline.boxes.settings import BoxesSettings
 from assets.automation import CHEAP_ASSET_AUTOMATION
 from assets.partitions import image_source_partitions
@@ -121,7 +121,7 @@ def pseudo_boxes(
     pipeline = pipeline_config.load()
     settings = config.apply(pipeline.boxes)
     table = stage.compute_pseudo_boxes(pipeline, source, settings)
-    uri = write_table(table, pipeline.layout().pseudo_boxes(source))
+    uri = stage.write_pseudo_boxes(pipeline.layout(), source, table)
     summary = image_summary(table)
     defective = summary[summary["judged_defective"]]
     boxes = boxes_only(table)
@@ -151,8 +151,7 @@ def pseudo_boxes(
 
 
 def _read_partition_boxes(context: dg.AssetCheckExecutionContext, pipeline_config: PipelineConfigResource):
-    uri = pipeline_config.layout().pseudo_boxes(context.partition_key)
-    return pd.read_parquet(uri) if stage.uri_exists(uri) else None
+    return stage.read_pseudo_boxes(pipeline_config.layout(), context.partition_key)
 
 
 MISSING_TABLE = dg.AssetCheckResult(passed=False, metadata={"reason": "pseudo-box table missing"})
@@ -244,7 +243,7 @@ def pseudo_box_quality(
             data_version=dg.DataVersion("no-ground-truth"),
         )
     table = stage.compute_quality(pipeline, source, config.apply(pipeline.boxes))
-    uri = write_table(table, pipeline.layout().evaluations("box_quality", source))
+    uri = stage.write_quality(pipeline.layout(), source, table)
     boxes = table[table["view"] == "boxes"][["method", "iou_threshold", "n_pred", "n_gt", "recall", "precision"]]
     metadata = {
         "evaluated": True,

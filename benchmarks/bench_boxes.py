@@ -21,8 +21,9 @@ import numpy as np
 import pandas as pd
 import torch
 
+from agssp_pipeline import artifact_io
 from agssp_pipeline.boxes.extract import BoxParams, extract_boxes
-from agssp_pipeline.boxes.pseudo import build_pseudo_boxes, write_table
+from agssp_pipeline.boxes.pseudo import build_pseudo_boxes
 from agssp_pipeline.boxes.settings import BoxesSettings
 from agssp_pipeline.boxes.thresholds import compute_category_thresholds, map_statistics, thresholds_for
 from agssp_pipeline.kead.store import MapTable, read_map_table, write_map_table
@@ -52,7 +53,7 @@ def run_once(store: str, index: pd.DataFrame, settings: BoxesSettings, out: str)
         "bench", table.image_id, table.maps, table.image_score, index, thresholds, settings,
         str(table.attrs.get("version")),
     )
-    write_table(boxes, out)
+    artifact_io.write_parquet(out, boxes)
     return time.perf_counter() - start, int(boxes["box_index"].notna().sum())
 
 

@@ -98,6 +98,7 @@ def test_thresholds_boxes_checks_and_quality_materialize(tiny_pipeline):
     resources = {"pipeline_config": PipelineConfigResource(config_path=str(config_path))}
     instance = dg.DagsterInstance.ephemeral()
     instance.add_dynamic_partitions("image_source", ["line_a", "masks_b", "held_out"])
+    instance.add_dynamic_partitions("pretrain_source", ["line_a", "masks_b"])  # held_out is downstream
 
     result = dg.materialize([category_thresholds, thresholds_well_founded], instance=instance, resources=resources)
     assert result.success
@@ -157,6 +158,7 @@ def test_flagged_fraction_warns_on_degenerate_maps(tiny_pipeline, tmp_path):
     resources = {"pipeline_config": PipelineConfigResource(config_path=str(config_path))}
     instance = dg.DagsterInstance.ephemeral()
     instance.add_dynamic_partitions("image_source", ["masks_b"])
+    instance.add_dynamic_partitions("pretrain_source", ["masks_b"])
     assert dg.materialize([category_thresholds], instance=instance, resources=resources).success
     result = dg.materialize([pseudo_boxes, pseudo_boxes_flagged_fraction], instance=instance, resources=resources,
                             partition_key="masks_b")

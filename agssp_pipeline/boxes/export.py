@@ -11,6 +11,10 @@ Symlinks (not a list file of original paths) because ultralytics would look for 
 images otherwise. Link names are content ids, so two sources with the same file name cannot collide.
 Exports are deterministic: same tables in, byte-identical files out; stale links and labels of a split
 (ours, from an earlier export) are removed, anything else found there is an error, never overwritten.
+
+Exports are local folders (symlinks, and ultralytics opens paths): the default folder is
+``layout.export_dir(...)``, i.e. ``exports/`` under a local root and a scratch folder under an object-store
+root. They are derived data, rebuilt from the Parquet tables (read through ``artifact_io``) at any time.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from agssp_pipeline import artifact_io
 from agssp_pipeline.storage import StorageLayout
 
 RECORD_COLUMNS = ["image_id", "path", "width", "height"]
@@ -104,7 +109,7 @@ def _write_data_yaml(out_dir: Path, class_names: Sequence[str]) -> Path:
         "names": {i: name for i, name in enumerate(class_names)},
     }
     path = out_dir / "data.yaml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    artifact_io.write_text(path, yaml.safe_dump(data, sort_keys=False))
     return path
 
 
@@ -148,7 +153,7 @@ def export_yolo_dataset(
         _link(target, link)
         lines = yolo_label_lines(grouped.get(image_id, empty), float(width), float(height))
         label = labels_dir / f"{image_id}.txt"
-        label.write_text("".join(line + "\n" for line in lines))
+        label.write_text("".join(line + "\n" for line in lines))  # a local export file, not an artifact
         link_names.add(link.name)
         label_names.add(label.name)
     _remove_stale(images_dir, link_names, suffix=None)
@@ -201,8 +206,7 @@ def export_coco_dataset(
         "categories": [{"id": i + 1, "name": name, "supercategory": "defect"} for i, name in enumerate(class_names)],
     }
     path = Path(out_path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=1, sort_keys=True))
+    artifact_io.write_text(path, json.dumps(data, indent=1, sort_keys=True))
     return path
 
 
@@ -217,8 +221,8 @@ def pseudo_box_training_set(
     """
     record_parts, box_parts = [], []
     for source in sorted(sources):
-        table = pd.read_parquet(layout.pseudo_boxes(source))
-        index = pd.read_parquet(layout.index(source), columns=["image_id", "path", "duplicate_of"])
+        table = artifact_io.read_parquet(layout.pseudo_boxes(source))
+        index = artifact_io.read_parquet(layout.index(source), columns=["image_id", "path", "duplicate_of"])
         index = index[index["duplicate_of"].isna()].drop_duplicates("image_id")
         has_box = table["box_index"].notna()
         positives = set(table.loc[has_box, "image_id"])
@@ -242,7 +246,7 @@ def export_pseudo_yolo(
 ) -> Path:
     """YOLO export (single class "defect") of the pseudo boxes of ``sources``; returns data.yaml."""
     records, boxes = pseudo_box_training_set(layout, sources, include_negatives)
-    target = out_dir or layout.exports("pseudo_yolo")
+    target = out_dir or layout.export_dir("pseudo_yolo")
     return export_yolo_dataset(records, boxes, PSEUDO_CLASS_NAMES, target, split_name)
 
 
@@ -254,7 +258,7 @@ def export_pseudo_coco(
 ) -> Path:
     """COCO JSON (single category "defect", box scores kept) of the pseudo boxes of ``sources``."""
     records, boxes = pseudo_box_training_set(layout, sources, include_negatives)
-    target = out_path or layout.exports("pseudo_coco.json")
+    target = out_path or layout.export_dir() / "pseudo_coco.json"
     return export_coco_dataset(records, boxes, PSEUDO_CLASS_NAMES, target)
 
 
@@ -271,7 +275,7 @@ def export_ground_truth_yolo(
     ``image_ids`` restricts the split (e.g. the finetune train or val ids); default: every image of the
     index that is not a duplicate. Boxes of classes outside ``class_names`` are an error.
     """
-    index = pd.read_parquet(layout.index(source))
+    index = artifact_io.read_parquet(layout.index(source))
     index = index[index["duplicate_of"].isna()] if "duplicate_of" in index.columns else index
     if image_ids is not None:
         wanted = set(image_ids)
@@ -279,7 +283,7 @@ def export_ground_truth_yolo(
         if missing:
             raise ValueError(f"{len(missing)} image ids are not in the index of {source}, e.g. {sorted(missing)[:3]}")
         index = index[index["image_id"].isin(wanted)]
-    annotations = pd.read_parquet(layout.annotations(source))
+    annotations = artifact_io.read_parquet(layout.annotations(source))
     annotations = annotations[annotations["image_id"].isin(index["image_id"])]
     return export_yolo_dataset(
         index[RECORD_COLUMNS].drop_duplicates("image_id"), annotations, class_names, out_dir, split_name

@@ -9,8 +9,6 @@ Layout (one Parquet file per source, a manifest of every mapped image):
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 
@@ -139,15 +137,3 @@ def image_summary(table: pd.DataFrame) -> pd.DataFrame:
             "n_boxes": grouped["box_index"].count(),
         }
     ).reset_index()
-
-
-def write_table(table: pd.DataFrame, uri: str) -> str:
-    """Write a Parquet table to a local path or fsspec URL (parents created locally)."""
-    if "://" not in uri:
-        Path(uri).parent.mkdir(parents=True, exist_ok=True)
-    table.to_parquet(uri, index=False)
-    return uri
-
-
-def read_table(uri: str) -> pd.DataFrame:
-    return pd.read_parquet(uri)

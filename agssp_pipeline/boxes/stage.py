@@ -1,8 +1,8 @@
 """The boxes stage over the storage layout: what the Dagster assets and the benchmarks call.
 
 Reads the map stores (``kead.store.read_map_table``), the ingestion index and the thresholds table, and
-writes ``thresholds.parquet``, ``pseudo_boxes/<source>.parquet`` and
-``evaluations/pseudo_box_quality_<source>.parquet``. No Dagster here.
+is the one writer of ``thresholds.parquet``, ``pseudo_boxes/<source>.parquet`` and
+``evaluations/box_quality/<source>.parquet`` (atomic writes through ``artifact_io``). No Dagster here.
 
 Thresholds pool the sources used for pretraining only: data held apart for downstream evaluation must not
 shape the pseudo labels the backbone is pretrained on.
@@ -15,20 +15,15 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import fsspec
 import pandas as pd
 
-from agssp_pipeline.boxes.pseudo import build_pseudo_boxes, index_rows_for_maps, write_table
+from agssp_pipeline import artifact_io
+from agssp_pipeline.boxes.pseudo import build_pseudo_boxes, index_rows_for_maps
 from agssp_pipeline.boxes.quality import evaluate_source, has_ground_truth
 from agssp_pipeline.boxes.settings import BoxesSettings
 from agssp_pipeline.boxes.thresholds import compute_category_thresholds, map_statistics, reference_ids
 from agssp_pipeline.config import PipelineConfig
 from agssp_pipeline.storage import StorageLayout
-
-
-def uri_exists(uri: str) -> bool:
-    fs, path = fsspec.core.url_to_fs(uri)
-    return bool(fs.exists(path))
 
 
 def table_fingerprint(table: pd.DataFrame) -> str:
@@ -39,14 +34,14 @@ def table_fingerprint(table: pd.DataFrame) -> str:
 
 def read_index(layout: StorageLayout, source: str) -> pd.DataFrame:
     uri = layout.index(source)
-    if not uri_exists(uri):
+    if not artifact_io.exists(uri):
         raise FileNotFoundError(f"no image index for source '{source}' at {uri}: materialize image_index first")
-    return pd.read_parquet(uri)
+    return artifact_io.read_parquet(uri)
 
 
 def read_annotations(layout: StorageLayout, source: str) -> pd.DataFrame | None:
     uri = layout.annotations(source)
-    return pd.read_parquet(uri) if uri_exists(uri) else None
+    return artifact_io.read_parquet(uri) if artifact_io.exists(uri) else None
 
 
 def load_maps(layout: StorageLayout, source: str):
@@ -54,7 +49,7 @@ def load_maps(layout: StorageLayout, source: str):
     from agssp_pipeline.kead.store import read_map_table
 
     uri = layout.maps_store(source)
-    if not uri_exists(uri):
+    if not artifact_io.exists(uri):
         raise FileNotFoundError(f"no anomaly maps for source '{source}' at {uri}: materialize anomaly_maps first")
     return read_map_table(uri)
 
@@ -96,15 +91,15 @@ def compute_thresholds(
 
 
 def write_thresholds(config: PipelineConfig, run: ThresholdRun) -> str:
-    run.uri = write_table(run.table, config.layout().thresholds())
+    run.uri = artifact_io.write_parquet(config.layout().thresholds(), run.table)
     return run.uri
 
 
 def read_thresholds(layout: StorageLayout) -> pd.DataFrame:
     uri = layout.thresholds()
-    if not uri_exists(uri):
+    if not artifact_io.exists(uri):
         raise FileNotFoundError(f"no thresholds at {uri}: materialize category_thresholds first")
-    return pd.read_parquet(uri)
+    return artifact_io.read_parquet(uri)
 
 
 def check_thresholds_current(thresholds: pd.DataFrame, source: str, version: str, pretrain: bool) -> None:
@@ -146,6 +141,17 @@ def compute_pseudo_boxes(
     )
 
 
+def write_pseudo_boxes(layout: StorageLayout, source: str, table: pd.DataFrame) -> str:
+    """The one writer of ``pseudo_boxes/<source>.parquet`` (atomic; the table's settings travel in its attrs)."""
+    return artifact_io.write_parquet(layout.pseudo_boxes(source), table)
+
+
+def read_pseudo_boxes(layout: StorageLayout, source: str) -> pd.DataFrame | None:
+    """The pseudo-box table of ``source`` as written (settings in ``attrs``), None when there is none."""
+    uri = layout.pseudo_boxes(source)
+    return artifact_io.read_parquet(uri) if artifact_io.exists(uri) else None
+
+
 def source_has_ground_truth(config: PipelineConfig, source: str) -> bool:
     layout = config.layout()
     return has_ground_truth(read_index(layout, source), read_annotations(layout, source))
@@ -155,10 +161,10 @@ def compute_quality(config: PipelineConfig, source: str, settings: BoxesSettings
     """The quality table of one source (needs its pseudo-box table, maps and ground truth)."""
     settings = settings or config.boxes
     layout = config.layout()
-    uri = layout.pseudo_boxes(source)
-    if not uri_exists(uri):
-        raise FileNotFoundError(f"no pseudo boxes for '{source}' at {uri}: materialize pseudo_boxes first")
-    pseudo = pd.read_parquet(uri)
+    pseudo = read_pseudo_boxes(layout, source)
+    if pseudo is None:
+        raise FileNotFoundError(f"no pseudo boxes for '{source}' at {layout.pseudo_boxes(source)}: "
+                                "materialize pseudo_boxes first")
     maps = load_maps(layout, source)
     versions = set(pseudo["map_store_version"].dropna().unique())
     if versions and versions != {str(maps.attrs.get("version"))}:
@@ -176,3 +182,8 @@ def compute_quality(config: PipelineConfig, source: str, settings: BoxesSettings
         read_thresholds(layout),
         settings,
     )
+
+
+def write_quality(layout: StorageLayout, source: str, table: pd.DataFrame) -> str:
+    """The one writer of ``evaluations/box_quality/<source>.parquet`` (atomic)."""
+    return artifact_io.write_parquet(layout.evaluations("box_quality", source), table)
