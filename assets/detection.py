@@ -123,7 +123,7 @@ def detector_checkpoint(
             "tensors_loaded_from_backbone": (lineage.get("injection") or {}).get("loaded", 0),
             "pseudo_box_val_metrics": dg.MetadataValue.json(metrics),
             "ultralytics_best_pt": dg.MetadataValue.path(lineage.get("ultralytics_best_pt") or ""),
-            "lineage": dg.MetadataValue.path(str(result.run_dir / "lineage.json")),
+            "lineage": dg.MetadataValue.path(artifact_io.join(result.run_dir, "lineage.json")),
         },
         data_version=dg.DataVersion(lineage["weights_digest"]),
     )

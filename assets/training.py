@@ -16,6 +16,7 @@ import json
 
 import dagster as dg
 
+from agssp_pipeline import artifact_io
 from agssp_pipeline.training import checkpoint as ckpt
 from agssp_pipeline.training.agbp import LoggingCallback, plot_loss_curves, train_backbone
 from agssp_pipeline.training.lineage import file_hash
@@ -114,20 +115,20 @@ def backbone_checkpoint(
     settings = run_settings(pipeline.backbone, config)
     sources = [s.name for s in pipeline.pretrain_sources()]
     upstream = _upstream_versions(context, sources)
+    # the Dagster view of the inputs goes into the sidecar too (written once, by the trainer), so it
+    # survives outside the Dagster instance
     result = train_backbone(
         pipeline,
         name,
         settings=settings,
         callbacks=[LoggingCallback(context.log, every_steps=settings.log_every_steps)],
+        extra_lineage={"dagster_upstream_data_versions": upstream},
     )
     lineage = result.lineage
     plot_path = pipeline.layout().previews("backbone", name, f"{result.run_id}_losses.png")
     png = plot_loss_curves(result.step_history, title=f"AGBP {name} ({result.run_id})")
-    ckpt.write_bytes(plot_path, png)  # local folder or object store, like the checkpoint
+    artifact_io.write_bytes(plot_path, png)  # local folder or object store, like the checkpoint
     encoded = base64.b64encode(png).decode()
-    # the Dagster view of the inputs goes into the sidecar too, so it survives outside the Dagster instance
-    lineage["dagster_upstream_data_versions"] = upstream
-    ckpt.write_json(f"{result.run_dir}/{ckpt.LINEAGE_FILE}", lineage)
     final = lineage["final_losses"]
     metadata = {
         "checkpoint_path": dg.MetadataValue.path(result.model_path),
@@ -171,7 +172,7 @@ def backbone_checkpoint_loads(
     name = context.partition_key
     layout = pipeline_config.layout()
     try:
-        state, lineage = ckpt.load_backbone_checkpoint(ckpt.latest_checkpoint_dir(layout, name))
+        state, lineage = ckpt.load_checkpoint(ckpt.latest_checkpoint_dir(layout, name))
     except FileNotFoundError as error:
         return dg.AssetCheckResult(passed=False, description=str(error))
     problems = []
@@ -186,7 +187,8 @@ def backbone_checkpoint_loads(
 
         detector = DetectionModel(f"{name}.yaml", nc=1, verbose=False)
         try:
-            loaded = len(ckpt.load_backbone_into_detector(detector, ckpt.backbone_state_for_detector(state)))
+            weights = ckpt.InitialWeights(name, ckpt.backbone_state_for_detector(state), ckpt.BACKBONE_PREFIXES)
+            loaded = len(ckpt.inject_weights(detector, weights).loaded)
         except ValueError as error:
             problems.append(str(error))
     return dg.AssetCheckResult(

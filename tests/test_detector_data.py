@@ -138,7 +138,7 @@ def save_fake_backbone_checkpoint(config, seed: int = 123, shift: float = 0.25) 
     """A backbone checkpoint in the AGBP layout (the real trainer is tested elsewhere), as latest run."""
     import torch
 
-    from agssp_pipeline.training.checkpoint import save_backbone_checkpoint, write_latest_pointer
+    from agssp_pipeline.training.checkpoint import save_checkpoint, write_latest_pointer
     from agssp_pipeline.training.detector import BACKBONE_PREFIXES, build_detection_model
 
     torch.manual_seed(seed)
@@ -147,6 +147,6 @@ def save_fake_backbone_checkpoint(config, seed: int = 123, shift: float = 0.25) 
              if k.startswith(BACKBONE_PREFIXES)}
     layout = config.layout()
     run_dir = layout.checkpoints("backbone", "yolov8n", "run-test")
-    save_backbone_checkpoint(run_dir, state, {"backbone": "yolov8n", "run_id": "run-test", "sources": ["plant"]})
+    save_checkpoint(run_dir, state, {"backbone": "yolov8n", "run_id": "run-test", "sources": ["plant"]})
     write_latest_pointer(layout, "yolov8n", "run-test")
     return run_dir

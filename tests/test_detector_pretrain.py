@@ -9,11 +9,11 @@ import pytest
 import torch
 from test_detector_data import make_pipeline_storage, save_fake_backbone_checkpoint
 
-from agssp_pipeline.training.checkpoint import backbone_state_for_detector, load_backbone_checkpoint
+from agssp_pipeline import artifact_io
+from agssp_pipeline.training.checkpoint import backbone_state_for_detector, load_checkpoint
 from agssp_pipeline.training.detector import (
     collect_pretrain_set,
     latest_detector_checkpoint,
-    load_detector_checkpoint,
     pretrain_detector,
 )
 
@@ -33,9 +33,10 @@ def test_pretrain_detector_writes_checkpoint_with_lineage(tmp_path):
     config = make_pipeline_storage(tmp_path)
     backbone_dir = save_fake_backbone_checkpoint(config)
     result = pretrain_detector(config)
-    assert result.weights.is_file() and result.run_dir.parent == Path(config.layout().checkpoints("detector", "yolov8n"))
+    assert Path(result.weights).is_file()
+    assert artifact_io.parent(result.run_dir) == config.layout().checkpoints("detector", "yolov8n")
     assert latest_detector_checkpoint(config.layout(), "yolov8n") == result.run_dir
-    state, lineage = load_detector_checkpoint(result.run_dir)
+    state, lineage = load_checkpoint(result.run_dir, float32=True)
     assert lineage["backbone"]["checkpoint"] == backbone_dir
     assert lineage["backbone"]["lineage"]["run_id"] == "run-test"
     assert set(lineage["pseudo_boxes"]) == {"plant"} and lineage["pseudo_boxes"]["plant"]["sha256"]
@@ -44,10 +45,13 @@ def test_pretrain_detector_writes_checkpoint_with_lineage(tmp_path):
     assert str(lineage["ultralytics_last_pt"]).startswith(str(result.run_dir))
     assert state["model.22.cv3.0.2.weight"].shape[0] == 1  # single class "defect"
     # frozen backbone: the detector carries the AGBP weights unchanged
-    backbone = backbone_state_for_detector(load_backbone_checkpoint(backbone_dir)[0])
+    backbone = backbone_state_for_detector(load_checkpoint(backbone_dir)[0])
     for key, value in backbone.items():
         assert torch.allclose(state[key], value.float(), atol=1e-5), key
-    assert json.loads((result.run_dir / "lineage.json").read_text())["weights_digest"]
+    assert json.loads((Path(result.run_dir) / "lineage.json").read_text())["weights_digest"]
+    # ultralytics trained in scratch; its run files were published beside the weights, the scratch copy removed
+    assert Path(lineage["ultralytics_best_pt"] or lineage["ultralytics_last_pt"]).is_file()
+    assert not list((Path(config.layout().root) / "scratch").rglob("*.pt"))
 
 
 def test_pretrain_detector_needs_pseudo_boxes(tmp_path):

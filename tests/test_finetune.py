@@ -10,13 +10,8 @@ import pytest
 import torch
 from test_detector_data import make_pipeline_storage, save_fake_backbone_checkpoint
 
-from agssp_pipeline.training.detector import (
-    DETECTOR_KIND,
-    build_detection_model,
-    save_checkpoint,
-    state_dict_digest,
-    write_latest_pointer,
-)
+from agssp_pipeline.training.checkpoint import save_checkpoint, state_dict_digest, write_latest_pointer
+from agssp_pipeline.training.detector import DETECTOR_KIND, build_detection_model
 from agssp_pipeline.training.finetune import (
     DataOverlapError,
     add_deltas,
@@ -42,8 +37,8 @@ def _fake_detector_checkpoint(config) -> tuple[Path, str]:
     torch.manual_seed(7)
     state = build_detection_model("yolov8n", num_classes=1).state_dict()
     run_dir = Path(config.layout().checkpoints(DETECTOR_KIND, "yolov8n", "run-det"))
-    save_checkpoint(run_dir, state, {"kind": DETECTOR_KIND, "run_id": "run-det"})
-    write_latest_pointer(config.layout(), DETECTOR_KIND, "yolov8n", run_dir, {"run_id": "run-det"})
+    save_checkpoint(str(run_dir), state, {"kind": DETECTOR_KIND, "run_id": "run-det"})
+    write_latest_pointer(config.layout(), "yolov8n", "run-det", kind=DETECTOR_KIND)
     return run_dir, state_dict_digest(state)
 
 

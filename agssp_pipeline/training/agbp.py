@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import secrets
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -38,6 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from agssp_pipeline import artifact_io
 from agssp_pipeline.training import checkpoint as ckpt
 from agssp_pipeline.training.backbones import (
     BACKBONES,
@@ -263,10 +263,6 @@ def config_hash(backbone: str, settings: BackboneSettings) -> str:
     return stable_hash({"backbone": backbone, "settings": payload})
 
 
-def _new_run_id() -> str:
-    return f"{datetime.now(UTC).strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(3)}"
-
-
 def _find_resumable_run(layout, backbone: str, cfg_hash: str, data_hash: str) -> str | None:
     candidates = [
         run_id
@@ -298,6 +294,389 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+@dataclass
+class _Run:
+    """What a run trains and where: decided (and agreed by every rank) before anything is built."""
+
+    backbone: str
+    settings: BackboneSettings
+    spec: BackboneSpec
+    resolved: ResolvedSettings
+    ctx: DistContext
+    layout: Any
+    table: PretrainTable
+    data_info: dict[str, Any]
+    data_hash: str
+    cfg_hash: str
+    run_id: str
+    run_dir: str
+    resume_state: dict[str, Any] | None
+
+
+@dataclass
+class _Parts:
+    """The built model, objective, optimiser and data of a run."""
+
+    model: nn.Module
+    objective: nn.Module
+    frozen_modules: list[nn.Module]
+    trainable: list[nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    loader: Any
+    steps_per_epoch: int
+    total_steps: int
+    num_classes: int
+    train_module: nn.Module | None = None  # the objective, or its DDP wrapper
+
+
+def _empty_step_history() -> dict[str, list[float]]:
+    return {"global_step": [], "base": [], "distill": [], "total": []}
+
+
+@dataclass
+class _Progress:
+    """What changes while training (restored from ``training_state.pt`` on resume)."""
+
+    distill_weight: float | None
+    start_epoch: int = 1
+    global_step: int = 0
+    images_seen: int = 0
+    train_seconds: float = 0.0
+    step_history: dict[str, list[float]] = field(default_factory=_empty_step_history)
+    epoch_history: list[dict[str, Any]] = field(default_factory=list)
+    created_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
+    saved_lineage: dict[str, Any] | None = None  # what the last checkpoint wrote (rank 0)
+
+
+def _plan_run(config, backbone: str, settings: BackboneSettings, table: PretrainTable | None,
+              run_id: str | None, dist_ctx: DistContext | None) -> _Run:
+    """Settings, data and run directory: resume an unfinished run with identical config and data, else a new one."""
+    spec = backbone_spec(backbone)
+    resolved = resolve_settings(spec, settings)
+    ctx = dist_ctx or init_distributed(settings.device)
+    layout = config.layout()
+    table = table if table is not None else pretrain_table_from_config(config)
+    if len(table) < 2:
+        raise ValueError("AGBP needs at least 2 images with anomaly maps (batch statistics)")
+    data_info = data_lineage(config, table)
+    data_hash = stable_hash(
+        {s: (v["index_version"], v["map_store_version"], v["images_used"]) for s, v in data_info["sources"].items()}
+    )
+    cfg_hash = config_hash(backbone, settings)
+    resume_id = None
+    if ctx.is_main and settings.resume and run_id is None:
+        resume_id = _find_resumable_run(layout, backbone, cfg_hash, data_hash)
+    run_id = broadcast_object(run_id or resume_id or ckpt.new_run_id(), ctx)
+    run_dir = ckpt.run_dir(layout, backbone, run_id)
+    state = ckpt.load_training_state(run_dir) if ctx.is_main and settings.resume else None
+    if resolved.base_loss == "cls" and table.num_classes < 2:
+        log.warning(
+            "only one pretraining category (%s): the classification loss carries no signal; "
+            "consider base_loss: ssl (MoCo v3 / SimMIM) or none",
+            ", ".join(table.classes),
+        )
+    return _Run(backbone, settings, spec, resolved, ctx, layout, table, data_info, data_hash, cfg_hash,
+                run_id, run_dir, broadcast_object(state, ctx))
+
+
+def _build_parts(run: _Run) -> _Parts:
+    """Seeded model with frozen stages, objective, optimiser, loader (sharded per rank) and scheduler."""
+    settings, resolved, device = run.settings, run.resolved, run.ctx.device
+    torch.manual_seed(settings.seed)
+    np.random.seed(settings.seed)
+    num_classes = run.table.num_classes if resolved.base_loss == "cls" else 0
+    model = build_backbone(run.backbone, num_classes=num_classes, image_size=settings.image_size)
+    frozen_modules = freeze_stages(model.backbone, resolved.freeze_stages)
+    objective = build_objective(resolved.base_loss, model).to(device)
+    trainable = [p for p in objective.parameters() if p.requires_grad]
+    optimizer = _build_optimizer(trainable, resolved)
+    augment = JointAugment(
+        settings.image_size,
+        scale=(settings.crop_scale_min, 1.0),
+        hflip=settings.hflip,
+        vflip=settings.vflip,
+        color_jitter=0.4 if objective.views > 1 else 0.0,
+    )
+    loader = make_loader(
+        PretrainDataset(run.table, augment, views=objective.views),
+        batch_size=settings.batch_size,
+        num_workers=settings.num_workers,
+        seed=settings.seed,
+        rank=run.ctx.rank,
+        world_size=run.ctx.world_size,
+        pin_memory=device.type == "cuda",
+    )
+    steps_per_epoch = (
+        len(loader) if settings.max_steps_per_epoch is None else min(len(loader), settings.max_steps_per_epoch)
+    )
+    total_steps = steps_per_epoch * settings.epochs
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps, 1))
+    return _Parts(model, objective, frozen_modules, trainable, optimizer, scheduler, loader, steps_per_epoch,
+                  total_steps, num_classes)
+
+
+def _restore(run: _Run, parts: _Parts) -> _Progress:
+    """A fresh progress record, or the one saved after the last checkpointed epoch (modules and RNG too)."""
+    weight = run.settings.distill_weight
+    progress = _Progress(distill_weight=None if weight == "auto" else float(weight))
+    state = run.resume_state
+    if state is not None:
+        previous = ckpt.read_lineage(run.run_dir) if run.ctx.is_main else {}
+        if previous.get("config_hash") not in (None, run.cfg_hash):
+            raise ValueError(
+                f"run {run.run_id} was trained with another config (hash {previous['config_hash']} vs "
+                f"{run.cfg_hash}); start a new run instead of resuming it"
+            )
+        parts.objective.load_state_dict(state["objective"])
+        parts.optimizer.load_state_dict(state["optimizer"])
+        parts.scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+        progress.start_epoch = int(state["epoch"]) + 1
+        progress.distill_weight = state.get("distill_weight", progress.distill_weight)
+        progress.step_history = state["step_history"]
+        progress.epoch_history = state["epoch_history"]
+        progress.created_at = state.get("created_at", progress.created_at)
+        log.info("resuming %s run %s after epoch %d", run.backbone, run.run_id, progress.start_epoch - 1)
+    progress.global_step = (progress.start_epoch - 1) * parts.steps_per_epoch
+    # after loading the state: DDP broadcasts rank 0's parameters when it wraps the module
+    parts.train_module = parts.objective
+    if run.ctx.distributed:
+        device = run.ctx.device
+        parts.train_module = nn.parallel.DistributedDataParallel(
+            parts.objective, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    return progress
+
+
+def _lineage_base(config, run: _Run, parts: _Parts, progress: _Progress,
+                  extra: dict[str, Any] | None) -> dict[str, Any]:
+    """The parts of ``lineage.json`` fixed for the run; ``extra`` (e.g. Dagster's view of the inputs) joins them."""
+    device = run.ctx.device
+    base = {
+        "kind": ckpt.BACKBONE,
+        "name": run.backbone,
+        "backbone": run.backbone,
+        "backbone_description": run.spec.description,
+        "detector_compatible": run.spec.detector_compatible,
+        "weights_format": "ultralytics-yolov8-detectionmodel" if run.spec.detector_compatible else "timm",
+        "run_id": run.run_id,
+        "created_at": progress.created_at,
+        "config": run.settings.model_dump(mode="json"),
+        "config_hash": run.cfg_hash,
+        "config_path": getattr(config, "config_path", None),
+        "resolved": asdict(run.resolved),
+        "data": run.data_info,
+        "data_hash": run.data_hash,
+        "code": code_version(),
+        "epochs": run.settings.epochs,
+        "image_size": run.settings.image_size,
+        "num_classes": parts.num_classes,
+        "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
+        "world_size": run.ctx.world_size,
+    }
+    clash = sorted(set(extra or {}) & set(base))
+    if clash:
+        raise ValueError(f"extra lineage keys {clash} would overwrite what the trainer records")
+    return {**base, **(extra or {})}
+
+
+def _snapshot_lineage(base: dict[str, Any], progress: _Progress, status: str, epochs_completed: int) -> dict[str, Any]:
+    last = progress.epoch_history[-1] if progress.epoch_history else {}
+    return {
+        **base,
+        "status": status,
+        "updated_at": datetime.now(UTC).isoformat(),
+        "epochs_completed": epochs_completed,
+        "distill_weight": progress.distill_weight,
+        "final_losses": {k: last.get(k) for k in ("base_loss", "distill_loss", "total_loss")},
+        "epoch_history": progress.epoch_history,
+        "images_per_s": (progress.images_seen / progress.train_seconds) if progress.train_seconds > 0 else None,
+    }
+
+
+def _distill_term(run: _Run, view_features, maps: torch.Tensor) -> torch.Tensor:
+    if run.settings.distill_weight == 0:
+        return torch.zeros((), device=run.ctx.device)
+    stages, distance = run.resolved.distill_stages, run.resolved.distill_distance
+    terms = [distillation_loss(features, maps[:, v], stages, distance) for v, features in enumerate(view_features)]
+    return sum(terms) / len(view_features)
+
+
+def _auto_weight(ctx: DistContext, base_loss: torch.Tensor | None, distill: torch.Tensor) -> float:
+    """``lambda="auto"``: equal contributions of both terms on the first iteration (averaged over ranks)."""
+    base_value = mean_across_ranks(float(base_loss.detach()) if base_loss is not None else 0.0, ctx)
+    distill_value = mean_across_ranks(float(distill.detach()), ctx)
+    weight = auto_distill_weight(base_value, distill_value) if base_loss is not None else 1.0
+    if ctx.is_main:
+        log.info("auto distillation weight: %.4g (base %.4g, distill %.4g)", weight, base_value, distill_value)
+    return weight
+
+
+def _train_step(run: _Run, parts: _Parts, progress: _Progress, batch: dict[str, torch.Tensor],
+                epoch: int, step: int) -> tuple[dict[str, float | None], int]:
+    """One optimiser step; returns the loss values and the number of images this rank saw."""
+    device = run.ctx.device
+    images = batch["image"].to(device, non_blocking=True)
+    maps = batch["map"].to(device, non_blocking=True)
+    labels = batch["label"].to(device, non_blocking=True)
+    with _autocast(device, run.settings.amp):
+        base_loss, view_features = parts.train_module(images, labels)
+    distill = _distill_term(run, view_features, maps)
+    if progress.distill_weight is None:
+        progress.distill_weight = _auto_weight(run.ctx, base_loss, distill)
+    weight = progress.distill_weight
+    total = weight * distill if base_loss is None else base_loss + weight * distill
+    if not torch.isfinite(total):
+        raise FloatingPointError(f"non-finite loss at epoch {epoch} step {step}; lower lr or check the maps")
+    parts.optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    if run.settings.grad_clip:
+        torch.nn.utils.clip_grad_norm_(parts.trainable, run.settings.grad_clip)
+    parts.optimizer.step()
+    parts.scheduler.step()
+    progress.global_step += 1
+    parts.objective.after_step(progress.global_step / max(parts.total_steps, 1))
+    values = {
+        "base": float(base_loss.detach()) if base_loss is not None else None,
+        "distill": float(distill.detach()),
+        "total": float(total.detach()),
+    }
+    return values, int(images.shape[0])
+
+
+def _record_step(run: _Run, parts: _Parts, progress: _Progress, epoch: int, step: int,
+                 values: dict[str, float | None], callbacks: Sequence[TrainingCallback]) -> None:
+    history = progress.step_history
+    history["global_step"].append(progress.global_step)
+    for key in ("base", "distill", "total"):
+        history[key].append(values[key] if values[key] is not None else float("nan"))
+    seconds = progress.train_seconds
+    start_step = (progress.start_epoch - 1) * parts.steps_per_epoch
+    eta = (parts.total_steps - progress.global_step) * (seconds / max(progress.global_step - start_step, 1))
+    report = StepProgress(
+        epoch=epoch,
+        epochs=run.settings.epochs,
+        step=step,
+        steps_per_epoch=parts.steps_per_epoch,
+        global_step=progress.global_step,
+        total_steps=parts.total_steps,
+        base_loss=values["base"],
+        distill_loss=values["distill"],
+        total_loss=values["total"],
+        distill_weight=progress.distill_weight,
+        lr=parts.scheduler.get_last_lr()[0],
+        images_per_s=progress.images_seen / seconds if seconds > 0 else 0.0,
+        eta_s=eta,
+    )
+    for callback in callbacks:
+        callback.on_step_end(report)
+
+
+def _train_epoch(run: _Run, parts: _Parts, progress: _Progress, epoch: int,
+                 callbacks: Sequence[TrainingCallback]) -> EpochSummary:
+    """One pass over this rank's shard; data order and augmentation are functions of (seed, epoch, rank)."""
+    ctx, settings = run.ctx, run.settings
+    parts.loader.sampler.set_epoch(epoch)
+    if parts.loader.generator is not None:  # worker augmentation seeds: resumable
+        parts.loader.generator.manual_seed(settings.seed * 1_000_003 + epoch * 1009 + ctx.rank)
+    parts.objective.train()
+    for module in parts.frozen_modules:
+        module.eval()  # frozen stages keep their BatchNorm statistics
+    sums = {"base": 0.0, "distill": 0.0, "total": 0.0}
+    epoch_start = tick = time.perf_counter()
+    epoch_images = steps_done = 0
+    for step, batch in enumerate(parts.loader, start=1):
+        if step > parts.steps_per_epoch:
+            break
+        values, rank_images = _train_step(run, parts, progress, batch, epoch, step)
+        if ctx.device.type == "cuda":
+            torch.cuda.synchronize(ctx.device)
+        now = time.perf_counter()
+        progress.train_seconds += now - tick  # includes waiting for data: the throughput a user gets
+        tick = now
+        steps_done += 1
+        progress.images_seen += rank_images * ctx.world_size
+        epoch_images += rank_images * ctx.world_size
+        for key in sums:
+            sums[key] += values[key] or 0.0
+        _record_step(run, parts, progress, epoch, step, values, callbacks)
+    means = {k: mean_across_ranks(v / max(steps_done, 1), ctx) for k, v in sums.items()}
+    seconds = time.perf_counter() - epoch_start
+    summary = EpochSummary(
+        epoch=epoch,
+        epochs=settings.epochs,
+        base_loss=means["base"] if run.resolved.base_loss != "none" else None,
+        distill_loss=means["distill"],
+        total_loss=means["total"],
+        images_per_s=epoch_images / seconds if seconds > 0 else 0.0,
+        seconds=seconds,
+        eta_s=(settings.epochs - epoch) * seconds,
+    )
+    progress.epoch_history.append(
+        {
+            "epoch": epoch,
+            "base_loss": summary.base_loss,
+            "distill_loss": summary.distill_loss,
+            "total_loss": summary.total_loss,
+            "images_per_s": summary.images_per_s,
+            "seconds": seconds,
+        }
+    )
+    return summary
+
+
+def _save_checkpoint(run: _Run, parts: _Parts, progress: _Progress, epoch: int, base: dict[str, Any]) -> None:
+    """Rank 0: resume state, weights and the lineage (``running``, or ``complete`` after the last epoch)."""
+    ckpt.save_training_state(
+        run.run_dir,
+        {
+            "epoch": epoch,
+            "objective": parts.objective.state_dict(),
+            "optimizer": parts.optimizer.state_dict(),
+            "scheduler": parts.scheduler.state_dict(),
+            "rng": _rng_state(),
+            "distill_weight": progress.distill_weight,
+            "step_history": progress.step_history,
+            "epoch_history": progress.epoch_history,
+            "created_at": progress.created_at,
+        },
+    )
+    weights = parts.model.backbone.native_state_dict()
+    status = "complete" if epoch == run.settings.epochs else "running"
+    lineage = {**_snapshot_lineage(base, progress, status, epoch), "weights_digest": ckpt.state_dict_digest(weights),
+               "weights": artifact_io.canonical(artifact_io.join(run.run_dir, ckpt.MODEL_FILE))}
+    ckpt.save_checkpoint(run.run_dir, weights, lineage)
+    progress.saved_lineage = lineage
+
+
+def _complete(run: _Run, progress: _Progress, base: dict[str, Any]) -> dict[str, Any]:
+    """Move ``latest.json`` to this run (rank 0) and return its lineage as written by the last checkpoint."""
+    lineage = _snapshot_lineage(base, progress, "complete", run.settings.epochs)
+    if run.ctx.is_main:
+        # a resumed run whose last epoch was already saved wrote its lineage in the earlier process
+        lineage = progress.saved_lineage or ckpt.read_lineage(run.run_dir)
+        ckpt.write_latest_pointer(run.layout, run.backbone, run.run_id, {"updated_at": lineage["updated_at"]})
+    barrier(run.ctx)
+    return lineage
+
+
+def _start_info(run: _Run, parts: _Parts, progress: _Progress) -> dict[str, Any]:
+    return {
+        "backbone": run.backbone,
+        "run_id": run.run_id,
+        "images": len(run.table),
+        "classes": run.table.num_classes,
+        "start_epoch": progress.start_epoch,
+        "epochs": run.settings.epochs,
+        "device": str(run.ctx.device),
+        "world_size": run.ctx.world_size,
+        "total_steps": parts.total_steps,
+        "start_step": progress.global_step,
+        "run_dir": run.run_dir,
+    }
+
+
 def train_backbone(
     config,
     backbone: str,
@@ -307,334 +686,44 @@ def train_backbone(
     callbacks: Sequence[TrainingCallback] = (),
     run_id: str | None = None,
     dist_ctx: DistContext | None = None,
+    extra_lineage: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Pretrain ``backbone`` on the config's pretraining sources; write checkpoint + lineage.
 
     ``config``: a ``PipelineConfig`` (storage layout, sources). ``settings`` defaults to
-    ``config.backbone``. ``table`` overrides the image/map table (tests, notebooks). Returns on rank 0
-    and on other ranks alike (others get the same paths; only rank 0 wrote them).
+    ``config.backbone``. ``table`` overrides the image/map table (tests, notebooks). ``extra_lineage``
+    (new keys only) goes into ``lineage.json``, which only this function writes. Returns on rank 0 and
+    on other ranks alike (others get the same paths; only rank 0 wrote them).
     """
-    settings = settings or config.backbone
-    spec = backbone_spec(backbone)
-    resolved = resolve_settings(spec, settings)
-    ctx = dist_ctx or init_distributed(settings.device)
-    device = ctx.device
-    layout = config.layout()
-    table = table if table is not None else pretrain_table_from_config(config)
-    if len(table) < 2:
-        raise ValueError("AGBP needs at least 2 images with anomaly maps (batch statistics)")
-
-    data_info = data_lineage(config, table)
-    data_hash = stable_hash(
-        {
-            s: (v["index_version"], v["map_store_version"], v["images_used"])
-            for s, v in data_info["sources"].items()
-        }
-    )
-    cfg_hash = config_hash(backbone, settings)
-
-    # ---- run directory: resume an unfinished run with identical config and data, else a new one
-    resume_id = None
-    if ctx.is_main and settings.resume and run_id is None:
-        resume_id = _find_resumable_run(layout, backbone, cfg_hash, data_hash)
-    run_id = broadcast_object(run_id or resume_id or _new_run_id(), ctx)
-    run_dir = ckpt.run_dir(layout, backbone, run_id)
-    state = ckpt.load_training_state(run_dir) if ctx.is_main and settings.resume else None
-    state = broadcast_object(state, ctx)
-
-    if resolved.base_loss == "cls" and table.num_classes < 2:
-        log.warning(
-            "only one pretraining category (%s): the classification loss carries no signal; "
-            "consider base_loss: ssl (MoCo v3 / SimMIM) or none",
-            ", ".join(table.classes),
-        )
-
-    # ---- model, objective, optimiser
-    torch.manual_seed(settings.seed)
-    np.random.seed(settings.seed)
-    num_classes = table.num_classes if resolved.base_loss == "cls" else 0
-    model = build_backbone(backbone, num_classes=num_classes, image_size=settings.image_size)
-    frozen_modules = freeze_stages(model.backbone, resolved.freeze_stages)
-    objective = build_objective(resolved.base_loss, model).to(device)
-    trainable = [p for p in objective.parameters() if p.requires_grad]
-    optimizer = _build_optimizer(trainable, resolved)
-
-    augment = JointAugment(
-        settings.image_size,
-        scale=(settings.crop_scale_min, 1.0),
-        hflip=settings.hflip,
-        vflip=settings.vflip,
-        color_jitter=0.4 if objective.views > 1 else 0.0,
-    )
-    dataset = PretrainDataset(table, augment, views=objective.views)
-    loader = make_loader(
-        dataset,
-        batch_size=settings.batch_size,
-        num_workers=settings.num_workers,
-        seed=settings.seed,
-        rank=ctx.rank,
-        world_size=ctx.world_size,
-        pin_memory=device.type == "cuda",
-    )
-    steps_per_epoch = (
-        len(loader)
-        if settings.max_steps_per_epoch is None
-        else min(len(loader), settings.max_steps_per_epoch)
-    )
-    total_steps = steps_per_epoch * settings.epochs
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps, 1))
-
-    start_epoch = 1
-    distill_weight: float | None = (
-        None if settings.distill_weight == "auto" else float(settings.distill_weight)
-    )
-    step_history: dict[str, list[float]] = {"global_step": [], "base": [], "distill": [], "total": []}
-    epoch_history: list[dict[str, Any]] = []
-    created_at = datetime.now(UTC).isoformat()
-    if state is not None:
-        previous = ckpt.load_backbone_checkpoint(run_dir)[1] if ctx.is_main else {}
-        if previous.get("config_hash") not in (None, cfg_hash):
-            raise ValueError(
-                f"run {run_id} was trained with another config (hash {previous['config_hash']} vs {cfg_hash}); "
-                "start a new run instead of resuming it"
-            )
-        objective.load_state_dict(state["objective"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"])
-        start_epoch = int(state["epoch"]) + 1
-        distill_weight = state.get("distill_weight", distill_weight)
-        step_history = state["step_history"]
-        epoch_history = state["epoch_history"]
-        created_at = state.get("created_at", created_at)
-        log.info("resuming %s run %s after epoch %d", backbone, run_id, start_epoch - 1)
-
-    train_module: nn.Module = objective
-    if ctx.distributed:
-        train_module = nn.parallel.DistributedDataParallel(
-            objective, device_ids=[device.index] if device.type == "cuda" else None
-        )
-
-    lineage_base = {
-        "backbone": backbone,
-        "backbone_description": spec.description,
-        "detector_compatible": spec.detector_compatible,
-        "weights_format": "ultralytics-yolov8-detectionmodel" if spec.detector_compatible else "timm",
-        "run_id": run_id,
-        "created_at": created_at,
-        "config": settings.model_dump(mode="json"),
-        "config_hash": cfg_hash,
-        "config_path": getattr(config, "config_path", None),
-        "resolved": asdict(resolved),
-        "data": data_info,
-        "data_hash": data_hash,
-        "code": code_version(),
-        "epochs": settings.epochs,
-        "image_size": settings.image_size,
-        "num_classes": num_classes,
-        "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
-        "world_size": ctx.world_size,
-    }
-
-    callbacks = list(callbacks) if ctx.is_main else []
-    start_step = (start_epoch - 1) * steps_per_epoch
+    run = _plan_run(config, backbone, settings or config.backbone, table, run_id, dist_ctx)
+    parts = _build_parts(run)
+    progress = _restore(run, parts)
+    base = _lineage_base(config, run, parts, progress, extra_lineage)
+    callbacks = list(callbacks) if run.ctx.is_main else []
     for callback in callbacks:
-        callback.on_train_start(
-            {
-                "backbone": backbone,
-                "run_id": run_id,
-                "images": len(table),
-                "classes": table.num_classes,
-                "start_epoch": start_epoch,
-                "epochs": settings.epochs,
-                "device": str(device),
-                "world_size": ctx.world_size,
-                "total_steps": total_steps,
-                "start_step": start_step,
-                "run_dir": run_dir,
-            }
-        )
-
-    global_step = start_step
-    images_seen = 0
-    train_seconds = 0.0
-    distill_stages = resolved.distill_stages
-    use_distill = settings.distill_weight != 0
-
-    def snapshot_lineage(status: str, epochs_completed: int) -> dict[str, Any]:
-        last = epoch_history[-1] if epoch_history else {}
-        return {
-            **lineage_base,
-            "status": status,
-            "updated_at": datetime.now(UTC).isoformat(),
-            "epochs_completed": epochs_completed,
-            "distill_weight": distill_weight,
-            "final_losses": {k: last.get(k) for k in ("base_loss", "distill_loss", "total_loss")},
-            "epoch_history": epoch_history,
-            "images_per_s": (images_seen / train_seconds) if train_seconds > 0 else None,
-        }
-
-    for epoch in range(start_epoch, settings.epochs + 1):
-        loader.sampler.set_epoch(epoch)  # data order = f(seed, epoch)
-        if loader.generator is not None:  # worker augmentation seeds = f(seed, epoch, rank): resumable
-            loader.generator.manual_seed(settings.seed * 1_000_003 + epoch * 1009 + ctx.rank)
-        objective.train()
-        for module in frozen_modules:
-            module.eval()  # frozen stages keep their BatchNorm statistics
-        sums = {"base": 0.0, "distill": 0.0, "total": 0.0}
-        epoch_start = tick = time.perf_counter()
-        epoch_images = 0
-        steps_done = 0
-        for step, batch in enumerate(loader, start=1):
-            if step > steps_per_epoch:
-                break
-            images = batch["image"].to(device, non_blocking=True)
-            maps = batch["map"].to(device, non_blocking=True)
-            labels = batch["label"].to(device, non_blocking=True)
-            with _autocast(device, settings.amp):
-                base_loss, view_features = train_module(images, labels)
-            if use_distill:
-                distill = sum(
-                    distillation_loss(features, maps[:, v], distill_stages, resolved.distill_distance)
-                    for v, features in enumerate(view_features)
-                ) / len(view_features)
-            else:
-                distill = torch.zeros((), device=device)
-            if distill_weight is None:  # "auto": equal contributions on the first iteration
-                base_value = mean_across_ranks(
-                    float(base_loss.detach()) if base_loss is not None else 0.0, ctx
-                )
-                distill_value = mean_across_ranks(float(distill.detach()), ctx)
-                distill_weight = (
-                    auto_distill_weight(base_value, distill_value) if base_loss is not None else 1.0
-                )
-                if ctx.is_main:
-                    log.info(
-                        "auto distillation weight: %.4g (base %.4g, distill %.4g)",
-                        distill_weight,
-                        base_value,
-                        distill_value,
-                    )
-            total = distill_weight * distill if base_loss is None else base_loss + distill_weight * distill
-            if not torch.isfinite(total):
-                raise FloatingPointError(
-                    f"non-finite loss at epoch {epoch} step {step}; lower lr or check the maps"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            if settings.grad_clip:
-                torch.nn.utils.clip_grad_norm_(trainable, settings.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            global_step += 1
-            objective.after_step(global_step / max(total_steps, 1))
-
-            batch_images = images.shape[0] * ctx.world_size
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            now = time.perf_counter()
-            train_seconds += now - tick  # includes waiting for data: the throughput a user gets
-            tick = now
-            steps_done += 1
-            images_seen += batch_images
-            epoch_images += batch_images
-            values = {
-                "base": float(base_loss.detach()) if base_loss is not None else None,
-                "distill": float(distill.detach()),
-                "total": float(total.detach()),
-            }
-            for key in sums:
-                sums[key] += values[key] or 0.0
-            step_history["global_step"].append(global_step)
-            for key in ("base", "distill", "total"):
-                step_history[key].append(values[key] if values[key] is not None else float("nan"))
-            rate = images_seen / train_seconds if train_seconds > 0 else 0.0
-            eta = (total_steps - global_step) * (train_seconds / max(global_step - start_step, 1))
-            progress = StepProgress(
-                epoch=epoch,
-                epochs=settings.epochs,
-                step=step,
-                steps_per_epoch=steps_per_epoch,
-                global_step=global_step,
-                total_steps=total_steps,
-                base_loss=values["base"],
-                distill_loss=values["distill"],
-                total_loss=values["total"],
-                distill_weight=distill_weight,
-                lr=scheduler.get_last_lr()[0],
-                images_per_s=rate,
-                eta_s=eta,
-            )
+        callback.on_train_start(_start_info(run, parts, progress))
+    epochs = run.settings.epochs
+    for epoch in range(progress.start_epoch, epochs + 1):
+        summary = _train_epoch(run, parts, progress, epoch, callbacks)
+        if run.ctx.is_main and (epoch % run.settings.checkpoint_every == 0 or epoch == epochs):
+            _save_checkpoint(run, parts, progress, epoch, base)
             for callback in callbacks:
-                callback.on_step_end(progress)
-
-        means = {k: mean_across_ranks(v / max(steps_done, 1), ctx) for k, v in sums.items()}
-        seconds = time.perf_counter() - epoch_start
-        summary = EpochSummary(
-            epoch=epoch,
-            epochs=settings.epochs,
-            base_loss=means["base"] if resolved.base_loss != "none" else None,
-            distill_loss=means["distill"],
-            total_loss=means["total"],
-            images_per_s=epoch_images / seconds if seconds > 0 else 0.0,
-            seconds=seconds,
-            eta_s=(settings.epochs - epoch) * seconds,
-        )
-        epoch_history.append(
-            {
-                "epoch": epoch,
-                "base_loss": summary.base_loss,
-                "distill_loss": summary.distill_loss,
-                "total_loss": summary.total_loss,
-                "images_per_s": summary.images_per_s,
-                "seconds": seconds,
-            }
-        )
-        is_last = epoch == settings.epochs
-        if ctx.is_main and (epoch % settings.checkpoint_every == 0 or is_last):
-            ckpt.save_training_state(
-                run_dir,
-                {
-                    "epoch": epoch,
-                    "objective": objective.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "rng": _rng_state(),
-                    "distill_weight": distill_weight,
-                    "step_history": step_history,
-                    "epoch_history": epoch_history,
-                    "created_at": created_at,
-                },
-            )
-            ckpt.save_backbone_checkpoint(
-                run_dir,
-                model.backbone.native_state_dict(),
-                snapshot_lineage("complete" if is_last else "running", epoch),
-            )
-            for callback in callbacks:
-                callback.on_checkpoint(run_dir, epoch)
+                callback.on_checkpoint(run.run_dir, epoch)
         for callback in callbacks:
             callback.on_epoch_end(summary)
-        barrier(ctx)
-
-    lineage = snapshot_lineage("complete", settings.epochs)
-    if ctx.is_main:
-        if start_epoch > settings.epochs:  # resumed a run whose last epoch was already saved
-            lineage = ckpt.load_backbone_checkpoint(run_dir)[1]
-        ckpt.write_json(f"{run_dir}/{ckpt.LINEAGE_FILE}", lineage)
-        ckpt.write_latest_pointer(layout, backbone, run_id, {"updated_at": lineage["updated_at"]})
-    barrier(ctx)
+        barrier(run.ctx)
+    lineage = _complete(run, progress, base)
     result = TrainResult(
         backbone=backbone,
-        run_id=run_id,
-        run_dir=run_dir,
-        model_path=f"{run_dir}/{ckpt.MODEL_FILE}",
+        run_id=run.run_id,
+        run_dir=run.run_dir,
+        model_path=artifact_io.join(run.run_dir, ckpt.MODEL_FILE),
         lineage=lineage,
-        epoch_history=epoch_history,
-        step_history=step_history,
+        epoch_history=progress.epoch_history,
+        step_history=progress.step_history,
         images_per_s=float(lineage.get("images_per_s") or 0.0),
-        device=str(device),
-        start_epoch=start_epoch,
+        device=str(run.ctx.device),
+        start_epoch=progress.start_epoch,
     )
     for callback in callbacks:
         callback.on_train_end(result)

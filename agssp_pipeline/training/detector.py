@@ -12,16 +12,15 @@ Two ultralytics behaviours shape this module:
   only on CUDA (its self-check would fetch yolo26n.pt, and it returns early on CPU), plots are off, and
   ``agssp_pipeline`` sets YOLO_OFFLINE.
 
-Checkpoints (AGDP) live at ``storage_root/checkpoints/detector/<name>/<run_id>/``: ``model.safetensors`` (fp32 state
-dict of the final EMA weights), ``lineage.json`` (backbone lineage, pseudo-box table hashes, settings, metrics,
-ultralytics' best.pt/last.pt paths) and the ultralytics run folder ``ultralytics/``; ``<name>/latest.json`` points
-at the newest run.
+Checkpoints (AGDP) live at ``storage_root/checkpoints/detector/<name>/<run_id>/`` in the one checkpoint layout
+(``checkpoint.py``): ``model.safetensors`` (fp32 state dict of the final EMA weights), ``lineage.json`` (backbone
+lineage, pseudo-box table hashes, settings, metrics, ultralytics' best.pt/last.pt addresses) and ultralytics' run
+folder ``ultralytics/``; ``<name>/latest.json`` points at the newest completed run. ultralytics trains in a local
+scratch folder (``StorageLayout.scratch``); its files are then published to the checkpoint dir, local or on S3.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import random
@@ -33,18 +32,27 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import safetensors.torch
 import torch
-from safetensors.torch import load_file, save_file
 
 import agssp_pipeline  # noqa: F401  (offline defaults before ultralytics is imported)
+from agssp_pipeline import artifact_io
 from agssp_pipeline.storage import StorageLayout
+from agssp_pipeline.training import checkpoint as ckpt
+from agssp_pipeline.training.checkpoint import (  # noqa: F401  (state_dict_digest: re-exported for lineage_report)
+    BACKBONE_PREFIXES,
+    InitialWeights,
+    InjectionReport,
+    WeightInjectionError,
+    inject_weights,
+    state_dict_digest,
+)
+from agssp_pipeline.training.lineage import file_hash
 
 LOGGER = logging.getLogger(__name__)
 
-# the YOLOv8 layers that form the backbone (the AGBP checkpoint's keys, the ``freeze=10`` of the paper)
-YOLOV8_BACKBONE_LAYERS = 10
-BACKBONE_PREFIXES = tuple(f"model.{i}." for i in range(YOLOV8_BACKBONE_LAYERS))
-DETECTOR_KIND = "detector"
+YOLOV8_BACKBONE_LAYERS = ckpt.YOLO_BACKBONE_LAYERS  # the ``freeze=10`` of the paper
+DETECTOR_KIND = ckpt.DETECTOR
 PRETRAIN_CLASS_NAMES = ("defect",)
 
 # model name -> packaged ultralytics cfg (built offline; the scale letter selects depth/width from yolov8.yaml)
@@ -72,86 +80,6 @@ def resolve_device(device: str) -> str:
     if device != "auto":
         return device
     return "0" if torch.cuda.is_available() else "cpu"
-
-
-def state_dict_digest(state: Mapping[str, torch.Tensor]) -> str:
-    """Content hash of a state dict (names, dtypes, shapes and values), for lineage and tests."""
-    digest = hashlib.sha256()
-    for key in sorted(state):
-        tensor = state[key].detach().cpu().contiguous()
-        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.numpy().tobytes() if tensor.dtype != torch.bfloat16 else tensor.float().numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
-@dataclass
-class InitialWeights:
-    """A state dict to start training from; ``required_prefixes`` name keys that must all load."""
-
-    name: str
-    state_dict: dict[str, torch.Tensor]
-    required_prefixes: tuple[str, ...] = ()
-    lineage: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def digest(self) -> str:
-        return state_dict_digest(self.state_dict)
-
-
-@dataclass
-class InjectionReport:
-    """What an initial state dict did to a freshly built model."""
-
-    source: str
-    loaded: list[str]
-    shape_mismatch: list[str]  # in both, different shapes (e.g. class logits of another nc): left as initialised
-    unused: list[str]  # in the state dict, not in the model
-    not_covered: list[str]  # in the model, not in the state dict: left as initialised
-
-    def summary(self) -> dict[str, Any]:
-        return {
-            "source": self.source,
-            "loaded": len(self.loaded),
-            "shape_mismatch": self.shape_mismatch,
-            "unused": len(self.unused),
-            "not_covered": len(self.not_covered),
-        }
-
-
-class WeightInjectionError(RuntimeError):
-    """Initial weights do not fit the model (required keys missing or of another shape)."""
-
-
-def inject_weights(model: torch.nn.Module, initial: InitialWeights) -> InjectionReport:
-    """Copy matching tensors of ``initial`` into ``model`` in place (parameters and buffers)."""
-    target = model.state_dict()
-    loaded, mismatch = [], []
-    update: dict[str, torch.Tensor] = {}
-    for key, tensor in initial.state_dict.items():
-        if key not in target:
-            continue
-        if tuple(target[key].shape) != tuple(tensor.shape):
-            mismatch.append(key)
-            continue
-        update[key] = tensor.to(dtype=target[key].dtype)
-        loaded.append(key)
-    unused = sorted(set(initial.state_dict) - set(target))
-    not_covered = sorted(set(target) - set(initial.state_dict))
-    required = [k for k in target if k.startswith(initial.required_prefixes)] if initial.required_prefixes else []
-    failed = [k for k in required if k not in update]
-    if failed:
-        raise WeightInjectionError(
-            f"initial weights '{initial.name}' do not cover {len(failed)} required tensors of the model "
-            f"(e.g. {failed[:3]}; shape mismatches: {mismatch[:3]}; unused keys in the file: {unused[:3]}). "
-            "Was the checkpoint made for another model scale?"
-        )
-    if not loaded:
-        raise WeightInjectionError(f"initial weights '{initial.name}' share no tensor with the model "
-                                   f"(file keys e.g. {list(initial.state_dict)[:3]})")
-    with torch.no_grad():
-        for key, tensor in update.items():
-            target[key].copy_(tensor)
-    return InjectionReport(initial.name, loaded, mismatch, unused, not_covered)
 
 
 def make_trainer_class(initial: InitialWeights | None, reports: list[InjectionReport]):
@@ -296,7 +224,8 @@ def _load_ultralytics_pt(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    return {k: (v.float() if v.is_floating_point() else v) for k, v in load_file(str(path)).items()}
+    state = safetensors.torch.load(path.read_bytes())
+    return {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}
 
 
 WEIGHT_FILE_LOADERS: dict[str, Callable[[Path], dict[str, torch.Tensor]]] = {
@@ -306,71 +235,34 @@ WEIGHT_FILE_LOADERS: dict[str, Callable[[Path], dict[str, torch.Tensor]]] = {
 
 
 def load_weight_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """State dict of a local weights file (.pt from ultralytics or .safetensors)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file not found: {path}")
-    loader = WEIGHT_FILE_LOADERS.get(path.suffix.lower())
+    """State dict of a weights file (.pt from ultralytics or .safetensors), local or on object storage."""
+    uri = str(path)
+    suffix = Path(artifact_io.name(uri)).suffix.lower()
+    loader = WEIGHT_FILE_LOADERS.get(suffix)
+    if not artifact_io.is_file(uri):
+        raise FileNotFoundError(f"weights file not found: {uri}")
     if loader is None:
-        raise ValueError(f"unsupported weights file {path} (known: {sorted(WEIGHT_FILE_LOADERS)})")
-    return loader(path)
+        raise ValueError(f"unsupported weights file {uri} (known: {sorted(WEIGHT_FILE_LOADERS)})")
+    with artifact_io.local_copy(uri) as local:
+        return loader(local)
 
 
-def read_lineage(checkpoint_dir: str | Path) -> dict[str, Any]:
-    path = Path(checkpoint_dir) / "lineage.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+def backbone_initial_weights(checkpoint: str | Path) -> InitialWeights:
+    """An AGBP backbone checkpoint as the initial weights of a YOLOv8 detector's layers 0..9 (all required)."""
+    state, lineage = ckpt.load_checkpoint(checkpoint)
+    lineage = {**lineage, "checkpoint": str(checkpoint)}
+    return InitialWeights("agbp", ckpt.backbone_state_for_detector(state), BACKBONE_PREFIXES, lineage)
 
 
-def save_checkpoint(run_dir: Path, state: Mapping[str, torch.Tensor], lineage: Mapping[str, Any]) -> Path:
-    """Write model.safetensors + lineage.json (the digest of the weights goes into the lineage)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-    save_file(tensors, str(run_dir / "model.safetensors"))
-    full = {**lineage, "weights_digest": state_dict_digest(tensors), "weights": str(run_dir / "model.safetensors")}
-    (run_dir / "lineage.json").write_text(json.dumps(full, indent=2, default=str))
-    return run_dir / "model.safetensors"
+def detector_initial_weights(checkpoint: str | Path) -> InitialWeights:
+    """An AGDP detector checkpoint as initial weights (fp32); its backbone layers must all load."""
+    state, lineage = ckpt.load_checkpoint(checkpoint, float32=True)
+    return InitialWeights("agssp", state, BACKBONE_PREFIXES, {**lineage, "checkpoint": str(checkpoint)})
 
 
-def load_detector_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(state dict, lineage) of an AGDP checkpoint directory or its model.safetensors."""
-    path = Path(path)
-    run_dir = path if path.is_dir() else path.parent
-    weights = run_dir / "model.safetensors"
-    if not weights.is_file():
-        raise FileNotFoundError(f"no detector checkpoint at {run_dir} (model.safetensors missing)")
-    return _load_safetensors(weights), read_lineage(run_dir)
-
-
-def write_latest_pointer(layout: StorageLayout, kind: str, name: str, run_dir: Path, extra: dict | None = None) -> Path:
-    pointer = Path(layout.checkpoints(kind, name, "latest.json"))
-    pointer.parent.mkdir(parents=True, exist_ok=True)
-    pointer.write_text(json.dumps({"run_dir": str(run_dir), **(extra or {})}, indent=2))
-    return pointer
-
-
-def latest_detector_checkpoint(layout: StorageLayout, name: str) -> Path:
-    pointer = Path(layout.checkpoints(DETECTOR_KIND, name, "latest.json"))
-    if not pointer.is_file():
-        raise FileNotFoundError(f"no detector checkpoint for '{name}' yet ({pointer} missing): "
-                                "materialize detector_checkpoint first")
-    return Path(json.loads(pointer.read_text())["run_dir"])
-
-
-def new_run_id(*parts: str) -> str:
-    """Sortable and unique: UTC time plus a hash of what went in."""
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
-    digest = hashlib.sha256("|".join(parts).encode()).hexdigest()[:8]
-    return f"{stamp}-{digest}"
-
-
-def file_sha256(path: str | Path) -> str:
-    import fsspec
-
-    digest = hashlib.sha256()
-    with fsspec.open(str(path), "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()[:16]
+def latest_detector_checkpoint(layout: StorageLayout, name: str) -> str:
+    """Run dir of the last completed detector run of ``name`` (``ckpt.latest_checkpoint_dir`` of that kind)."""
+    return ckpt.latest_checkpoint_dir(layout, name, kind=DETECTOR_KIND)
 
 
 def settings_dict(settings: Any) -> dict[str, Any]:
@@ -438,13 +330,14 @@ def pseudo_box_table_versions(layout: StorageLayout, sources: Sequence[str]) -> 
     for source in sorted(sources):
         box_path, index_path = layout.pseudo_boxes(source), layout.index(source)
         for path, what in ((box_path, "pseudo boxes"), (index_path, "image index")):
-            if "://" not in path and not Path(path).is_file():
+            if not artifact_io.is_file(path):
                 raise FileNotFoundError(f"{what} of source '{source}' missing at {path}: materialize it first")
-        table = pd.read_parquet(box_path, columns=["map_store_version"])
+        table = artifact_io.read_parquet(box_path, columns=["map_store_version"])
         versions[source] = {
             "path": box_path,
-            "sha256": file_sha256(box_path),
-            "index_sha256": file_sha256(index_path),
+            "sha256": file_hash(box_path),
+            "index_path": index_path,
+            "index_sha256": file_hash(index_path),
             "map_store_version": sorted(set(table["map_store_version"].dropna().astype(str))),
         }
     return versions
@@ -495,8 +388,8 @@ def collect_pretrain_set(
 
 @dataclass
 class DetectorCheckpoint:
-    run_dir: Path
-    weights: Path
+    run_dir: str
+    weights: str
     lineage: dict[str, Any]
     counts: dict[str, int]
     injection: InjectionReport | None
@@ -512,6 +405,48 @@ def detector_train_settings(detector) -> YoloTrainSettings:
     )
 
 
+def _ultralytics_files(result: YoloTrainResult, run_dir: str) -> tuple[dict[str, bytes], dict[str, str | None]]:
+    """ultralytics' run folder as checkpoint files under ``ultralytics/`` and the addresses of best/last.pt."""
+    files = {
+        "/".join(("ultralytics", *path.relative_to(result.run_dir).parts)): path.read_bytes()
+        for path in sorted(result.run_dir.rglob("*")) if path.is_file()
+    }
+
+    def published(local: Path | None) -> str | None:
+        if local is None:
+            return None
+        return artifact_io.join(run_dir, "ultralytics", *Path(local).relative_to(result.run_dir).parts)
+
+    return files, {"best": published(result.best_pt), "last": published(result.last_pt)}
+
+
+def _detector_lineage(run_id: str, detector, initial: InitialWeights, pretrain_set: PretrainSet,
+                      settings: YoloTrainSettings, result: YoloTrainResult, published: dict[str, str | None],
+                      data_yaml: Path) -> dict[str, Any]:
+    backbone_lineage = {k: v for k, v in initial.lineage.items() if k != "checkpoint"}
+    return {
+        "kind": DETECTOR_KIND,
+        "name": detector.model,
+        "run_id": run_id,
+        "status": "complete",
+        "created_at": datetime.now(UTC).isoformat(),
+        "model": detector.model,
+        "class_names": list(PRETRAIN_CLASS_NAMES),
+        "backbone": {"checkpoint": initial.lineage["checkpoint"], "weights_digest": initial.digest,
+                     "lineage": backbone_lineage},
+        "pseudo_boxes": pretrain_set.tables,
+        "training_set": pretrain_set.counts(),
+        "settings": settings_dict(settings),
+        "train_args": result.train_args,
+        "injection": result.injection.summary() if result.injection else None,
+        "ultralytics_metrics": result.ultralytics_metrics,
+        "ultralytics_best_pt": published["best"],
+        "ultralytics_last_pt": published["last"],
+        "data_yaml": str(data_yaml),
+        "versions": environment_versions(),
+    }
+
+
 def pretrain_detector(
     config,
     backbone_checkpoint: str | Path | None = None,
@@ -521,56 +456,37 @@ def pretrain_detector(
     """AGDP: train a single-class YOLOv8 on the pseudo boxes of the pretraining sources, from the AGBP backbone.
 
     ``backbone_checkpoint``: a backbone run dir (default: latest completed run of ``detector.backbone``).
+    ultralytics works in a local scratch folder; weights, lineage and its run files are then published to
+    ``checkpoints/detector/<model>/<run_id>/`` (local or object storage) and ``latest.json`` moves last.
     """
-    from agssp_pipeline.training.checkpoint import (
-        backbone_state_for_detector,
-        latest_checkpoint_dir,
-        load_backbone_checkpoint,
-    )
-
     layout = config.layout()
     detector = config.detector
     sources = sorted(sources or [s.name for s in config.pretrain_sources()])
     if not sources:
         raise ValueError("no pretraining sources configured (role: pretrain or both)")
-    backbone_dir = str(backbone_checkpoint or latest_checkpoint_dir(layout, detector.backbone))
-    state, backbone_lineage = load_backbone_checkpoint(backbone_dir)
-    initial = InitialWeights("agbp", backbone_state_for_detector(state), BACKBONE_PREFIXES,
-                             {**backbone_lineage, "checkpoint": backbone_dir})
+    initial = backbone_initial_weights(
+        str(backbone_checkpoint or ckpt.latest_checkpoint_dir(layout, detector.backbone))
+    )
     pretrain_set = collect_pretrain_set(layout, sources, detector.val_fraction, detector.seed,
                                         detector.max_negative_ratio)
     log(f"AGDP training set: {pretrain_set.counts()} from {sources}")
     settings = detector_train_settings(detector)
-    run_id = new_run_id(initial.digest, json.dumps(pretrain_set.tables, sort_keys=True),
-                        json.dumps(settings_dict(settings), sort_keys=True, default=str))
-    run_dir = Path(layout.checkpoints(DETECTOR_KIND, detector.model, run_id))
+    run_id = ckpt.new_run_id()
+    run_dir = ckpt.run_dir(layout, detector.model, run_id, kind=DETECTOR_KIND)
     images = pretrain_set.images
     data_yaml = export_splits(
         {"train": images[images["split"] == "train"], "val": images[images["split"] == "val"]},
-        pretrain_set.boxes, PRETRAIN_CLASS_NAMES, layout.exports("agdp", detector.model),
+        pretrain_set.boxes, PRETRAIN_CLASS_NAMES, layout.export_dir("agdp", detector.model),
     )
-    result = train_yolo(data_yaml, settings, run_dir, "ultralytics", initial=initial)
-    lineage = {
-        "kind": DETECTOR_KIND,
-        "name": detector.model,
-        "run_id": run_id,
-        "created_at": datetime.now(UTC).isoformat(),
-        "model": detector.model,
-        "class_names": list(PRETRAIN_CLASS_NAMES),
-        "backbone": {"checkpoint": backbone_dir, "weights_digest": initial.digest, "lineage": backbone_lineage},
-        "pseudo_boxes": pretrain_set.tables,
-        "training_set": pretrain_set.counts(),
-        "settings": settings_dict(settings),
-        "train_args": result.train_args,
-        "injection": result.injection.summary() if result.injection else None,
-        "ultralytics_metrics": result.ultralytics_metrics,
-        "ultralytics_best_pt": str(result.best_pt) if result.best_pt else None,
-        "ultralytics_last_pt": str(result.last_pt),
-        "data_yaml": str(data_yaml),
-        "versions": environment_versions(),
-    }
-    weights = save_checkpoint(run_dir, result.final_state_dict, lineage)
-    write_latest_pointer(layout, DETECTOR_KIND, detector.model, run_dir, {"run_id": run_id})
+    work = layout.scratch("checkpoints", DETECTOR_KIND, detector.model, run_id)
+    result = train_yolo(data_yaml, settings, work, "ultralytics", initial=initial)
+    files, published = _ultralytics_files(result, run_dir)
+    lineage = _detector_lineage(run_id, detector, initial, pretrain_set, settings, result, published, data_yaml)
+    lineage["weights_digest"] = state_dict_digest(result.final_state_dict)
+    lineage["weights"] = artifact_io.join(run_dir, ckpt.MODEL_FILE)
+    weights = ckpt.save_checkpoint(run_dir, result.final_state_dict, lineage, files)
+    ckpt.write_latest_pointer(layout, detector.model, run_id, kind=DETECTOR_KIND)
+    artifact_io.remove(str(work), recursive=True)  # published: the scratch copy would only double the disk use
     log(f"AGDP checkpoint {weights} (val mAP50 on pseudo boxes: "
         f"{result.ultralytics_metrics.get('metrics/mAP50(B)', float('nan')):.3f})")
-    return DetectorCheckpoint(run_dir, weights, read_lineage(run_dir), pretrain_set.counts(), result.injection)
+    return DetectorCheckpoint(run_dir, weights, lineage, pretrain_set.counts(), result.injection)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -33,12 +34,12 @@ import pandas as pd
 from agssp_pipeline.eval.coco_map import evaluate_detections, write_coco_files
 from agssp_pipeline.storage import StorageLayout
 from agssp_pipeline.training.detector import (
-    BACKBONE_PREFIXES,
     InitialWeights,
     YoloTrainSettings,
+    backbone_initial_weights,
+    detector_initial_weights,
     export_splits,
     latest_detector_checkpoint,
-    load_detector_checkpoint,
     load_weight_file,
     resolve_device,
     train_yolo,
@@ -159,21 +160,15 @@ def _scratch(context: VariantContext) -> InitialWeights | None:
 
 
 def _agbp(context: VariantContext) -> InitialWeights:
-    from agssp_pipeline.training.checkpoint import backbone_state_for_detector, load_backbone_checkpoint
-
     if not context.backbone_checkpoint:
         raise FileNotFoundError("variant 'agbp' needs a backbone checkpoint (materialize backbone_checkpoint)")
-    state, lineage = load_backbone_checkpoint(context.backbone_checkpoint)
-    lineage = {**lineage, "checkpoint": str(context.backbone_checkpoint)}
-    return InitialWeights("agbp", backbone_state_for_detector(state), BACKBONE_PREFIXES, lineage)
+    return backbone_initial_weights(context.backbone_checkpoint)
 
 
 def _agssp(context: VariantContext) -> InitialWeights:
     if not context.detector_checkpoint:
         raise FileNotFoundError("variant 'agssp' needs a detector checkpoint (materialize detector_checkpoint)")
-    state, lineage = load_detector_checkpoint(context.detector_checkpoint)
-    lineage = {**lineage, "checkpoint": str(context.detector_checkpoint)}
-    return InitialWeights("agssp", state, BACKBONE_PREFIXES, lineage)
+    return detector_initial_weights(context.detector_checkpoint)
 
 
 VARIANT_BUILDERS: dict[str, Callable[[VariantContext], InitialWeights | None]] = {
@@ -187,8 +182,8 @@ def initial_weights_for(variant: str, context: VariantContext) -> InitialWeights
     if variant in VARIANT_BUILDERS:
         return VARIANT_BUILDERS[variant](context)
     if variant in context.extra_weights:
-        path = Path(context.extra_weights[variant]).expanduser()
-        return InitialWeights(variant, load_weight_file(path), (), {"checkpoint": str(path), "kind": "user file"})
+        uri = os.path.expanduser(context.extra_weights[variant])  # a local path or an object-store URL
+        return InitialWeights(variant, load_weight_file(uri), (), {"checkpoint": uri, "kind": "user file"})
     raise ValueError(f"unknown finetune variant '{variant}' (built in: {sorted(VARIANT_BUILDERS)}; "
                      f"extra_weights: {sorted(context.extra_weights)})")
 

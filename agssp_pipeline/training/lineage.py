@@ -13,9 +13,8 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-import fsspec
-
 import agssp_pipeline
+from agssp_pipeline import artifact_io
 
 HASH_CHARS = 16
 
@@ -27,15 +26,10 @@ def stable_hash(payload: Any) -> str:
 
 
 def file_hash(uri: str) -> str | None:
-    """sha256 prefix of a file's bytes (local path or fsspec URL); None when the file does not exist."""
-    fs, path = fsspec.core.url_to_fs(uri)
-    if not fs.exists(path):
+    """sha256 prefix of a file's bytes (local path or object-store URL); None when the file does not exist."""
+    if not artifact_io.is_file(uri):
         return None
-    digest = hashlib.sha256()
-    with fs.open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()[:HASH_CHARS]
+    return hashlib.sha256(artifact_io.read_bytes(uri)).hexdigest()[:HASH_CHARS]
 
 
 def code_version() -> dict[str, Any]:
@@ -108,5 +102,6 @@ def data_lineage(config, table) -> dict[str, Any]:
         "sources": sources,
         "classes": list(table.classes),
         "skipped": dict(table.skipped),
+        "threshold_table_path": thresholds_uri,
         "threshold_table_version": file_hash(thresholds_uri),
     }
