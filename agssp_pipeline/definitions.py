@@ -19,6 +19,9 @@ def build_resources(config_path: str | None = None) -> dict:
 
 
 def build_definitions(config_path: str | None = None) -> dg.Definitions:
+    """Assets, checks, jobs (each module's, among them one named step job per asset: jobs/steps.py) and
+    automation. Partition keys are not part of the definitions: they live in the instance, registered
+    from the config by the sensors, schedules and ``orchestration.register_sources``."""
     return dg.Definitions(
         assets=dg.load_assets_from_modules(ASSET_MODULES),
         asset_checks=dg.load_asset_checks_from_modules(ASSET_MODULES),

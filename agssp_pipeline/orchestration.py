@@ -1,33 +1,44 @@
 """Headless, in-process materialisation of the asset graph (what ``agssp materialize`` and cron use).
 
 Dagster's UI and daemon are the normal way to run the pipeline; this module gives scripts and cron
-jobs the same assets without a server: it walks the selected assets in dependency order and runs each
-with the partitions that apply to it:
+jobs the same assets without a server. It walks the selected assets in dependency order and runs each
+as its own named job (``materialize__<asset>``, part of the Definitions, so the UI lists the runs under
+the asset they ran) over the partitions that apply to it:
 
-- assets partitioned by image source run once per source: ``image_index`` for every source, the
-  others only for sources used in pretraining (role ``pretrain`` or ``both``), because maps and pseudo
-  boxes of held-apart downstream sets must never feed pretraining;
-- assets partitioned by backbone run for the backbones listed in the config;
+- ``image_index`` runs for every source, assets of the ``pretrain_source`` partitions only for sources
+  used in pretraining (role ``pretrain`` or ``both``): their keys are the partition set's keys, so maps
+  and pseudo boxes of held-apart downstream sets cannot be run;
+- assets partitioned by backbone run for the configured, registered backbones;
 - unpartitioned assets run once.
+
+An asset whose ``BackfillPolicy`` is single-run (``anomaly_maps``) runs all its partitions in one run,
+like a UI backfill, so the model loads once per run; the others run once per partition. Partition keys
+come from ``assets/partitions.py``, the one place that says which keys each set holds.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import dagster as dg
+from dagster._core.definitions.unresolved_asset_job_definition import UnresolvedAssetJobDefinition
 
 from agssp_pipeline.config import CONFIG_ENV_VAR, PipelineConfig, load_config
+from assets.partitions import (
+    IMAGE_SOURCE_PARTITION,
+    PRETRAIN_SOURCE_PARTITION,
+    sync_partitions,
+    wanted_partitions,
+)
 
-SOURCE_PARTITIONS = "image_source"
-# assets partitioned by source that run for every source, not only pretraining ones
-ALL_SOURCE_ASSETS = {"image_index"}
-# assets partitioned by source that only make sense where ground truth exists are still run; they
-# record "no ground truth" in their metadata instead of failing.
+STEP_JOB_PREFIX = "materialize__"
+SOURCE_SETS = (IMAGE_SOURCE_PARTITION, PRETRAIN_SOURCE_PARTITION)
+RANGE_START_TAG = "dagster/asset_partition_range_start"
+RANGE_END_TAG = "dagster/asset_partition_range_end"
 
 
 @dataclass
@@ -35,8 +46,10 @@ class StepOutcome:
     asset: str
     partition: str | None
     success: bool
-    seconds: float
+    seconds: float  # of the run that materialised it (shared by the partitions of a single run)
     error: str | None = None
+    job: str | None = None
+    run_id: str | None = None
 
 
 @dataclass
@@ -69,33 +82,122 @@ def prepare_instance(config: PipelineConfig, config_path: str) -> dg.DagsterInst
 
 
 def register_sources(instance: dg.DagsterInstance, config: PipelineConfig) -> None:
-    existing = set(instance.get_dynamic_partitions(SOURCE_PARTITIONS))
-    missing = [name for name in config.source_names if name not in existing]
-    if missing:
-        instance.add_dynamic_partitions(SOURCE_PARTITIONS, missing)
+    """Make the source and backbone partitions match the config (stale role keys removed)."""
+    sync_partitions(instance, config)
+
+
+def step_job_name(key: dg.AssetKey) -> str:
+    """The named job that materialises one asset: runs say which asset they ran."""
+    return STEP_JOB_PREFIX + key.to_python_identifier()
+
+
+def define_step_jobs(assets_defs: Iterable[dg.AssetsDefinition]) -> list[UnresolvedAssetJobDefinition]:
+    """One job per materialisable asset (with its checks), over the asset's own partitions."""
+    jobs = []
+    for assets_def in assets_defs:
+        if not isinstance(assets_def, dg.AssetsDefinition) or not assets_def.is_executable:
+            continue
+        for key in assets_def.keys:
+            if assets_def.is_materializable:
+                jobs.append(dg.define_asset_job(
+                    step_job_name(key), selection=dg.AssetSelection.assets(key),
+                    description=f"Materialise {key.to_user_string()} (the headless runner's step; "
+                                "its checks run with it).",
+                ))
+    return jobs
+
+
+def _with_step_jobs(defs: dg.Definitions, keys: Iterable[dg.AssetKey]) -> dg.Definitions:
+    """``defs`` plus the step jobs it lacks (Definitions built elsewhere than ``build_definitions``)."""
+    have = {job.name for job in defs.jobs or []}
+    missing = [key for key in keys if step_job_name(key) not in have]
+    if not missing:
+        return defs
+    extra = [dg.define_asset_job(step_job_name(key), selection=dg.AssetSelection.assets(key)) for key in missing]
+    return dg.Definitions.merge(defs, dg.Definitions(jobs=extra))
 
 
 def _partitions_for(
-    assets_def: dg.AssetsDefinition, key: dg.AssetKey, config: PipelineConfig, only_source: str | None
+    partitions_def: dg.PartitionsDefinition | None, key: dg.AssetKey, config: PipelineConfig,
+    only_source: str | None,
 ) -> list[str | None]:
-    partitions_def = assets_def.partitions_def
     if partitions_def is None:
         return [None]
-    if isinstance(partitions_def, dg.DynamicPartitionsDefinition) and partitions_def.name == SOURCE_PARTITIONS:
-        if key.to_user_string() in ALL_SOURCE_ASSETS:
-            names = config.source_names
+    wanted = wanted_partitions(config)
+    name = getattr(partitions_def, "name", None)
+    if not isinstance(partitions_def, dg.DynamicPartitionsDefinition) or name not in wanted:
+        raise ValueError(f"asset {key.to_user_string()} has partitions the headless runner does not know")
+    names = wanted[name]
+    if only_source is not None and name in SOURCE_SETS:
+        if only_source not in config.source_names:
+            raise KeyError(f"unknown source '{only_source}' (configured: {', '.join(config.source_names)})")
+        names = [n for n in names if n == only_source]
+    return list(names)
+
+
+def _batches(
+    node, partitions: list[str | None], instance: dg.DagsterInstance
+) -> list[list[str | None]]:
+    """Partitions per run: contiguous ranges of the partition set for a single-run asset, else one each."""
+    if len(partitions) <= 1 or node.backfill_policy != dg.BackfillPolicy.single_run():
+        return [[p] for p in partitions]
+    order = {k: i for i, k in enumerate(instance.get_dynamic_partitions(node.partitions_def.name))}
+    batches: list[list[str | None]] = []
+    for partition in sorted(partitions, key=lambda p: order[p]):
+        if batches and order[partition] == order[batches[-1][-1]] + 1:
+            batches[-1].append(partition)
         else:
-            names = [s.name for s in config.pretrain_sources()]
-        if only_source is not None:
-            if only_source not in config.source_names:
-                raise KeyError(f"unknown source '{only_source}' (configured: {', '.join(config.source_names)})")
-            names = [n for n in names if n == only_source]
-        return list(names)
-    if isinstance(partitions_def, dg.StaticPartitionsDefinition):
-        keys = partitions_def.get_partition_keys()
-        wanted = [b for b in config.backbone.backbones if b in keys]
-        return list(wanted)
-    raise ValueError(f"asset {key.to_user_string()} has partitions the headless runner does not know")
+            batches.append([partition])
+    return batches
+
+
+def _execute(job: dg.JobDefinition, instance: dg.DagsterInstance, partitions: Sequence[str | None],
+             log_level: str) -> tuple[str | None, str | None]:
+    """One in-process run of ``job`` over ``partitions``: (error or None, run id)."""
+    tags = {} if len(partitions) == 1 else {RANGE_START_TAG: partitions[0], RANGE_END_TAG: partitions[-1]}
+    try:
+        result = job.execute_in_process(
+            run_config={"loggers": {"console": {"config": {"log_level": log_level}}}},
+            instance=instance, partition_key=partitions[0] if len(partitions) == 1 else None,
+            tags=tags, raise_on_error=False,
+        )
+    except Exception as exc:  # a definition-level error: report it, go on with the rest
+        return f"{type(exc).__name__}: {exc}", None
+    return (None if result.success else _first_error(result)), result.run_id
+
+
+def _run_batch(job: dg.JobDefinition, key: dg.AssetKey, instance: dg.DagsterInstance,
+               batch: list[str | None], log_level: str) -> list[StepOutcome]:
+    """Run one batch; a failed run over several partitions is retried per partition, so a failing
+    source fails alone (map stores are incremental: sources already done cost a skip)."""
+    start = time.perf_counter()
+    error, run_id = _execute(job, instance, batch, log_level)
+    seconds = time.perf_counter() - start
+    if error is None or len(batch) == 1:
+        return [StepOutcome(key.to_user_string(), p, error is None, seconds, error, job.name, run_id) for p in batch]
+    return [outcome for p in batch for outcome in _run_batch(job, key, instance, [p], log_level)]
+
+
+def _blocked(parents, partition: str | None, failed: dict, attempted: dict) -> list[str]:
+    """Parents whose failure stops this partition: same key, unpartitioned, or every partition failed."""
+    return [
+        p.to_user_string()
+        for p in parents
+        if None in failed.get(p, set())
+        or (partition is not None and partition in failed.get(p, set()))
+        or (partition is None and attempted.get(p) and len(failed.get(p, set())) >= attempted[p])
+    ]
+
+
+def _record(report: MaterializeReport, key: dg.AssetKey, outcome: StepOutcome, failed: dict,
+            on_step: Callable[[StepOutcome], None] | None) -> bool:
+    """Add ``outcome`` to the report (and tell ``on_step``); True when it failed."""
+    report.steps.append(outcome)
+    if on_step:
+        on_step(outcome)
+    if not outcome.success:
+        failed.setdefault(key, set()).add(outcome.partition)
+    return not outcome.success
 
 
 def materialize_selection(
@@ -108,55 +210,36 @@ def materialize_selection(
     stop_on_failure: bool = False,
     log_level: str = "INFO",
 ) -> MaterializeReport:
-    """Materialise the selected assets in dependency order, one in-process run per asset partition.
+    """Materialise the selected assets in dependency order, each as its named job (see module docstring).
 
     A failing partition (e.g. a source whose folder is missing) fails alone: the same source's
     downstream steps are skipped, other sources go on, and unpartitioned consumers use what succeeded.
     """
     graph = defs.resolve_asset_graph()
-    assets_defs = [a for a in graph.assets_defs if a.is_executable]
     asset_selection = dg.AssetSelection.from_string(selection) if selection else dg.AssetSelection.all()
     selected = asset_selection.resolve(graph)
+    keys = [k for k in graph.toposorted_asset_keys if k in selected and graph.get(k).is_materializable]
+    defs = _with_step_jobs(defs, keys)
     report = MaterializeReport()
     failed: dict[dg.AssetKey, set[str | None]] = {}
     attempted: dict[dg.AssetKey, int] = {}
-    for key in graph.toposorted_asset_keys:
-        if key not in selected or not graph.get(key).is_materializable:
-            continue
-        parents = graph.get(key).parent_keys
-        partitions = _partitions_for(graph.assets_def_for_key(key), key, config, only_source)
+    for key in keys:
+        node = graph.get(key)
+        partitions = _partitions_for(node.partitions_def, key, config, only_source)
         attempted[key] = len(partitions)
+        runnable = []
         for partition in partitions:
-            blocked = [
-                p.to_user_string()
-                for p in parents
-                if None in failed.get(p, set())
-                or (partition is not None and partition in failed.get(p, set()))
-                or (partition is None and attempted.get(p) and len(failed.get(p, set())) >= attempted[p])
-            ]
-            start = time.perf_counter()
-            if blocked:
-                error = f"skipped: upstream {', '.join(blocked)} failed"
-            else:
-                try:
-                    result = dg.materialize(
-                        assets_defs,
-                        run_config={"loggers": {"console": {"config": {"log_level": log_level}}}},
-                        instance=instance,
-                        partition_key=partition,
-                        selection=dg.AssetSelection.assets(key),
-                        raise_on_error=False,
-                    )
-                    error = None if result.success else _first_error(result)
-                except Exception as exc:  # a definition-level error: report it, go on with the rest
-                    error = f"{type(exc).__name__}: {exc}"
-            outcome = StepOutcome(key.to_user_string(), partition, error is None, time.perf_counter() - start, error)
-            report.steps.append(outcome)
-            if on_step:
-                on_step(outcome)
-            if error is not None:
-                failed.setdefault(key, set()).add(partition)
-                if stop_on_failure:
+            blocked = _blocked(node.parent_keys, partition, failed, attempted)
+            if not blocked:
+                runnable.append(partition)
+            elif _record(report, key, StepOutcome(key.to_user_string(), partition, False, 0.0,
+                                             f"skipped: upstream {', '.join(blocked)} failed"),
+                         failed, on_step) and stop_on_failure:
+                return report
+        job = defs.resolve_job_def(step_job_name(key)) if runnable else None
+        for batch in _batches(node, runnable, instance):
+            for outcome in _run_batch(job, key, instance, batch, log_level):
+                if _record(report, key, outcome, failed, on_step) and stop_on_failure:
                     return report
     return report
 

@@ -10,7 +10,7 @@ from agssp_pipeline.boxes import plots, stage
 from agssp_pipeline.boxes.pseudo import boxes_only, image_summary, settings_of
 from agssp_pipeline.boxes.settings import BoxesSettings
 from assets.automation import CHEAP_ASSET_AUTOMATION
-from assets.partitions import image_source_partitions
+from assets.partitions import pretrain_source_partitions
 from assets.resources import PipelineConfigResource
 
 THRESHOLDS_CODE_VERSION = "1"
@@ -102,7 +102,7 @@ def thresholds_well_founded(pipeline_config: PipelineConfigResource) -> dg.Asset
 
 @dg.asset(
     key="pseudo_boxes",
-    partitions_def=image_source_partitions,
+    partitions_def=pretrain_source_partitions,
     deps=[dg.AssetDep("anomaly_maps"), dg.AssetDep("category_thresholds")],
     code_version=PSEUDO_BOXES_CODE_VERSION,
     automation_condition=CHEAP_ASSET_AUTOMATION,
@@ -158,7 +158,7 @@ MISSING_TABLE = dg.AssetCheckResult(passed=False, metadata={"reason": "pseudo-bo
 
 
 @dg.asset_check(
-    asset=pseudo_boxes, partitions_def=image_source_partitions, blocking=True,
+    asset=pseudo_boxes, partitions_def=pretrain_source_partitions, blocking=True,
     description="Every box lies inside its image and has positive size.",
 )
 def pseudo_boxes_inside_images(
@@ -180,7 +180,7 @@ def pseudo_boxes_inside_images(
 
 
 @dg.asset_check(
-    asset=pseudo_boxes, partitions_def=image_source_partitions, blocking=True,
+    asset=pseudo_boxes, partitions_def=pretrain_source_partitions, blocking=True,
     description="No image has more boxes than boxes.top_k.",
 )
 def pseudo_boxes_at_most_top_k(
@@ -196,7 +196,7 @@ def pseudo_boxes_at_most_top_k(
 
 
 @dg.asset_check(
-    asset=pseudo_boxes, partitions_def=image_source_partitions,
+    asset=pseudo_boxes, partitions_def=pretrain_source_partitions,
     description=(
         "The fraction of images with boxes lies inside boxes.flagged_fraction_band; outside it the maps look "
         "degenerate (everything or nothing flagged)."
@@ -220,7 +220,7 @@ def pseudo_boxes_flagged_fraction(
 
 @dg.asset(
     key="pseudo_box_quality",
-    partitions_def=image_source_partitions,
+    partitions_def=pretrain_source_partitions,
     deps=[dg.AssetDep("pseudo_boxes")],
     code_version=QUALITY_CODE_VERSION,
     group_name="pseudo_labels",

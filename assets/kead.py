@@ -17,6 +17,7 @@ import cv2
 import dagster as dg
 import numpy as np
 import pandas as pd
+from pydantic import PrivateAttr
 
 from agssp_pipeline import artifact_io
 from agssp_pipeline.kead.base import AnomalyEncoder
@@ -26,7 +27,7 @@ from agssp_pipeline.kead.references import REFERENCE_COLUMNS, select_references
 from agssp_pipeline.kead.runner import Progress, RunStats, compute_anomaly_maps, mappable_rows, read_rgb
 from agssp_pipeline.kead.settings import KeadSettings
 from agssp_pipeline.kead.store import CODE_VERSION, StoreEmptyError, read_map_table
-from assets.partitions import image_source_partitions
+from assets.partitions import pretrain_source_partitions
 from assets.resources import PipelineConfigResource
 
 KEAD_CODE_VERSION = f"kead-assets-1/{CODE_VERSION}"
@@ -40,11 +41,11 @@ LOG_EVERY_S = 20.0
 class KeadModelResource(dg.ConfigurableResource):
     """Encoder and device settings: run-time overrides of the ``kead:`` section of agssp.yaml.
 
-    Unset fields keep the file's value. The built encoder is kept for the life of the process (the most
-    recent one only), so a single-run backfill over many sources loads the weights once, and so does the
-    headless runner (``agssp materialize``), which runs each source in its own in-process run. Under the
-    Dagster daemon every run is its own process, so nothing outlives a run there. A weights file or folder
-    changed on disk (size or mtime) is a new key: the encoder is built again.
+    Unset fields keep the file's value. Dagster builds a fresh copy of the resource for every run, and the
+    encoder lives on that copy: a single-run backfill over many sources (a UI backfill, or the headless
+    runner, which runs ``anomaly_maps`` as one run over its partitions) loads the weights once, and nothing
+    outlives the run (teardown frees the model's memory). Other settings or a weights file changed on disk
+    (size or mtime) within a run is a new key: the encoder is built again, and only the newest is kept.
     """
 
     encoder: str | None = None
@@ -56,6 +57,8 @@ class KeadModelResource(dg.ConfigurableResource):
     num_workers: int | None = None  # a count; unset keeps the file's value (default "auto")
     reference_strategy: str | None = None
 
+    _encoders: dict[str, AnomalyEncoder] = PrivateAttr(default_factory=dict)
+
     def settings(self, base: KeadSettings) -> KeadSettings:
         overrides = {k: v for k, v in self.model_dump().items() if v is not None}
         return KeadSettings.model_validate({**base.model_dump(), **overrides})
@@ -64,13 +67,13 @@ class KeadModelResource(dg.ConfigurableResource):
         from agssp_pipeline.kead import encoders
 
         key = settings.model_dump_json() + "|" + _weights_stamp(settings.weights)
-        if key not in _PROCESS_ENCODERS:
-            _PROCESS_ENCODERS.clear()  # one model at a time: a large CLIP model fills a GPU
-            _PROCESS_ENCODERS[key] = encoders.build_encoder(settings)
-        return _PROCESS_ENCODERS[key]
+        if key not in self._encoders:
+            self._encoders.clear()  # one model at a time: a large CLIP model fills a GPU
+            self._encoders[key] = encoders.build_encoder(settings)
+        return self._encoders[key]
 
-
-_PROCESS_ENCODERS: dict[str, AnomalyEncoder] = {}
+    def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
+        self._encoders.clear()  # the run is over: release the model (and its GPU memory)
 
 
 def _weights_stamp(weights: str | None) -> str:
@@ -245,8 +248,9 @@ def _data_version(versions: dict[str, tuple[str, int]]) -> str:
 # -- assets ---------------------------------------------------------------------------------------------
 @dg.asset(
     key="anomaly_maps",
-    partitions_def=image_source_partitions,
-    deps=[dg.AssetDep("image_index")],
+    partitions_def=pretrain_source_partitions,
+    # the same source key in image_index (a different partition set: every source, not only pretraining)
+    deps=[dg.AssetDep("image_index", partition_mapping=dg.IdentityPartitionMapping())],
     pool="gpu",
     backfill_policy=dg.BackfillPolicy.single_run(),
     code_version=KEAD_CODE_VERSION,
@@ -337,7 +341,7 @@ def maps_sane(store_uri: str) -> tuple[bool, bool, dict[str, Any]]:
                               "version": str(table.attrs.get("version"))}
 
 
-@dg.asset_check(asset=anomaly_maps, partitions_def=image_source_partitions,
+@dg.asset_check(asset=anomaly_maps, partitions_def=pretrain_source_partitions,
                 description="Every stored map and image score is finite (ERROR otherwise: NaN breaks thresholds) "
                             "and maps lie in [0, 2] (WARN otherwise: thresholds assume that scale).")
 def anomaly_maps_finite_and_in_range(context: dg.AssetCheckExecutionContext,
@@ -363,7 +367,7 @@ def maps_cover_index(layout, source: str) -> tuple[bool, dict[str, Any]]:
         "duplicates": duplicates, "missing_examples": sorted(missing)[:10]}
 
 
-@dg.asset_check(asset=anomaly_maps, partitions_def=image_source_partitions,
+@dg.asset_check(asset=anomaly_maps, partitions_def=pretrain_source_partitions,
                 description="Exactly one map per indexed image (duplicates excluded; quarantined files are "
                             "not in the index), none for images that left the index.")
 def anomaly_maps_one_per_image(context: dg.AssetCheckExecutionContext,
@@ -376,7 +380,7 @@ def anomaly_maps_one_per_image(context: dg.AssetCheckExecutionContext,
 
 @dg.asset(
     key="kead_evaluation",
-    partitions_def=image_source_partitions,
+    partitions_def=pretrain_source_partitions,
     deps=[dg.AssetDep("anomaly_maps")],
     code_version=EVALUATION_CODE_VERSION,
     group_name="kead",

@@ -1,8 +1,8 @@
 """Dagster assets: training (wiring only; the work lives in ``agssp_pipeline.training``).
 
-``backbone_checkpoint`` is partitioned by backbone name (``yolov8n``, ``yolov8s``, ``resnet50``,
-``swin_b``: the registered backbones a plant would pretrain; ``agssp_pipeline.training.backbones``
-has more, e.g. small test variants, which are not partitions). Each partition pretrains one backbone
+``backbone_checkpoint`` is partitioned by backbone name: the dynamic ``backbone`` partitions hold the
+names of ``backbone.backbones`` in agssp.yaml that ``agssp_pipeline.training.backbones`` registers
+(``assets/partitions.py``), so the UI shows exactly the configured backbones. Each partition pretrains one backbone
 with AGBP on all pretraining sources at once, so it depends on *every* partition of ``anomaly_maps``
 and ``image_index`` of those sources.
 
@@ -21,10 +21,8 @@ from agssp_pipeline.training import checkpoint as ckpt
 from agssp_pipeline.training.agbp import LoggingCallback, plot_loss_curves, train_backbone
 from agssp_pipeline.training.lineage import file_hash
 from agssp_pipeline.training.settings import BackboneSettings
+from assets.partitions import backbone_partitions
 from assets.resources import PipelineConfigResource
-
-BACKBONE_PARTITION_NAMES = ["yolov8n", "yolov8s", "resnet50", "swin_b"]
-backbone_partitions = dg.StaticPartitionsDefinition(BACKBONE_PARTITION_NAMES)
 
 # bump when a change in agssp_pipeline.training changes what a run with the same inputs produces
 AGBP_CODE_VERSION = "agbp-1"

@@ -3,10 +3,11 @@ daily schedule that catches whatever the sensor missed (sensor stopped, cursor r
 
 Both compare folder fingerprints (paths, sizes, mtimes; no file contents) and launch runs only for
 sources whose folder changed. Run keys are ``<source>:<fingerprint>``, so a folder state is ingested
-once however many ticks see it. The sensor's run of a pretraining source also materialises its
-``anomaly_maps`` partition: the map store is incremental, so only the new images are encoded; the
-cheap assets downstream (thresholds, pseudo boxes) then follow through their automation condition.
-Downstream-only sources are re-indexed only (they never get maps).
+once however many ticks see it. The sensor's index run of a pretraining source is followed by a run of
+its ``anomaly_maps`` partition (``maps_after_ingestion_sensor``, on the index run's success; one run can
+not hold both, as they belong to different partition sets): the map store is incremental, so only the new
+images are encoded; the cheap assets downstream (thresholds, pseudo boxes) then follow through their
+automation condition. Downstream-only sources are re-indexed only (they never get maps).
 
 Settling: a source with ``options.settle_seconds`` (or the ``AGSSP_INGEST_SETTLE_SECONDS`` default, 0)
 is left for a later tick while its newest file is younger than that, for folders filled in batches
@@ -25,8 +26,9 @@ from agssp_pipeline.config import PipelineConfig
 from agssp_pipeline.sources import source_snapshot
 from assets.ingestion import combined_fingerprint, fingerprint_metadata, image_index, plant_images
 from assets.kead import anomaly_maps
-from assets.partitions import image_source_partitions
+from assets.partitions import image_source_partitions, partition_requests, sync_partitions
 from assets.resources import PipelineConfigResource
+from jobs.steps import step_job
 
 ingest_job = dg.define_asset_job(
     "ingest_job",
@@ -35,6 +37,10 @@ ingest_job = dg.define_asset_job(
     description="Re-index one image source (its partition): index, annotations and quarantine Parquet files.",
 )
 
+
+maps_job = step_job(anomaly_maps.key)
+# set on the sensor's index runs of pretraining sources: their maps follow once the index is written
+MAPS_FOLLOW_TAG = "agssp/maps_follow"
 
 SETTLE_ENV_VAR = "AGSSP_INGEST_SETTLE_SECONDS"
 DEFAULT_SETTLE_SECONDS = 0.0
@@ -66,35 +72,31 @@ def ingestion_requests(current: dict[str, str], previous: dict[str, str],
                        pretrain_sources: set[str] | None = None) -> list[dg.RunRequest]:
     """One run per source whose fingerprint differs from ``previous`` (new sources included).
 
-    Sources in ``pretrain_sources`` get their anomaly maps brought up to date in the same run.
+    Runs of sources in ``pretrain_sources`` carry ``MAPS_FOLLOW_TAG``: their anomaly maps are brought up
+    to date after the index run (``maps_after_ingestion_sensor``).
     """
     pretrain_sources = pretrain_sources or set()
     return [
-        dg.RunRequest(partition_key=name, run_key=f"{name}:{fingerprint}",
-                      asset_selection=[image_index.key, anomaly_maps.key] if name in pretrain_sources
-                      else [image_index.key],
-                      tags={"agssp/source": name, "agssp/folder_fingerprint": fingerprint})
+        dg.RunRequest(partition_key=name, run_key=f"{name}:{fingerprint}", asset_selection=[image_index.key],
+                      tags={"agssp/source": name, "agssp/folder_fingerprint": fingerprint,
+                            **({MAPS_FOLLOW_TAG: "true"} if name in pretrain_sources else {})})
         for name, fingerprint in sorted(current.items())
         if previous.get(name) != fingerprint
     ]
 
 
-def _unregistered(instance: dg.DagsterInstance, config: PipelineConfig) -> list[str]:
-    registered = set(instance.get_dynamic_partitions(image_source_partitions.name))
-    return [name for name in config.source_names if name not in registered]
-
-
 @dg.sensor(
-    target=dg.AssetSelection.assets(image_index, anomaly_maps),
+    job=ingest_job,
     minimum_interval_seconds=60,
-    description="Registers every configured source as a partition and re-ingests sources whose folder changed.",
+    description="Keeps the source and backbone partitions equal to agssp.yaml and re-ingests sources whose "
+                "folder changed.",
 )
 def new_plant_images_sensor(context: dg.SensorEvaluationContext,
                             pipeline_config: PipelineConfigResource) -> dg.SensorResult:
     config = pipeline_config.load()
     previous: dict[str, str] = json.loads(context.cursor) if context.cursor else {}
     current = settled_fingerprints(config, context.log)
-    new_partitions = _unregistered(context.instance, config)
+    partitions = partition_requests(context.instance.get_dynamic_partitions, config)
     run_requests = ingestion_requests(current, previous, {s.name for s in config.pretrain_sources()})
     state = {name: fp for name, fp in {**previous, **current}.items() if name in config.source_names}
     # a runless observation of plant_images: the UI marks image_index stale right away
@@ -103,11 +105,28 @@ def new_plant_images_sensor(context: dg.SensorEvaluationContext,
     cursor = json.dumps(state, sort_keys=True)
     return dg.SensorResult(
         run_requests=run_requests,
-        dynamic_partitions_requests=[image_source_partitions.build_add_request(new_partitions)] if new_partitions else [],
+        dynamic_partitions_requests=partitions,
         asset_events=observations,
         cursor=cursor,
         skip_reason=None if run_requests else dg.SkipReason("no source folder changed"),
     )
+
+
+@dg.run_status_sensor(
+    run_status=dg.DagsterRunStatus.SUCCESS,
+    monitored_jobs=[ingest_job],
+    request_job=maps_job,
+    default_status=dg.DefaultSensorStatus.RUNNING,  # inert unless the ingestion sensor tagged a run
+    description="After the ingestion sensor re-indexed a pretraining source: bring its anomaly maps up to date.",
+)
+def maps_after_ingestion_sensor(context: dg.RunStatusSensorContext):
+    run = context.dagster_run
+    source = run.tags.get("dagster/partition")
+    if run.tags.get(MAPS_FOLLOW_TAG) != "true" or not source:
+        return dg.SkipReason(f"run {run.run_id} is not an ingestion-sensor run of a pretraining source")
+    return dg.RunRequest(partition_key=source, run_key=f"maps:{run.run_id}",
+                         tags={"agssp/source": source, "agssp/after_run": run.run_id,
+                               "agssp/folder_fingerprint": run.tags.get("agssp/folder_fingerprint", "")})
 
 
 def last_ingested_fingerprints(instance: dg.DagsterInstance, names: list[str]) -> dict[str, str]:
@@ -132,14 +151,12 @@ def last_ingested_fingerprints(instance: dg.DagsterInstance, names: list[str]) -
 def nightly_ingest_schedule(context: dg.ScheduleEvaluationContext,
                             pipeline_config: PipelineConfigResource) -> list[dg.RunRequest] | dg.SkipReason:
     config = pipeline_config.load()
-    new_partitions = _unregistered(context.instance, config)
-    if new_partitions:  # schedules cannot return partition requests; registering is idempotent
-        context.instance.add_dynamic_partitions(image_source_partitions.name, new_partitions)
+    sync_partitions(context.instance, config)  # schedules cannot return partition requests
     current = settled_fingerprints(config, context.log)
     requests = ingestion_requests(current, last_ingested_fingerprints(context.instance, sorted(current)))
     return requests or dg.SkipReason("every source index matches its folder")
 
 
 JOBS = [ingest_job]
-SENSORS = [new_plant_images_sensor]
+SENSORS = [new_plant_images_sensor, maps_after_ingestion_sensor]
 SCHEDULES = [nightly_ingest_schedule]

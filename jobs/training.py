@@ -2,14 +2,16 @@
 
 Pretraining costs GPU hours, so nothing starts it automatically by default: the schedule ships
 STOPPED and, once a user switches it on, requests the backbones listed in ``backbone.backbones`` of
-agssp.yaml (only those that are partitions of ``backbone_checkpoint``). Each request carries a run
+agssp.yaml (those the backbone registry knows: the keys of the dynamic ``backbone`` partitions, which the
+schedule registers first, as schedules cannot return partition requests). Each request carries a run
 key per (backbone, week), so a restarted daemon does not launch the same week twice.
 """
 
 import dagster as dg
 
+from assets.partitions import backbone_partitions, known_backbones, sync_partitions
 from assets.resources import PipelineConfigResource
-from assets.training import backbone_checkpoint, backbone_partitions
+from assets.training import backbone_checkpoint
 
 backbone_pretraining_job = dg.define_asset_job(
     "backbone_pretraining_job",
@@ -20,9 +22,8 @@ backbone_pretraining_job = dg.define_asset_job(
 
 
 def scheduled_backbones(configured: list[str]) -> tuple[list[str], list[str]]:
-    """(configured backbones that are partitions, configured names that are not)."""
-    known = set(backbone_partitions.get_partition_keys())
-    return [n for n in configured if n in known], [n for n in configured if n not in known]
+    """(configured backbones that are partitions, configured names the registry does not know)."""
+    return known_backbones(configured)
 
 
 @dg.schedule(
@@ -34,9 +35,11 @@ def scheduled_backbones(configured: list[str]) -> tuple[list[str], list[str]]:
 def weekly_backbone_pretraining(
     context: dg.ScheduleEvaluationContext, pipeline_config: PipelineConfigResource
 ):
-    wanted, unknown = scheduled_backbones(pipeline_config.load().backbone.backbones)
+    config = pipeline_config.load()
+    sync_partitions(context.instance, config)
+    wanted, unknown = scheduled_backbones(config.backbone.backbones)
     if unknown:
-        context.log.warning(f"not partitions of backbone_checkpoint, skipped: {', '.join(unknown)}")
+        context.log.warning(f"not registered backbones (agssp_pipeline.training.backbones), skipped: {', '.join(unknown)}")
     if not wanted:
         return dg.SkipReason("no configured backbone is a backbone_checkpoint partition")
     week = context.scheduled_execution_time.strftime("%G-W%V")
