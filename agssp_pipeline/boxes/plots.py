@@ -16,6 +16,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from agssp_pipeline.sources.decode import read_bgr  # noqa: E402
+
 
 def _png(figure) -> bytes:
     buffer = io.BytesIO()
@@ -60,8 +62,9 @@ def box_preview(paths: list[str], boxes: list[pd.DataFrame], thumb: int = 128, c
     """
     tiles = []
     for path, image_boxes in zip(paths, boxes, strict=True):
-        image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-        if image is None:
+        try:
+            image = read_bgr(path)
+        except OSError:
             continue
         height, width = image.shape[:2]
         scale = thumb / max(height, width)

@@ -26,6 +26,7 @@ from torchvision.ops import box_iou
 
 from agssp_pipeline.boxes.settings import BoxesSettings
 from agssp_pipeline.kead.maps import upsample_map
+from agssp_pipeline.sources.regions import read_mask as read_binary_mask
 
 COORDS = ["x1", "y1", "x2", "y2"]
 IOU_THRESHOLDS = (0.3, 0.5)
@@ -56,12 +57,13 @@ QUALITY_COLUMNS = [
 
 def read_mask(path: str, height: int, width: int) -> np.ndarray:
     """Binary GT mask (> 127, the anti-aliasing convention of the public mask datasets) of the image size."""
-    mask = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
-    if mask is None:
-        raise ValueError(f"cannot read mask {path}")
+    try:
+        mask = read_binary_mask(str(path))
+    except ValueError as error:
+        raise ValueError(f"cannot read mask {path}: {error}") from None
     if mask.shape != (height, width):
         raise ValueError(f"mask {path} is {mask.shape[1]}x{mask.shape[0]}, image is {width}x{height}")
-    return mask > 127
+    return mask.astype(bool)
 
 
 def mask_boxes(mask: np.ndarray, connectivity: int = 8) -> np.ndarray:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 from pathlib import PurePath
 
-import cv2
 import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_auc_score
@@ -25,6 +24,7 @@ from sklearn.metrics import roc_auc_score
 from agssp_pipeline import artifact_io
 from agssp_pipeline.kead.maps import upsample_map
 from agssp_pipeline.kead.store import MapTable
+from agssp_pipeline.sources.regions import read_mask as read_binary_mask
 
 GENERIC_FOLDERS = {"imgs", "images", "img", "image", "jpegimages", "train", "test", "val", "good", "data"}
 EVALUATION_COLUMNS = ["level", "name", "encoder", "n_images", "n_anomalous", "n_normal", "image_auroc",
@@ -41,9 +41,10 @@ def defect_class_of(row: pd.Series) -> str:
 
 
 def _read_mask(path: str) -> np.ndarray | None:
-    data = np.fromfile(path, dtype=np.uint8)
-    mask = cv2.imdecode(data, cv2.IMREAD_GRAYSCALE)
-    return None if mask is None else mask > 127
+    try:
+        return read_binary_mask(path).astype(bool)
+    except ValueError:
+        return None
 
 
 def _auroc(labels: np.ndarray, scores: np.ndarray) -> float:

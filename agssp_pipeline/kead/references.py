@@ -28,7 +28,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from agssp_pipeline import artifact_io
+from agssp_pipeline.sources.decode import read_grey
 
 STRATEGIES = ("explicit", "normal", "lowest_zero_shot", "typical", "auto")
 REFERENCE_COLUMNS = ["category", "image_id", "path", "source", "reason"]
@@ -71,9 +71,10 @@ def _explicit(rows: pd.DataFrame, wanted: list[str], category: str) -> pd.DataFr
 
 
 def _read_grey(path: str) -> np.ndarray | None:
-    local = artifact_io.local_path(path)
-    data = np.fromfile(local, dtype=np.uint8) if local is not None else np.frombuffer(artifact_io.read_bytes(path), np.uint8)
-    return cv2.imdecode(data, cv2.IMREAD_GRAYSCALE)
+    try:
+        return read_grey(path)
+    except OSError:
+        return None
 
 
 def thumbnail_descriptor(path: str) -> np.ndarray | None:

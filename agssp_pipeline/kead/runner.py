@@ -13,16 +13,15 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import cv2
 import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from agssp_pipeline import artifact_io
 from agssp_pipeline.kead.base import AnomalyEncoder
 from agssp_pipeline.kead.references import references_by_category
 from agssp_pipeline.kead.store import CODE_VERSION, MapWriter, store_version_id
+from agssp_pipeline.sources.decode import read_rgb
 
 
 @dataclass
@@ -47,16 +46,6 @@ class RunStats:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def read_rgb(path: str) -> np.ndarray:
-    """Decode any image file to HxWx3 uint8 RGB (grey and 16-bit inputs included); OSError if unreadable."""
-    local = artifact_io.local_path(path)
-    data = np.fromfile(local, dtype=np.uint8) if local is not None else np.frombuffer(artifact_io.read_bytes(path), np.uint8)
-    image = cv2.imdecode(data, cv2.IMREAD_COLOR)  # grey -> 3 channels, 16-bit -> 8-bit
-    if image is None:
-        raise OSError(f"cannot decode image {path}")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
 class _ImageDataset(Dataset):

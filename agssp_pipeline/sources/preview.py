@@ -6,6 +6,8 @@ import cv2
 import numpy as np
 import pandas as pd
 
+from agssp_pipeline.sources.decode import read_bgr
+
 
 def contact_sheet(images: pd.DataFrame, annotations: pd.DataFrame, count: int = 8, tile: int = 96,
                   columns: int = 4, quality: int = 80) -> bytes | None:
@@ -20,9 +22,9 @@ def contact_sheet(images: pd.DataFrame, annotations: pd.DataFrame, count: int = 
     picks = pool.iloc[np.unique(np.linspace(0, len(pool) - 1, num=min(count, len(pool))).round().astype(int))]
     tiles = []
     for row in picks.itertuples(index=False):
-        data = np.fromfile(row.path, dtype=np.uint8)
-        image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
-        if image is None:
+        try:
+            image = read_bgr(row.path)
+        except OSError:
             continue
         scale = tile / max(image.shape[:2])
         image = cv2.resize(image, (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale))),

@@ -73,6 +73,19 @@ def source_bit_depth(image: Image.Image) -> int | None:
     return None
 
 
+EXIF_ORIENTATIONS = {2: "mirrored", 3: "rotated 180", 4: "mirrored vertically", 5: "transposed",
+                     6: "rotated 90 clockwise", 7: "transversed", 8: "rotated 90 counter-clockwise"}
+
+
+def exif_orientation(image: Image.Image) -> int | None:
+    """The EXIF orientation tag (1 = as stored) or None when the file has none or it is unreadable."""
+    try:
+        value = image.getexif().get(0x0112)
+    except Exception:  # a malformed EXIF block is not a reason to lose the image
+        return None
+    return int(value) if isinstance(value, int) else None
+
+
 def probe_image(path: str | os.PathLike[str]) -> ImageProbe:
     """Hash and fully decode one file; never raises for a bad file (the reason goes in ``error``)."""
     path = str(path)
@@ -97,6 +110,13 @@ def probe_image(path: str | os.PathLike[str]) -> ImageProbe:
     deep_colour = mode not in HIGH_DEPTH_MODES and source_bit_depth(image) == 16  # tile list is gone after load
     if width <= 0 or height <= 0:
         return ImageProbe(**base, error=f"image has no pixels ({width}x{height})")
+    orientation = exif_orientation(image)
+    if orientation not in (None, 1):
+        return ImageProbe(**base, error=(
+            f"EXIF orientation {orientation} ({EXIF_ORIENTATIONS.get(orientation, 'unknown')}): viewers rotate this "
+            "image but its pixels, annotations and masks are stored unrotated, so stages would disagree about "
+            "where a defect is; write an upright copy (e.g. `exiftran -ai` or `mogrify -auto-orient` on a copy) "
+            "and index that"))
     if fmt == "JPEG" and not jpeg_is_complete(data):
         return ImageProbe(**base, error="truncated JPEG: no end-of-image marker after the last scan")
     try:

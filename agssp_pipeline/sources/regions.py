@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import io
 import math
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
+from PIL import Image
+
+from agssp_pipeline.sources.decode import decode_image
 
 
 @dataclass(frozen=True)
@@ -57,14 +61,22 @@ def boxes_from_mask(binary: np.ndarray, min_area: int = 1) -> list[tuple[float, 
 def read_mask(path: str, threshold: int = 127) -> np.ndarray:
     """Binary mask (uint8 0/1) of pixels brighter than ``threshold``; raises ValueError if unreadable.
 
-    Read through imdecode on bytes so that non-ASCII paths work; 16-bit masks are reduced to 8 bits.
+    The header is checked against the image size guard before any pixel is decoded (a 30000x30000 PNG
+    would take gigabytes); decoding goes through the one image decoder (16-bit masks by their range).
     """
     data = np.fromfile(path, dtype=np.uint8)
     if data.size == 0:
         raise ValueError("empty mask file (0 bytes)")
-    mask = cv2.imdecode(data, cv2.IMREAD_GRAYSCALE)
-    if mask is None:
-        raise ValueError("mask file cannot be decoded")
+    try:  # the probe's guard for images: PIL refuses headers above 2 x MAX_IMAGE_PIXELS
+        Image.open(io.BytesIO(data.tobytes())).close()
+    except Image.DecompressionBombError as error:
+        raise ValueError(f"mask is above the image size guard ({error})") from None
+    except Exception as error:  # PIL raises many types for malformed headers
+        raise ValueError(f"mask file cannot be decoded ({type(error).__name__})") from None
+    try:
+        mask = decode_image(data, path, grey=True)
+    except OSError:
+        raise ValueError("mask file cannot be decoded") from None
     return (mask > threshold).astype(np.uint8)
 
 

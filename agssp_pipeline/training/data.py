@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.transforms import v2
 
 from agssp_pipeline.kead.maps import upsample_map
+from agssp_pipeline.sources.decode import read_rgb
 
 log = logging.getLogger(__name__)
 
@@ -178,16 +179,6 @@ class JointAugment:
         if self.normalize is not None:
             image = self.normalize(image)
         return image, out_map
-
-
-def read_rgb(path: str) -> np.ndarray:
-    """HWC uint8 RGB; grayscale becomes 3 channels. A clear error names the file it could not decode."""
-    image = cv2.imread(path, cv2.IMREAD_COLOR)
-    if image is None:
-        raise OSError(
-            f"cannot read image {path} (missing or undecodable; re-run image_index to quarantine it)"
-        )
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
 class PretrainDataset(Dataset):
