@@ -1,23 +1,20 @@
-"""``agssp lineage``: the chain from image sources to the evaluations, read from the artifacts themselves.
+"""``agssp lineage``: the chain behind an artifact, as a walk over what each writer recorded it was made from.
 
-Why it reads artifacts rather than Dagster: a checkpoint copied to another machine, or a storage root
-whose Dagster instance was lost, must still answer "which maps, thresholds and boxes made this?". Every
-stage records what it consumed in the artifact it writes:
+Why artifacts rather than Dagster: a checkpoint copied to another machine, or a storage root whose Dagster
+instance was lost, must still answer "which maps, thresholds and boxes made this?". Each writer records its
+inputs in what it writes, and this module only reads those records:
 
-- backbone checkpoints: ``lineage.json`` -> ``data.sources`` (index sha256[:16], map store version,
-  encoder identity, images used) and ``data.threshold_table_version``;
-- detector checkpoints: ``lineage.json`` -> ``backbone`` (run dir, weights digest, the backbone's own
-  lineage) and ``pseudo_boxes`` (table sha256, index sha256, map store versions per source);
-- evaluation tables: one row per regime x variant with ``checkpoint``, ``checkpoint_run_id``,
-  ``initial_digest`` and the full ``checkpoint_lineage`` JSON;
-- pseudo-box tables: ``map_store_version`` and the per-category ``threshold`` of every row;
-- the thresholds table: ``map_store_versions`` per category; map stores: the version group's attrs.
+- backbone and detector checkpoints: ``lineage.json``, read by ``training.checkpoint.recorded_inputs``;
+- finetune evaluations: per row the initial checkpoint, its weights digest and lineage; the stored split's
+  fingerprint of the labelled set (``training.splits.labelled_set_fingerprint``, the one finetune uses);
+- KeAD evaluations: the map-store version of each block of rows; box-quality tables: their source;
+- pseudo-box tables: ``map_store_version`` and the ``threshold`` (T_c) of every row;
+- the thresholds table: ``map_store_versions`` per category; map stores: each version's attrs.
 
-The report compares each recorded value with the artifact as it is now and flags the differences
-(``STALE``: the upstream artifact changed after it was consumed; ``NEWER``: a later run exists;
-``MISSING``: the artifact is gone). Links nobody recorded are stated as such, never filled in. When a
-Dagster instance is at hand, each artifact also gets its materialisation records (run id, time, data
-version).
+From the target the walk follows recorded inputs upstream, depth first, and compares each record with the
+input as it is now: ``STALE`` (it changed after it was consumed), ``NEWER`` (a later run exists),
+``MISSING`` (it is gone). Links nobody recorded are stated as such, never filled in. With a Dagster instance
+each artifact also gets its materialisation records (Dagster is imported only then).
 """
 
 from __future__ import annotations
@@ -30,10 +27,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import fsspec
 import pandas as pd
 
+from agssp_pipeline import artifact_io as aio
 from agssp_pipeline.storage import StorageLayout
+from agssp_pipeline.training import checkpoint as ckpt
 from agssp_pipeline.training.lineage import file_hash
 
 STAGES: list[tuple[str, str]] = [
@@ -43,18 +41,10 @@ STAGES: list[tuple[str, str]] = [
     ("pseudo_boxes", "pseudo boxes"),
     ("backbone", "backbone checkpoints (AGBP)"),
     ("detector", "detector checkpoints (AGDP)"),
-    ("evaluations", "finetune evaluations"),
+    ("evaluations", "finetune evaluations (and KeAD / box-quality evaluations)"),
 ]
-STAGE_ASSETS = {
-    "sources": "image_index",
-    "maps": "anomaly_maps",
-    "thresholds": "category_thresholds",
-    "pseudo_boxes": "pseudo_boxes",
-    "backbone": "backbone_checkpoint",
-    "detector": "detector_checkpoint",
-    "evaluations": "finetune_evaluation",
-}
 LAYOUT_FOLDERS = ("evaluations", "pseudo_boxes", "index", "maps.zarr", "checkpoints")
+EVALUATION_FOLDERS = {"finetune": "evaluation", "kead": "kead_evaluation", "box_quality": "box_quality"}
 DAGSTER_RECORDS_SCANNED = 200
 STALE, NEWER, MISSING = "STALE", "NEWER", "MISSING"
 
@@ -129,16 +119,13 @@ class LineageReport:
             lines.append(f"{number}. {stage.title}")
             if not stage.entries and not stage.notes:
                 lines.append("   (not part of this chain)")
-            for note in stage.notes:
-                lines.append(f"   - {note}")
+            lines.extend(f"   - {note}" for note in stage.notes)
             for entry in stage.entries:
                 lines.append(f"   * {entry.label}" + (f"  [{entry.path}]" if entry.path else ""))
-                for flag in entry.flags:
-                    lines.append(f"       !! {flag.level}: {flag.message}")
+                lines.extend(f"       !! {flag.level}: {flag.message}" for flag in entry.flags)
                 for name, value in entry.fields.items():
                     lines.extend(_render_field(name, value, "       "))
-                for record in entry.dagster:
-                    lines.append("       dagster: " + _render_record(record))
+                lines.extend("       dagster: " + _render_record(record) for record in entry.dagster)
         counts = {level: len(self.flags(level)) for level in (STALE, NEWER, MISSING)}
         lines.append("flags: " + ", ".join(f"{n} {level}" for level, n in counts.items()))
         return "\n".join(lines)
@@ -177,83 +164,7 @@ def _partition_text(record: dict[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# small readers (local paths or fsspec URLs)
-
-
-def _fs(uri: str):
-    return fsspec.core.url_to_fs(uri)
-
-
-def _exists(uri: str) -> bool:
-    fs, path = _fs(uri)
-    return bool(fs.exists(path))
-
-
-def _read_json(uri: str) -> dict[str, Any]:
-    fs, path = _fs(uri)
-    with fs.open(path, "rb") as handle:
-        return json.loads(handle.read())
-
-
-def _modified(uri: str) -> float:
-    fs, path = _fs(uri)
-    try:
-        return fs.modified(path).timestamp()
-    except (NotImplementedError, OSError, AttributeError):
-        return 0.0
-
-
-def _join(*parts: str) -> str:
-    return "/".join(p.rstrip("/") for p in parts)
-
-
-def _same_path(a: str | None, b: str | None) -> bool:
-    if not a or not b:
-        return False
-    if "://" in a or "://" in b:
-        return a.rstrip("/") == b.rstrip("/")
-    return os.path.realpath(a) == os.path.realpath(b)
-
-
-def _parquet_metadata(uri: str, full: bool = False) -> dict[str, str]:
-    """Key-value metadata of a Parquet file other than pandas' own schema blob (cut short unless ``full``)."""
-    import pyarrow.parquet as pq
-
-    fs, path = _fs(uri)
-    with fs.open(path, "rb") as handle:
-        raw = pq.ParquetFile(handle).schema_arrow.metadata or {}
-    limit = None if full else 500
-    return {k.decode(): v.decode(errors="replace")[:limit] for k, v in raw.items() if k != b"pandas"}
-
-
-def _map_store_attrs(store_uri: str) -> tuple[dict[str, Any], dict[str, dict[str, Any]]] | None:
-    """(root attrs, {version: version attrs}) of a map store; None when there is none."""
-    import zarr
-
-    from agssp_pipeline.kead.store import _open_group
-
-    try:
-        root = _open_group(store_uri, "r", None)
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
-        return None
-    versions = {name: dict(root[name].attrs) for name in root.group_keys()}
-    return dict(root.attrs), versions
-
-
-def _weights_digest_for_detector(run_dir: str) -> str | None:
-    """Digest of the YOLOv8 backbone tensors of a backbone checkpoint, as the detector/finetune record it."""
-    from agssp_pipeline.training.checkpoint import backbone_state_for_detector, load_backbone_checkpoint
-    from agssp_pipeline.training.detector import state_dict_digest
-
-    try:
-        state, _ = load_backbone_checkpoint(run_dir)
-        return state_dict_digest(backbone_state_for_detector(state))
-    except (FileNotFoundError, ValueError):
-        return None
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Dagster records
+# Dagster records (optional; dagster is imported only when an instance is used)
 
 
 def find_dagster_home(config_path: str | Path | None = None) -> str | None:
@@ -285,7 +196,7 @@ class DagsterRecords:
         if not found:
             return [{"asset": asset, "partition": partition, "run_id": None,
                      "note": "no materialisation in the Dagster instance (made outside Dagster, or another instance)"}]
-        out = [self._describe(found[0], asset, partition, "latest")]
+        out = [_describe_record(found[0], asset, partition, "latest")]
         if match_run_id:
             matching = [r for r in found if _metadata_text(r, "run_id") == match_run_id]
             if not matching:
@@ -294,21 +205,16 @@ class DagsterRecords:
             elif matching[0].storage_id == found[0].storage_id:
                 out[0]["match"] = f"latest, made checkpoint run {match_run_id}"
             else:
-                out.append(self._describe(matching[0], asset, partition, f"made checkpoint run {match_run_id}"))
+                out.append(_describe_record(matching[0], asset, partition, f"made checkpoint run {match_run_id}"))
         return out
 
-    @staticmethod
-    def _describe(record, asset: str, partition: str | None, match: str) -> dict[str, Any]:
-        materialization = record.asset_materialization
-        tags = (materialization.tags or {}) if materialization else {}
-        return {
-            "asset": asset,
-            "partition": partition,
-            "run_id": record.run_id or "(runless event)",
+
+def _describe_record(record, asset: str, partition: str | None, match: str) -> dict[str, Any]:
+    materialization = record.asset_materialization
+    tags = (materialization.tags or {}) if materialization else {}
+    return {"asset": asset, "partition": partition, "run_id": record.run_id or "(runless event)",
             "timestamp": datetime.fromtimestamp(record.timestamp, UTC).isoformat(timespec="seconds"),
-            "data_version": tags.get("dagster/data_version"),
-            "match": match,
-        }
+            "data_version": tags.get("dagster/data_version"), "match": match}
 
 
 def _metadata_text(record, key: str) -> str | None:
@@ -318,460 +224,327 @@ def _metadata_text(record, key: str) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# building the chain
+# the walk
 
 
-class ChainBuilder:
-    """Adds artifacts stage by stage; each artifact appears once, with every consumer's recorded values."""
+@dataclass
+class Input:
+    """One recorded input of an artifact: which artifact, and what it was when it was consumed."""
+
+    kind: str  # a key of KINDS
+    key: str  # source name, "thresholds", or the (canonical) address of a checkpoint or table
+    uri: str | None = None  # where the consumer found it (None: where the layout puts it)
+    recorded: Any = None  # the version the consumer recorded; None: not recorded
+    what: str = "version"  # the recorded value in words
+    measure: str = "version"  # the input's current value that ``recorded`` is compared with
+    lineage: dict[str, Any] | None = None  # the consumer's copy of the input's own record (shown if it is gone)
+    dagster: str | None = None  # the Dagster data version the consumer saw
+
+
+@dataclass
+class Node:
+    """An artifact met on the walk: its report entry and its current values (computed when first asked)."""
+
+    kind: str
+    key: str
+    uri: str
+    entry: Entry
+    name: str = ""  # how it is named as a consumer ("backbone yolov8n run ...")
+    dagster: tuple[str | None, str | None] | None = None  # (partition, run id) of its Dagster records
+    measures: dict[str, Any] = field(default_factory=dict)  # values or zero-argument callables
+    versions: dict[str, dict[str, Any]] | None = None  # map stores: attrs of every version
+
+    def measure(self, name: str) -> Any:
+        value = self.measures.get(name)
+        if callable(value):
+            value = self.measures[name] = value()
+        return value
+
+
+class Walk:
+    """Visits each artifact once, follows its recorded inputs, and compares every consumer's record."""
 
     def __init__(self, layout: StorageLayout, records: DagsterRecords | None = None) -> None:
         self.layout = layout
         self.records = records
         self.stages = {key: Stage(key, title) for key, title in STAGES}
-        self._entries: dict[tuple[str, str], Entry] = {}
-
-    # -- bookkeeping
-    def _entry(self, stage: str, key: str, label: str, path: str | None,
-               dagster: tuple[str | None, str | None] | None = None) -> tuple[Entry, bool]:
-        """(entry, created) for ``key`` within ``stage``."""
-        existing = self._entries.get((stage, key))
-        if existing is not None:
-            return existing, False
-        entry = Entry(label, path)
-        self._entries[(stage, key)] = entry
-        self.stages[stage].entries.append(entry)
-        if self.records is not None and dagster is not None:
-            partition, run_id = dagster
-            entry.dagster = self.records.records(STAGE_ASSETS[stage], partition, run_id)
-        return entry, True
+        self.nodes: dict[tuple[str, str], Node] = {}
 
     def note(self, stage: str, text: str) -> None:
         if text not in self.stages[stage].notes:
             self.stages[stage].notes.append(text)
 
+    def visit(self, item: Input, consumer: Node | None = None, follow: bool = True) -> Node:
+        kind = KINDS[item.kind]
+        node = self.nodes.get((item.kind, item.key))
+        if node is None:
+            uri = aio.canonical(item.uri or kind.default_uri(self.layout, item.key))
+            node = self.nodes[(item.kind, item.key)] = Node(item.kind, item.key, uri, Entry(item.key, uri))
+            self.stages[kind.stage].entries.append(node.entry)
+            inputs = kind.read(self, node, item)
+            if self.records is not None and node.dagster is not None:
+                node.entry.dagster = self.records.records(kind.asset, *node.dagster)
+            for upstream in inputs if follow else []:
+                self.visit(upstream, node)
+        if consumer is not None:
+            self._compare(node, item, consumer)
+        return node
+
+    def _compare(self, node: Node, item: Input, consumer: Node) -> None:
+        """Record what ``consumer`` saw of ``node`` and flag the differences with ``node`` as it is now."""
+        kind = KINDS[node.kind]
+        seen = node.entry.fields.setdefault("recorded by", {}).setdefault(consumer.name, {})
+        shown, value = seen.get(item.what), _short(item.recorded)
+        if item.recorded is None:
+            seen.setdefault(item.what, "not recorded")
+        else:
+            seen[item.what] = value if shown in (None, "not recorded", value) else f"{shown}, {value}"
+        if kind.on_record is not None:
+            kind.on_record(node, item, consumer.name)
+        now = node.measure(item.measure) if item.recorded is not None else None
+        diff = _difference(item.recorded, now)
+        if diff:
+            node.entry.flag(STALE, kind.stale.format(consumer=consumer.name, diff=diff, now=now,
+                                                     recorded=item.recorded))
+            consumer.entry.flag(STALE, f"{node.name} changed since this was made ({diff})")
+        latest = node.entry.dagster[0] if node.entry.dagster else None
+        if item.dagster and latest and latest.get("data_version") and latest["data_version"] != item.dagster:
+            node.entry.flag(STALE, f"Dagster has a newer materialisation of {kind.asset}{_partition_text(latest)} "
+                                   f"(data version {latest['data_version']}, run {latest['run_id']}) than the "
+                                   f"{item.dagster} {consumer.name} consumed")
+
     def report(self, target: str, kind: str) -> LineageReport:
-        home = getattr(getattr(self.records, "instance", None), "root_directory", None) if self.records else None
+        home = getattr(getattr(self.records, "instance", None), "root_directory", None)
         return LineageReport(target, kind, self.layout.root, home, [self.stages[k] for k, _ in STAGES])
 
-    # -- sources
-    def add_source(self, source: str, consumer: str | None = None, recorded_hash: str | None = None,
-                   images_used: int | None = None, index_path: str | None = None) -> Entry:
-        uri = index_path or self.layout.index(source)
-        entry, created = self._entry("sources", source, source, uri, (source, None))
-        if created:
-            current = file_hash(uri)
-            entry.fields["index sha256[:16] now"] = current
-            if current is None:
-                entry.flag(MISSING, f"index file {uri} no longer exists")
-            else:
-                entry.fields.update(_index_summary(uri))
-                annotations = self.layout.annotations(source) if index_path is None else uri.replace(
-                    ".parquet", ".annotations.parquet")
-                if _exists(annotations):
-                    entry.fields["annotation boxes"] = len(pd.read_parquet(annotations, columns=["image_id"]))
-        if consumer is not None:
-            entry.fields.setdefault("recorded by", {})[consumer] = {
-                "index sha256[:16]": recorded_hash or "not recorded", "images used": images_used}
-            current = entry.fields["index sha256[:16] now"]
-            if recorded_hash and current and recorded_hash != current:
-                entry.flag(STALE, f"index changed since {consumer} consumed it (recorded {recorded_hash}, now {current})")
-        return entry
 
-    # -- maps
-    def add_maps(self, source: str, consumer: str | None = None, recorded_versions: list[str] | None = None,
-                 store_uri: str | None = None) -> Entry:
-        uri = store_uri or self.layout.maps_store(source)
-        entry, created = self._entry("maps", source, source, uri, (source, None))
-        if created:
-            stored = _map_store_attrs(uri)
-            entry.fields["current version"] = stored[0].get("current_version") if stored else None
-            if stored is None:
-                entry.flag(MISSING, f"no map store at {uri}")
-            else:
-                entry.fields["versions in store"] = sorted(stored[1])
-                entry.fields["_versions"] = stored[1]
-        current = entry.fields.get("current version")
-        shown = list(dict.fromkeys([*(recorded_versions or []), *([current] if current else [])]))
-        versions = entry.fields.get("_versions", {})
-        for version in shown:
-            attrs = versions.get(version)
-            key = f"version {version}"
-            if key in entry.fields:
-                continue
-            if attrs is None:
-                entry.fields[key] = "no longer in the store"
-                continue
-            entry.fields[key] = _map_version_summary(attrs)
-        if consumer is not None:
-            entry.fields.setdefault("recorded by", {})[consumer] = {
-                "map store version": ", ".join(recorded_versions) if recorded_versions else "not recorded"}
-            for version in recorded_versions or []:
-                if current and version != current:
-                    entry.flag(STALE, f"map store moved to version {current} since {consumer} used {version}")
-                if versions and version not in versions:
-                    entry.flag(MISSING, f"version {version} used by {consumer} is no longer in the store")
-        return entry
-
-    # -- thresholds
-    def add_thresholds(self, consumer: str | None = None, recorded_hash: str | None = None) -> Entry:
-        uri = self.layout.thresholds()
-        entry, created = self._entry("thresholds", "thresholds", "thresholds table", uri, (None, None))
-        if created:
-            current = file_hash(uri)
-            entry.fields["table sha256[:16] now"] = current
-            if current is None:
-                entry.flag(MISSING, f"no thresholds table at {uri}")
-            else:
-                table = pd.read_parquet(uri)
-                entry.fields["per category"] = {
-                    str(row["category"]): {"T_c": float(row["threshold"]), "image cutoff": float(row["image_cutoff"]),
-                                           "images": int(row["n_images"]), "sources": row["sources"]}
-                    for _, row in table.iterrows()}
-                used: dict[str, str] = {}
-                for text in table.get("map_store_versions", pd.Series(dtype=str)).dropna():
-                    used.update({s: v for s, v in json.loads(text).items() if v})
-                entry.fields["map store versions used"] = used
-                for source, version in sorted(used.items()):
-                    maps = self.add_maps(source, "thresholds table", [version])
-                    now = maps.fields.get("current version")
-                    if now and now != version:
-                        entry.flag(STALE, f"computed from maps {source}@{version}; that store is now at {now}")
-        if consumer is not None:
-            entry.fields.setdefault("recorded by", {})[consumer] = recorded_hash or "not recorded"
-            current = entry.fields["table sha256[:16] now"]
-            if recorded_hash and current and recorded_hash != current:
-                entry.flag(STALE, f"thresholds changed since {consumer} was made (recorded {recorded_hash}, now {current})")
-        return entry
-
-    # -- pseudo boxes
-    def add_pseudo_boxes(self, source: str, consumer: str | None = None, recorded: dict[str, Any] | None = None,
-                         path: str | None = None) -> Entry:
-        uri = (recorded or {}).get("path") or path or self.layout.pseudo_boxes(source)
-        entry, created = self._entry("pseudo_boxes", source, source, uri, (source, None))
-        if created:
-            current = file_hash(uri)
-            entry.fields["table sha256[:16] now"] = current
-            if current is None:
-                entry.flag(MISSING, f"pseudo-box table {uri} no longer exists")
-            else:
-                self._describe_pseudo_boxes(entry, source, uri)
-        if consumer is not None and recorded is not None:
-            entry.fields.setdefault("recorded by", {})[consumer] = {
-                "table sha256[:16]": recorded.get("sha256"), "map store version": recorded.get("map_store_version")}
-            current = entry.fields["table sha256[:16] now"]
-            if recorded.get("sha256") and current and recorded["sha256"] != current:
-                entry.flag(STALE, f"table rewritten since {consumer} trained on it "
-                                  f"(recorded {recorded['sha256']}, now {current})")
-        return entry
-
-    def _describe_pseudo_boxes(self, entry: Entry, source: str, uri: str) -> None:
-        table = pd.read_parquet(uri)
-        images = table.drop_duplicates("image_id")
-        entry.fields["images"] = len(images)
-        entry.fields["judged defective"] = int(images["judged_defective"].sum())
-        entry.fields["boxes"] = int(table["box_index"].notna().sum())
-        versions = sorted(set(table["map_store_version"].dropna().astype(str)))
-        entry.fields["built from map store version"] = versions
-        extra = _parquet_metadata(uri)
-        if extra:
-            entry.fields["parquet metadata"] = extra
-        self.add_maps(source, f"pseudo boxes {source}", versions)
-        used = images.dropna(subset=["threshold"]).groupby("category")["threshold"].first()
-        entry.fields["T_c used"] = {str(k): float(v) for k, v in used.items()}
-        self.note("pseudo_boxes", "pseudo-box tables record the T_c value per row, not the thresholds table "
-                                  "version: staleness against the thresholds is judged by comparing those values")
-        thresholds = self.add_thresholds()
-        now = {c: v["T_c"] for c, v in (thresholds.fields.get("per category") or {}).items()}
-        changed = [f"{c}: {v:.4g} -> {now[c]:.4g}" for c, v in used.items() if c in now and abs(now[c] - v) > 1e-6]
-        if changed:
-            entry.flag(STALE, "thresholds table changed since these boxes were built (" + "; ".join(changed) + ")")
-
-    # -- backbone
-    def add_backbone(self, checkpoint: str, consumer: str | None = None, recorded_digest: str | None = None,
-                     recorded_lineage: dict[str, Any] | None = None, upstream: bool = True) -> Entry:
-        from agssp_pipeline.training import checkpoint as ckpt
-
-        run_dir = checkpoint.rstrip("/")
-        lineage_uri = _join(run_dir, ckpt.LINEAGE_FILE)
-        on_disk = _read_json(lineage_uri) if _exists(lineage_uri) else None
-        lineage = on_disk or recorded_lineage or {}
-        name, run_id = lineage.get("backbone", "?"), lineage.get("run_id", run_dir.rsplit("/", 1)[-1])
-        label = f"{name} run {run_id}"
-        entry, created = self._entry("backbone", run_dir, label, run_dir, (name, run_id))
-        if created:
-            if on_disk is None:
-                entry.flag(MISSING, f"checkpoint files no longer at {run_dir}"
-                           + ("; shown as recorded by its consumer" if recorded_lineage else ""))
-            entry.fields.update(_backbone_summary(lineage))
-            pointer = ckpt.read_latest_pointer(self.layout, name) if name != "?" else None
-            if pointer and pointer.get("run_id") != run_id:
-                entry.flag(NEWER, f"a later {name} run exists: {pointer.get('run_id')} (latest.json)")
-            if upstream:
-                self._backbone_upstream(label, lineage)
-        if consumer is not None:
-            entry.fields.setdefault("recorded by", {})[consumer] = {"weights digest": recorded_digest or "not recorded"}
-            if recorded_digest and on_disk is not None:
-                current = _weights_digest_for_detector(run_dir)
-                entry.fields["weights digest now"] = current
-                if current and current != recorded_digest:
-                    entry.flag(STALE, f"weights changed since {consumer} loaded them "
-                                      f"(recorded {recorded_digest}, now {current})")
-        return entry
-
-    def _backbone_upstream(self, label: str, lineage: dict[str, Any]) -> None:
-        data = lineage.get("data")
-        consumer = f"backbone {label}"
-        if not isinstance(data, dict):
-            self.note("sources", f"no data lineage recorded in backbone checkpoint {label}")
-            return
-        dagster_seen = lineage.get("dagster_upstream_data_versions") or {}
-        for source, info in sorted((data.get("sources") or {}).items()):
-            index = self.add_source(source, consumer, info.get("index_version"), info.get("images_used"),
-                                    info.get("index_path"))
-            version = info.get("map_store_version")
-            maps = self.add_maps(source, consumer, [version] if version else None, info.get("map_store"))
-            if not version:
-                self.note("maps", f"no map store version recorded for {source} in backbone checkpoint {label}")
-            for asset, entry in (("image_index", index), ("anomaly_maps", maps)):
-                _compare_dagster_version(entry, asset, (dagster_seen.get(asset) or {}).get(source), consumer)
-        if data.get("threshold_table_version"):
-            self.add_thresholds(consumer, data["threshold_table_version"])
-        else:
-            self.note("thresholds", f"no threshold table recorded in backbone checkpoint {label}")
-
-    # -- detector
-    def add_detector(self, checkpoint: str, consumer: str | None = None, recorded_digest: str | None = None,
-                     recorded_lineage: dict[str, Any] | None = None, upstream: bool = True) -> Entry:
-        run_dir = checkpoint.rstrip("/")
-        if run_dir.endswith(".safetensors") or run_dir.endswith("lineage.json"):
-            run_dir = run_dir.rsplit("/", 1)[0]
-        lineage_uri = _join(run_dir, "lineage.json")
-        on_disk = _read_json(lineage_uri) if _exists(lineage_uri) else None
-        lineage = on_disk or recorded_lineage or {}
-        run_id = lineage.get("run_id", run_dir.rsplit("/", 1)[-1])
-        label = f"{lineage.get('model', '?')} run {run_id}"
-        entry, created = self._entry("detector", run_dir, label, run_dir, (None, run_id))
-        if created:
-            if on_disk is None:
-                entry.flag(MISSING, f"checkpoint files no longer at {run_dir}"
-                           + ("; shown as recorded by its consumer" if recorded_lineage else ""))
-            entry.fields.update(_detector_summary(lineage))
-            pointer_uri = self.layout.checkpoints("detector", str(lineage.get("model", "")), "latest.json")
-            if lineage.get("model") and _exists(pointer_uri):
-                latest = _read_json(pointer_uri)
-                if latest.get("run_id") and latest["run_id"] != run_id:
-                    entry.flag(NEWER, f"a later detector run exists: {latest['run_id']} (latest.json)")
-            if upstream:
-                self._detector_upstream(label, lineage)
-        if consumer is not None:
-            entry.fields.setdefault("recorded by", {})[consumer] = {"weights digest": recorded_digest or "not recorded"}
-            current = (on_disk or {}).get("weights_digest")
-            if recorded_digest and current and current != recorded_digest:
-                entry.flag(STALE, f"weights changed since {consumer} loaded them (recorded {recorded_digest}, now {current})")
-        return entry
-
-    def _detector_upstream(self, label: str, lineage: dict[str, Any]) -> None:
-        consumer = f"detector {label}"
-        backbone = lineage.get("backbone")
-        if isinstance(backbone, dict) and backbone.get("checkpoint"):
-            self.add_backbone(str(backbone["checkpoint"]), consumer, backbone.get("weights_digest"),
-                              backbone.get("lineage"))
-        else:
-            self.note("backbone", f"no backbone checkpoint recorded in detector checkpoint {label}")
-        tables = lineage.get("pseudo_boxes")
-        if not isinstance(tables, dict) or not tables:
-            self.note("pseudo_boxes", f"no pseudo-box tables recorded in detector checkpoint {label}")
-            return
-        for source, info in sorted(tables.items()):
-            self.add_pseudo_boxes(source, consumer, info)
-            self.add_source(source, consumer, info.get("index_sha256"))
-            self.add_maps(source, consumer, list(info.get("map_store_version") or []) or None)
-        self.note("thresholds", f"no threshold table recorded in detector checkpoint {label} "
-                                "(its pseudo-box tables carry the T_c values they used)")
-
-    # -- evaluations
-    def add_evaluation(self, uri: str, upstream: bool = True) -> Entry:
-        table = pd.read_parquet(uri)
-        dataset = str(table["dataset"].iloc[0]) if "dataset" in table and len(table) else Path(uri).stem
-        entry, created = self._entry("evaluations", uri, f"dataset {dataset}", uri, (None, None))
-        if not created:
-            return entry
-        columns = [c for c in ("regime", "variant", "map50", "map50_95", "delta_map50_95", "checkpoint_run_id")
-                   if c in table]
-        entry.fields["rows"] = {f"{r.get('regime', '-')}/{r.get('variant', '-')}": {
-            k: _plain(r[k]) for k in columns[2:] if not pd.isna(r[k])} for r in table[columns].to_dict("records")}
-        for key in ("model", "epochs", "imgsz", "seed"):
-            if key in table and len(table):
-                entry.fields[key] = _plain(table[key].iloc[0])
-        entry.fields["written"] = datetime.fromtimestamp(_modified(uri), UTC).isoformat(timespec="seconds")
-        consumer = f"evaluation {dataset}"
-        self._describe_split(entry, dataset)
-        if not upstream:
-            return entry
-        source = self.add_source(dataset, consumer)
-        source.fields["role"] = "downstream (finetune + evaluation)"
-        self.note("sources", f"evaluation tables do not record the index version of their dataset ({dataset}); "
-                             "the stored split's fingerprint is compared instead (stage 7)")
-        seen: set[str] = set()
-        for row in table.to_dict("records"):
-            checkpoint = row.get("checkpoint")
-            if not checkpoint or pd.isna(checkpoint) or checkpoint in seen:
-                continue
-            seen.add(checkpoint)
-            lineage = json.loads(row["checkpoint_lineage"]) if row.get("checkpoint_lineage") else {}
-            digest = row.get("initial_digest") if isinstance(row.get("initial_digest"), str) else None
-            adder = CHECKPOINT_KINDS.get(_checkpoint_kind(lineage, str(checkpoint)))
-            if adder is None:
-                self.note("evaluations", f"variant {row.get('variant')} started from {checkpoint}: "
-                                         "not a pipeline checkpoint, no lineage beyond the file")
-                continue
-            adder(self, str(checkpoint), consumer, digest, lineage)
-        variants = set(table.get("variant", pd.Series(dtype=str)))
-        if "agssp" not in variants:
-            self.note("detector", f"evaluation {dataset} has no agssp variant (no detector checkpoint used)")
-        if "agbp" not in variants and "agssp" not in variants:
-            self.note("backbone", f"evaluation {dataset} used no pipeline checkpoint")
-        return entry
-
-    def _describe_split(self, entry: Entry, dataset: str) -> None:
-        """The stored train/val split: its fingerprint of the labelled set vs the index as it is now."""
-        from agssp_pipeline.training.splits import SPLIT_METADATA_KEY, index_fingerprint, split_path
-
-        uri = split_path(self.layout, dataset)
-        if not _exists(uri):
-            entry.fields["split"] = "no stored split found"
-            return
-        meta = json.loads(_parquet_metadata(uri, full=True).get(SPLIT_METADATA_KEY.decode(), "{}"))
-        entry.fields["split"] = {"path": uri, "fingerprint": meta.get("fingerprint"), "params": meta.get("params")}
-        index_uri, annotations_uri = self.layout.index(dataset), self.layout.annotations(dataset)
-        if meta.get("fingerprint") and _exists(index_uri) and _exists(annotations_uri):
-            now = index_fingerprint(pd.read_parquet(index_uri), pd.read_parquet(annotations_uri))
-            entry.fields["labelled set fingerprint now"] = now
-            if now != meta["fingerprint"]:
-                entry.flag(STALE, f"the labelled set of {dataset} changed since it was split and evaluated "
-                                  f"(split fingerprint {meta['fingerprint']}, now {now})")
-
-    # -- downstream consumers of checkpoints
-    def add_consumers(self, run_dir: str, kind: str) -> None:
-        """Evaluations (and, for a backbone, detectors) that used the checkpoint at ``run_dir``."""
-        detectors: list[str] = []
-        if kind == "backbone":
-            for lineage_uri in _glob(self.layout.checkpoints("detector", "*", "*", "lineage.json")):
-                lineage = _read_json(lineage_uri)
-                if _same_path((lineage.get("backbone") or {}).get("checkpoint"), run_dir):
-                    detector_dir = lineage_uri.rsplit("/", 1)[0]
-                    detectors.append(detector_dir)
-                    self.add_detector(detector_dir, upstream=False)
-        users = [run_dir, *detectors]
-        found = False
-        for uri in evaluation_tables(self.layout):
-            table = pd.read_parquet(uri, columns=["checkpoint"]) if "checkpoint" in _columns(uri) else None
-            if table is not None and any(_same_path(str(c), u) for c in table["checkpoint"].dropna() for u in users):
-                self.add_evaluation(uri, upstream=False)
-                found = True
-        if not found:
-            self.note("evaluations", "no evaluation table under the storage root used this checkpoint")
+def _difference(recorded: Any, now: Any) -> str | None:
+    """How ``now`` differs from ``recorded`` in words (per key for dicts), None when it does not."""
+    if recorded is None or now is None:
+        return None
+    if isinstance(recorded, dict) and isinstance(now, dict):
+        changed = [f"{k}: {_short(v)} -> {_short(now[k])}" for k, v in recorded.items()
+                   if k in now and not _same(v, now[k])]
+        return "; ".join(changed) or None
+    return None if _same(recorded, now) else f"recorded {recorded}, now {now}"
 
 
-def _compare_dagster_version(entry: Entry, asset: str, recorded: str | None, consumer: str) -> None:
-    """STALE when Dagster's latest materialisation has another data version than the one the consumer saw."""
-    latest = entry.dagster[0] if entry.dagster else None  # records() lists the latest first
-    if recorded is None or latest is None or not latest.get("data_version"):
-        return
-    if latest["data_version"] != recorded:
-        entry.flag(STALE, f"Dagster has a newer materialisation of {asset}{_partition_text(latest)} (data version "
-                          f"{latest['data_version']}, run {latest['run_id']}) than the {recorded} {consumer} consumed")
-
-
-CheckpointAdder = Callable[..., Entry]
-CHECKPOINT_KINDS: dict[str, CheckpointAdder] = {
-    "backbone": ChainBuilder.add_backbone,
-    "detector": ChainBuilder.add_detector,
-}
-
-
-def _checkpoint_kind(lineage: dict[str, Any], path: str) -> str | None:
-    if lineage.get("kind") == "detector" or "/checkpoints/detector/" in path:
-        return "detector"
-    if isinstance(lineage.get("backbone"), str) and "data" in lineage or "/checkpoints/backbone/" in path:
-        return "backbone"
-    return None
-
-
-def _plain(value: Any) -> Any:
-    """numpy scalars -> Python values (for JSON and printing)."""
-    return value.item() if hasattr(value, "item") else value
-
-
-def _columns(uri: str) -> list[str]:
-    import pyarrow.parquet as pq
-
-    fs, path = _fs(uri)
-    with fs.open(path, "rb") as handle:
-        return list(pq.ParquetFile(handle).schema_arrow.names)
-
-
-def _glob(pattern: str) -> list[str]:
-    fs, path = _fs(pattern)
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    prefix = "" if protocol in ("file", "local") else f"{protocol}://"
-    return sorted(prefix + p for p in fs.glob(path))
-
-
-def evaluation_tables(layout: StorageLayout) -> list[str]:
-    """Finetune evaluation tables (not the per-class or pseudo-box quality tables beside them)."""
-    return [u for u in _glob(layout.path("evaluations", "*.parquet"))
-            if not u.endswith(".per_class.parquet") and not u.rsplit("/", 1)[-1].startswith("pseudo_box_quality_")]
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, float | int) and isinstance(b, float | int):
+        return abs(float(a) - float(b)) <= 1e-6
+    return a == b
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# summaries of each artifact
+# what each kind of artifact records (its inputs) and what it is now
 
 
-def _index_summary(uri: str) -> dict[str, Any]:
-    index = pd.read_parquet(uri)
-    summary: dict[str, Any] = {"images": len(index)}
+def _read_index(walk: Walk, node: Node, _item: Input) -> list[Input]:
+    node.name, node.dagster = f"index {node.key}", (node.key, None)
+    node.measures["version"] = now = file_hash(node.uri)
+    node.entry.fields["index sha256[:16] now"] = now
+    if now is None:
+        node.entry.flag(MISSING, f"index file {node.uri} no longer exists")
+        return []
+    index = aio.read_parquet(node.uri)
+    fields = node.entry.fields
+    fields["images"] = len(index)
     if "image_id" in index:
-        summary["unique images"] = int(index["image_id"].nunique())
+        fields["unique images"] = int(index["image_id"].nunique())
     if "category" in index:
-        summary["categories"] = sorted(index["category"].dropna().astype(str).unique())
+        fields["categories"] = sorted(index["category"].dropna().astype(str).unique())
     if "is_normal" in index:
         normal = index["is_normal"]
-        summary["normal / defective / unknown"] = (f"{int((normal == True).sum())} / "  # noqa: E712
-                                                   f"{int((normal == False).sum())} / {int(normal.isna().sum())}")  # noqa: E712
-    return summary
+        fields["normal / defective / unknown"] = (f"{int((normal == True).sum())} / "  # noqa: E712
+                                                  f"{int((normal == False).sum())} / {int(normal.isna().sum())}")  # noqa: E712
+    annotations = walk.layout.annotations(node.key)
+    if aio.is_file(annotations):
+        fields["annotation boxes"] = len(aio.read_parquet(annotations, columns=["image_id"]))
+    return []  # an index is read from the source folder itself: nothing upstream is an artifact
 
 
-def _map_version_summary(attrs: dict[str, Any]) -> dict[str, Any]:
+def _read_maps(walk: Walk, node: Node, _item: Input) -> list[Input]:
+    from agssp_pipeline.kead.store import store_versions
+
+    node.name, node.dagster = f"map store {node.key}", (node.key, None)
+    stored = store_versions(node.uri)
+    current = stored[0].get("current_version") if stored else None
+    node.measures["version"] = node.entry.fields["current version"] = current
+    if stored is None:
+        node.entry.flag(MISSING, f"no map store at {node.uri}")
+        return []
+    node.versions = stored[1]
+    node.entry.fields["versions in store"] = sorted(node.versions)
+    _show_map_version(node, current)
+    return []  # versions record encoder, weights, prompts and references, not the index version they mapped
+
+
+def _show_map_version(node: Node, version: str | None) -> None:
+    if not version or f"version {version}" in node.entry.fields or node.versions is None:
+        return
+    attrs = node.versions.get(version)
+    if attrs is None:
+        node.entry.fields[f"version {version}"] = "no longer in the store"
+        return
     identity = attrs.get("identity") if isinstance(attrs.get("identity"), dict) else {}
     references = attrs.get("references") or {}
-    return {
-        "encoder": identity.get("encoder", attrs.get("encoder")),
-        "model": identity.get("model"),
-        "mode": identity.get("mode"),
-        "weights": identity.get("weights", attrs.get("weights")),
+    node.entry.fields[f"version {version}"] = {
+        "encoder": identity.get("encoder", attrs.get("encoder")), "model": identity.get("model"),
+        "mode": identity.get("mode"), "weights": identity.get("weights", attrs.get("weights")),
         "prompts hash": identity.get("prompt_hash", attrs.get("prompt_hash")) or "-",
-        "grid": attrs.get("grid_size"),
-        "maps": attrs.get("committed"),
-        "created": attrs.get("created_at"),
+        "grid": attrs.get("grid_size"), "maps": attrs.get("committed"), "created": attrs.get("created_at"),
         "code": attrs.get("code_version"),
         "reference images": {str(c): list(ids) for c, ids in references.items()} if references else "not recorded",
     }
 
 
+def _on_map_record(node: Node, item: Input, consumer: str) -> None:
+    _show_map_version(node, item.recorded)
+    if item.recorded and node.versions is not None and item.recorded not in node.versions:
+        node.entry.flag(MISSING, f"version {item.recorded} used by {consumer} is no longer in the store")
+
+
+def _map_inputs(source: str, versions: Any) -> list[Input]:
+    listed = versions if isinstance(versions, list) else [versions] if versions else [None]
+    return [Input("maps", source, recorded=v, what="map store version") for v in listed]
+
+
+def _read_thresholds(walk: Walk, node: Node, _item: Input) -> list[Input]:
+    node.name = node.entry.label = "thresholds table"
+    node.dagster = (None, None)
+    node.measures["version"] = now = file_hash(node.uri)
+    node.entry.fields["table sha256[:16] now"] = now
+    if now is None:
+        node.entry.flag(MISSING, f"no thresholds table at {node.uri}")
+        return []
+    table = aio.read_parquet(node.uri)
+    node.entry.fields["per category"] = {
+        str(row["category"]): {"T_c": float(row["threshold"]), "image cutoff": float(row["image_cutoff"]),
+                               "images": int(row["n_images"]), "sources": row["sources"]}
+        for _, row in table.iterrows()}
+    node.measures["T_c"] = {str(c): float(t) for c, t in zip(table["category"], table["threshold"], strict=True)}
+    used: dict[str, str] = {}
+    for text in table.get("map_store_versions", pd.Series(dtype=str)).dropna():
+        used.update({s: v for s, v in json.loads(text).items() if v})
+    node.entry.fields["map store versions used"] = used
+    return [i for source, version in sorted(used.items()) for i in _map_inputs(source, version)]
+
+
+def _read_pseudo_boxes(walk: Walk, node: Node, _item: Input) -> list[Input]:
+    node.name, node.dagster = f"pseudo boxes {node.key}", (node.key, None)
+    node.measures["version"] = now = file_hash(node.uri)
+    node.entry.fields["table sha256[:16] now"] = now
+    if now is None:
+        node.entry.flag(MISSING, f"pseudo-box table {node.uri} no longer exists")
+        return []
+    table = aio.read_parquet(node.uri)
+    images = table.drop_duplicates("image_id")
+    versions = sorted(set(table["map_store_version"].dropna().astype(str)))
+    used = images.dropna(subset=["threshold"]).groupby("category")["threshold"].first()
+    node.entry.fields.update({
+        "images": len(images), "judged defective": int(images["judged_defective"].sum()),
+        "boxes": int(table["box_index"].notna().sum()), "built from map store version": versions,
+        "T_c used": {str(k): float(v) for k, v in used.items()}})
+    extra = {k: v[:500] for k, v in aio.parquet_metadata(node.uri).items()}
+    if extra:
+        node.entry.fields["parquet metadata"] = extra
+    walk.note("pseudo_boxes", "pseudo-box tables record the T_c value per row, not the thresholds table "
+                              "version: staleness against the thresholds is judged by comparing those values")
+    return [Input("index", node.key, what="index sha256[:16]"), *_map_inputs(node.key, versions),
+            Input("thresholds", "thresholds", recorded=node.entry.fields["T_c used"], what="T_c used",
+                  measure="T_c")]
+
+
+# recorded_inputs() names inputs by asset; these are the kinds of this walk and what their version is called
+ASSET_KINDS = {"image_index": ("index", "index sha256[:16]"), "anomaly_maps": ("maps", "map store version"),
+               "category_thresholds": ("thresholds", "table sha256[:16]"),
+               "pseudo_boxes": ("pseudo_boxes", "table sha256[:16]"),
+               "backbone_checkpoint": ("backbone", "weights digest"),
+               "detector_checkpoint": ("detector", "weights digest")}
+
+
+def _checkpoint_inputs(lineage: dict[str, Any]) -> list[Input]:
+    """The recorded inputs of a checkpoint (``checkpoint.recorded_inputs``) as walk inputs."""
+    seen = lineage.get("dagster_upstream_data_versions") or {}
+    inputs = []
+    for record in ckpt.recorded_inputs(lineage):
+        kind, what = ASSET_KINDS.get(record.get("asset"), (None, ""))
+        if kind is None:
+            continue
+        if kind in ("backbone", "detector"):
+            if not record.get("uri"):
+                continue
+            own = (lineage.get("backbone") or {}).get("lineage") if kind == "backbone" else None
+            inputs.append(Input(kind, aio.canonical(record["uri"]), record["uri"], record.get("version"), what,
+                                lineage=own))
+            continue
+        key = record.get("partition") or "thresholds"
+        dagster = (seen.get(record["asset"]) or {}).get(key)
+        inputs.append(Input(kind, key, record.get("uri"), record.get("version"), what, dagster=dagster))
+        if kind == "pseudo_boxes" and record.get("map_store_version"):
+            inputs.extend(_map_inputs(key, list(record["map_store_version"])))
+    return inputs
+
+
+def _read_checkpoint(walk: Walk, node: Node, item: Input) -> list[Input]:
+    on_disk = ckpt.read_lineage(node.uri) or None
+    lineage = on_disk or item.lineage or {}
+    name_key = "backbone" if node.kind == "backbone" else "model"
+    name = str(lineage.get("name") or lineage.get(name_key) or "?")
+    run_id = str(lineage.get("run_id") or aio.name(node.uri))
+    node.entry.label = label = f"{name} run {run_id}"
+    node.name = f"{node.kind} {label}"
+    node.dagster = (name if node.kind == "backbone" else None, run_id)
+    if on_disk is None:
+        node.entry.flag(MISSING, f"checkpoint files no longer at {node.uri}"
+                        + ("; shown as recorded by its consumer" if item.lineage else ""))
+    node.entry.fields.update(SUMMARIES[node.kind](lineage))
+    pointer = ckpt.read_latest_pointer(walk.layout, name, kind=node.kind) if name != "?" else None
+    if pointer and pointer.get("run_id") not in (None, run_id):
+        node.entry.flag(NEWER, f"a later {node.kind} {name} run exists: {pointer['run_id']} (latest.json)")
+    if node.kind == "backbone":
+        node.measures["version"] = lambda: _backbone_digest(node.uri) if on_disk else None
+    else:
+        node.measures["version"] = (on_disk or {}).get("weights_digest")
+    inputs = _checkpoint_inputs(lineage)
+    _note_unrecorded(walk, node.kind, label, lineage, {i.kind for i in inputs})
+    return inputs
+
+
+def _note_unrecorded(walk: Walk, kind: str, label: str, lineage: dict[str, Any], found: set[str]) -> None:
+    """Say which links a checkpoint's lineage does not record."""
+    if kind == "backbone":
+        if not isinstance(lineage.get("data"), dict):
+            walk.note("sources", f"no data lineage recorded in backbone checkpoint {label}")
+        if "thresholds" not in found:
+            walk.note("thresholds", f"no threshold table recorded in backbone checkpoint {label}")
+        return
+    if "backbone" not in found:
+        walk.note("backbone", f"no backbone checkpoint recorded in detector checkpoint {label}")
+    if "pseudo_boxes" not in found:
+        walk.note("pseudo_boxes", f"no pseudo-box tables recorded in detector checkpoint {label}")
+    walk.note("thresholds", f"no threshold table recorded in detector checkpoint {label} "
+                            "(its pseudo-box tables carry the T_c values they used)")
+
+
+def _backbone_digest(run_dir: str) -> str | None:
+    """Digest of the YOLOv8 backbone tensors of a backbone checkpoint, as detector and finetune record it."""
+    try:
+        state, _ = ckpt.load_checkpoint(run_dir)
+        return ckpt.state_dict_digest(ckpt.backbone_state_for_detector(state))
+    except (FileNotFoundError, ValueError):
+        return None
+
+
 def _backbone_summary(lineage: dict[str, Any]) -> dict[str, Any]:
     code = lineage.get("code") or {}
-    final = lineage.get("final_losses") or {}
-    data = lineage.get("data") or {}
     return {
-        "status": lineage.get("status"),
-        "created": lineage.get("created_at"),
+        "status": lineage.get("status"), "created": lineage.get("created_at"),
         "epochs completed": lineage.get("epochs_completed"),
         "base loss": (lineage.get("resolved") or {}).get("base_loss"),
-        "final losses": {k: v for k, v in final.items() if v is not None},
-        "config hash": lineage.get("config_hash"),
-        "data hash": lineage.get("data_hash"),
-        "classes": data.get("classes"),
+        "final losses": {k: v for k, v in (lineage.get("final_losses") or {}).items() if v is not None},
+        "config hash": lineage.get("config_hash"), "data hash": lineage.get("data_hash"),
+        "classes": (lineage.get("data") or {}).get("classes"),
         "code": f"{code.get('git_commit') or code.get('package_version') or '-'}"
                 + (" (dirty)" if code.get("git_dirty") else ""),
         "device": lineage.get("device"),
@@ -780,16 +553,164 @@ def _backbone_summary(lineage: dict[str, Any]) -> dict[str, Any]:
 
 def _detector_summary(lineage: dict[str, Any]) -> dict[str, Any]:
     settings = lineage.get("settings") or {}
-    metrics = lineage.get("ultralytics_metrics") or {}
     return {
-        "created": lineage.get("created_at"),
-        "weights digest": lineage.get("weights_digest"),
-        "training set": lineage.get("training_set"),
-        "epochs": settings.get("epochs"),
-        "image size": settings.get("image_size"),
-        "frozen backbone layers": settings.get("freeze_layers"),
-        "pseudo-box val mAP50": metrics.get("metrics/mAP50(B)"),
+        "created": lineage.get("created_at"), "weights digest": lineage.get("weights_digest"),
+        "training set": lineage.get("training_set"), "epochs": settings.get("epochs"),
+        "image size": settings.get("image_size"), "frozen backbone layers": settings.get("freeze_layers"),
+        "pseudo-box val mAP50": (lineage.get("ultralytics_metrics") or {}).get("metrics/mAP50(B)"),
     }
+
+
+SUMMARIES: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+    "backbone": _backbone_summary, "detector": _detector_summary}
+
+
+def _read_evaluation(walk: Walk, node: Node, _item: Input) -> list[Input]:
+    table = aio.read_parquet(node.uri)
+    dataset = str(table["dataset"].iloc[0]) if "dataset" in table and len(table) else aio.name(node.uri)
+    node.entry.label, node.name, node.dagster = f"dataset {dataset}", f"evaluation {dataset}", (None, None)
+    columns = [c for c in ("regime", "variant", "map50", "map50_95", "delta_map50_95", "checkpoint_run_id")
+               if c in table]
+    node.entry.fields["rows"] = {f"{r.get('regime', '-')}/{r.get('variant', '-')}": {
+        k: _plain(r[k]) for k in columns[2:] if not pd.isna(r[k])} for r in table[columns].to_dict("records")}
+    node.entry.fields.update({k: _plain(table[k].iloc[0]) for k in ("model", "epochs", "imgsz", "seed")
+                              if k in table and len(table)})
+    written = aio.modified_time(node.uri)
+    node.entry.fields["written"] = datetime.fromtimestamp(written or 0, UTC).isoformat(timespec="seconds")
+    _check_split(walk, node, dataset)
+    walk.note("sources", f"evaluation tables do not record the index version of their dataset ({dataset}); "
+                         "the stored split's fingerprint is compared instead (stage 7)")
+    inputs = [Input("index", dataset, what="index sha256[:16]")]
+    for row in table.drop_duplicates("checkpoint").to_dict("records") if "checkpoint" in table else []:
+        checkpoint = row.get("checkpoint")
+        if not isinstance(checkpoint, str) or not checkpoint:
+            continue
+        lineage = json.loads(row["checkpoint_lineage"]) if row.get("checkpoint_lineage") else {}
+        kind = ckpt.checkpoint_kind(lineage)
+        if kind not in SUMMARIES:
+            walk.note("evaluations", f"variant {row.get('variant')} started from {checkpoint}: "
+                                     "not a pipeline checkpoint, no lineage beyond the file")
+            continue
+        digest = row.get("initial_digest") if isinstance(row.get("initial_digest"), str) else None
+        inputs.append(Input(kind, aio.canonical(checkpoint), checkpoint, digest, "weights digest", lineage=lineage))
+    variants = set(table.get("variant", pd.Series(dtype=str)))
+    if "agssp" not in variants:
+        walk.note("detector", f"evaluation {dataset} has no agssp variant (no detector checkpoint used)")
+    if not variants & {"agbp", "agssp"}:
+        walk.note("backbone", f"evaluation {dataset} used no pipeline checkpoint")
+    return inputs
+
+
+def _check_split(walk: Walk, node: Node, dataset: str) -> None:
+    """The stored split's fingerprint of the labelled set vs the same fingerprint of the index as it is now."""
+    from agssp_pipeline.training.splits import labelled_set_fingerprint, read_split, split_path
+
+    uri = split_path(walk.layout, dataset)
+    stored = read_split(uri)
+    if stored is None:
+        node.entry.fields["split"] = "no stored split found"
+        return
+    meta = stored[1]
+    node.entry.fields["split"] = {"path": uri, "fingerprint": meta.get("fingerprint"), "params": meta.get("params")}
+    index_uri, annotations_uri = walk.layout.index(dataset), walk.layout.annotations(dataset)
+    if meta.get("fingerprint") and aio.is_file(index_uri) and aio.is_file(annotations_uri):
+        now = labelled_set_fingerprint(aio.read_parquet(index_uri), aio.read_parquet(annotations_uri))
+        node.entry.fields["labelled set fingerprint now"] = now
+        if now != meta["fingerprint"]:
+            node.entry.flag(STALE, f"the labelled set of {dataset} changed since it was split and evaluated "
+                                   f"(split fingerprint {meta['fingerprint']}, now {now})")
+
+
+def _read_kead_evaluation(walk: Walk, node: Node, _item: Input) -> list[Input]:
+    source = aio.name(node.uri).removesuffix(".parquet")
+    node.entry.label = node.name = f"KeAD evaluation {source}"
+    node.dagster = (source, None)
+    table = aio.read_parquet(node.uri)
+    overall = table[table["level"] == "overall"] if "level" in table else table
+    if "evaluated_at" in overall:
+        overall = overall.sort_values("evaluated_at", kind="stable")
+    node.entry.fields["evaluated map store versions"] = {
+        str(r.get("store_version")): {k: _plain(r[k]) for k in ("image_auroc", "pixel_auroc", "evaluated_at")
+                                      if k in r and not pd.isna(r[k])} for r in overall.to_dict("records")}
+    latest = str(overall["store_version"].iloc[-1]) if "store_version" in overall and len(overall) else None
+    return _map_inputs(source, latest)
+
+
+def _read_box_quality(walk: Walk, node: Node, _item: Input) -> list[Input]:
+    table = aio.read_parquet(node.uri)
+    source = str(table["source"].iloc[0]) if "source" in table and len(table) else aio.name(node.uri)
+    node.entry.label = node.name = f"box quality {source}"
+    node.dagster = (source, None)
+    measured = {"view", "method", "iou_threshold"} <= set(table.columns)
+    boxes = table[(table["view"] == "boxes") & (table["method"] == "pseudo")] if measured else table.iloc[:0]
+    node.entry.fields["pseudo boxes vs ground truth"] = {
+        f"IoU {r['iou_threshold']:g}": {"recall": _plain(r["recall"]), "precision": _plain(r["precision"])}
+        for r in boxes.to_dict("records")}
+    walk.note("evaluations", f"box-quality table of {source} does not record the pseudo-box table version it "
+                             "measured (shown: the table there now)")
+    return [Input("pseudo_boxes", source, what="table sha256[:16]")]
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars -> Python values (for JSON and printing)."""
+    return value.item() if hasattr(value, "item") else value
+
+
+@dataclass(frozen=True)
+class Kind:
+    """A kind of artifact: its stage, Dagster asset, where the layout puts it, and how its record is read."""
+
+    stage: str
+    asset: str
+    default_uri: Callable[[StorageLayout, str], str]
+    read: Callable[[Walk, Node, Input], list[Input]]
+    stale: str = "{consumer} used another version of it ({diff})"
+    on_record: Callable[[Node, Input, str], None] | None = None
+
+
+def _given(_layout: StorageLayout, key: str) -> str:
+    return key
+
+
+KINDS: dict[str, Kind] = {
+    "index": Kind("sources", "image_index", StorageLayout.index, _read_index,
+                  "index changed since {consumer} consumed it ({diff})"),
+    "maps": Kind("maps", "anomaly_maps", StorageLayout.maps_store, _read_maps,
+                 "map store moved to version {now} since {consumer} used {recorded}", _on_map_record),
+    "thresholds": Kind("thresholds", "category_thresholds", lambda layout, _: layout.thresholds(),
+                       _read_thresholds, "thresholds changed since {consumer} was made ({diff})"),
+    "pseudo_boxes": Kind("pseudo_boxes", "pseudo_boxes", StorageLayout.pseudo_boxes, _read_pseudo_boxes,
+                         "table rewritten since {consumer} trained on it ({diff})"),
+    "backbone": Kind("backbone", "backbone_checkpoint", _given, _read_checkpoint,
+                     "weights changed since {consumer} loaded them ({diff})"),
+    "detector": Kind("detector", "detector_checkpoint", _given, _read_checkpoint,
+                     "weights changed since {consumer} loaded them ({diff})"),
+    "evaluation": Kind("evaluations", "finetune_evaluation", _given, _read_evaluation),
+    "kead_evaluation": Kind("evaluations", "kead_evaluation", _given, _read_kead_evaluation),
+    "box_quality": Kind("evaluations", "pseudo_box_quality", _given, _read_box_quality),
+}
+
+
+def _add_consumers(walk: Walk, run_dir: str, kind: str) -> None:
+    """Evaluations (and, for a backbone, detectors) whose records name the checkpoint at ``run_dir``."""
+    users = [run_dir]
+    if kind == "backbone":
+        for lineage_uri in aio.glob(walk.layout.checkpoints("detector", "*", "*", ckpt.LINEAGE_FILE)):
+            backbone = (aio.read_json(lineage_uri).get("backbone") or {})
+            if isinstance(backbone, dict) and backbone.get("checkpoint") \
+                    and aio.same_location(backbone["checkpoint"], run_dir):
+                detector = aio.canonical(aio.parent(lineage_uri))
+                users.append(detector)
+                walk.visit(Input("detector", detector, detector), follow=False)
+    found = False
+    for uri in _tables(walk.layout, "finetune"):
+        table = aio.read_parquet(uri)
+        named = table["checkpoint"].dropna().astype(str) if "checkpoint" in table else []
+        if any(aio.same_location(c, u) for c in named for u in users):
+            walk.visit(Input("evaluation", aio.canonical(uri), uri), follow=False)
+            found = True
+    if not found:
+        walk.note("evaluations", "no evaluation table under the storage root used this checkpoint")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -798,7 +719,7 @@ def _detector_summary(lineage: dict[str, Any]) -> dict[str, Any]:
 
 @dataclass
 class ResolvedTarget:
-    kind: str  # evaluation, detector, backbone, pseudo_boxes, thresholds, maps, index
+    kind: str  # a key of KINDS
     uri: str
     name: str = ""  # source name where the artifact is per source
 
@@ -814,113 +735,93 @@ def infer_storage_root(uri: str) -> str | None:
     return None
 
 
-def _resolve_checkpoint(uri: str) -> ResolvedTarget:
-    from agssp_pipeline.training import checkpoint as ckpt
-
-    run_dir = uri.rsplit("/", 1)[0] if uri.endswith((ckpt.MODEL_FILE, ckpt.LINEAGE_FILE)) else uri
-    pointer = _join(run_dir, ckpt.LATEST_FILE)
-    if not _exists(_join(run_dir, ckpt.MODEL_FILE)) and not _exists(_join(run_dir, ckpt.LINEAGE_FILE)) \
-            and _exists(pointer):
-        latest = _read_json(pointer)
-        run_dir = latest.get("run_dir") or _join(run_dir, latest["run_id"])
-    lineage_uri = _join(run_dir, ckpt.LINEAGE_FILE)
-    lineage = _read_json(lineage_uri) if _exists(lineage_uri) else {}
-    kind = _checkpoint_kind(lineage, run_dir)
-    if kind is None:
-        raise LineageTargetError(f"{uri}: not a backbone or detector checkpoint (no lineage.json saying which)")
-    return ResolvedTarget(kind, run_dir)
-
-
-def _resolve_parquet(uri: str) -> ResolvedTarget:
-    name = uri.rsplit("/", 1)[-1]
-    folder = uri.rsplit("/", 2)[-2] if uri.count("/") else ""
-    if name == "thresholds.parquet":
-        return ResolvedTarget("thresholds", uri)
-    if folder == "index":
-        source = name.removesuffix(".parquet").removesuffix(".annotations").removesuffix(".quarantine")
-        return ResolvedTarget("index", uri.rsplit("/", 1)[0] + f"/{source}.parquet", source)
-    if folder == "pseudo_boxes":
-        return ResolvedTarget("pseudo_boxes", uri, name.removesuffix(".parquet"))
-    if folder == "evaluations":
-        if name.endswith(".per_class.parquet"):
-            uri = uri.removesuffix(".per_class.parquet") + ".parquet"
-        return ResolvedTarget("evaluation", uri)
-    columns = set(_columns(uri))
-    by_columns = [("evaluation", {"variant", "checkpoint_lineage"}), ("pseudo_boxes", {"box_index", "map_store_version"}),
-                  ("thresholds", {"threshold", "map_store_versions"}), ("index", {"image_id", "path", "source"})]
-    for kind, needed in by_columns:
-        if needed <= columns:
-            return ResolvedTarget(kind, uri, name.removesuffix(".parquet"))
-    raise LineageTargetError(f"{uri}: a Parquet file the pipeline did not write (columns {sorted(columns)[:8]})")
-
-
 def resolve_path(target: str) -> ResolvedTarget:
-    uri = target if "://" in target else str(Path(target).resolve())
-    if not _exists(uri):
+    """The artifact at a path, by where the layout puts each kind (checkpoints: by their lineage's kind)."""
+    uri = aio.canonical(target)
+    if not aio.exists(uri):
         raise LineageTargetError(f"{target}: no such file or folder")
+    name, folder = aio.name(uri), aio.name(aio.parent(uri))
     if uri.endswith(".parquet"):
-        return _resolve_parquet(uri)
-    if _exists(_join(uri, "zarr.json")) and "/maps.zarr/" in uri + "/":
-        return ResolvedTarget("maps", uri.rstrip("/"), uri.rstrip("/").rsplit("/", 1)[-1])
-    return _resolve_checkpoint(uri)
+        stem = name.removesuffix(".parquet")
+        if name == "thresholds.parquet":
+            return ResolvedTarget("thresholds", uri)
+        if folder == "index":
+            source = stem.removesuffix(".annotations").removesuffix(".quarantine")
+            return ResolvedTarget("index", aio.join(aio.parent(uri), f"{source}.parquet"), source)
+        if folder == "pseudo_boxes":
+            return ResolvedTarget("pseudo_boxes", uri, stem)
+        if folder in EVALUATION_FOLDERS and aio.name(aio.parent(aio.parent(uri))) == "evaluations":
+            table = aio.join(aio.parent(uri), stem.removesuffix(".per_class") + ".parquet")
+            return ResolvedTarget(EVALUATION_FOLDERS[folder], table, stem.removesuffix(".per_class"))
+        raise LineageTargetError(f"{uri}: a Parquet file the pipeline did not write (not an index, pseudo-box, "
+                                 "thresholds or evaluations/<kind>/ table)")
+    if folder == "maps.zarr" and aio.exists(aio.join(uri, "zarr.json")):
+        return ResolvedTarget("maps", uri, name)
+    try:
+        run = aio.canonical(ckpt.resolve_checkpoint_dir(uri))
+    except FileNotFoundError:
+        run = uri
+    kind = ckpt.checkpoint_kind(ckpt.read_lineage(run))
+    if kind not in SUMMARIES:
+        raise LineageTargetError(f"{uri}: not a backbone or detector checkpoint (no lineage.json saying which)")
+    return ResolvedTarget(kind, run)
 
 
 def _newest(uris: list[str]) -> str | None:
-    return max(uris, key=_modified) if uris else None
+    return max(uris, key=lambda u: aio.modified_time(u) or 0.0) if uris else None
 
 
-def _latest_backbone(layout: StorageLayout, config, partition: str | None) -> str | None:
-    from agssp_pipeline.training import checkpoint as ckpt
-
-    names = [partition] if partition else []
-    if not names and config is not None:
-        names = [config.detector.backbone]
-    for name in names:
-        pointer = ckpt.read_latest_pointer(layout, name)
-        if pointer:
-            return ckpt.run_dir(layout, name, pointer["run_id"])
-    pointers = _glob(layout.checkpoints("backbone", "*", ckpt.LATEST_FILE))
-    newest = _newest(pointers)
-    return _join(newest.rsplit("/", 1)[0], _read_json(newest)["run_id"]) if newest else None
+def _tables(layout: StorageLayout, kind: str) -> list[str]:
+    """Evaluation tables of one kind (not the per-class tables beside the finetune ones)."""
+    return [u for u in aio.glob(layout.evaluations(kind, "*")) if not u.endswith(".per_class.parquet")]
 
 
-def _latest_detector(layout: StorageLayout, config, partition: str | None) -> str | None:
-    model = partition or (config.detector.model if config is not None else None)
-    pointers = ([layout.checkpoints("detector", model, "latest.json")] if model else []) + \
-        _glob(layout.checkpoints("detector", "*", "latest.json"))
-    existing = [p for p in pointers if _exists(p)]
-    if not existing:
-        return None
-    return _read_json(existing[0] if model and _exists(pointers[0]) else _newest(existing))["run_dir"]
-
-
-def _latest_per_source(pattern: Callable[[str], str], partition: str | None) -> str | None:
+def _per_source(uri_of: Callable[[str], str], partition: str | None, every: list[str]) -> str | None:
     if partition:
-        uri = pattern(partition)
-        return uri if _exists(uri) else None
-    return _newest(_glob(pattern("*")))
+        return uri_of(partition) if aio.exists(uri_of(partition)) else None
+    return _newest(every)
 
 
-ASSET_TARGETS: dict[str, Callable[[StorageLayout, Any, str | None], ResolvedTarget | None]] = {
-    "finetune_evaluation": lambda layout, config, part: _maybe(
-        "evaluation", _latest_per_source(layout.evaluations, part) if part else _newest(evaluation_tables(layout))),
-    "detector_checkpoint": lambda layout, config, part: _maybe("detector", _latest_detector(layout, config, part)),
-    "backbone_checkpoint": lambda layout, config, part: _maybe("backbone", _latest_backbone(layout, config, part)),
-    "pseudo_boxes": lambda layout, config, part: _maybe("pseudo_boxes", _latest_per_source(layout.pseudo_boxes, part)),
-    "anomaly_maps": lambda layout, config, part: _maybe(
-        "maps", _latest_per_source(lambda s: _join(layout.maps_store(s), "zarr.json"), part), strip="/zarr.json"),
-    "category_thresholds": lambda layout, config, part: _maybe(
-        "thresholds", layout.thresholds() if _exists(layout.thresholds()) else None),
-    "image_index": lambda layout, config, part: _maybe("index", _latest_per_source(layout.index, part)),
+def _latest_checkpoint(layout: StorageLayout, kind: str, partition: str | None, config) -> str | None:
+    """The latest run of the named model, else of the configured one, else the newest of any name."""
+    configured = getattr(config.detector, "backbone" if kind == "backbone" else "model") if config else None
+    for name in [partition] if partition else [configured] if configured else []:
+        if ckpt.read_latest_pointer(layout, name, kind=kind):
+            return ckpt.latest_checkpoint_dir(layout, name, kind=kind)
+    newest = _newest(aio.glob(layout.checkpoints(kind, "*", ckpt.LATEST_FILE)))
+    return ckpt.resolve_checkpoint_dir(aio.parent(newest)) if newest and not partition else None
+
+
+def _newest_store(layout: StorageLayout, partition: str | None) -> str | None:
+    if partition:
+        return layout.maps_store(partition) if aio.exists(aio.join(layout.maps_store(partition), "zarr.json")) else None
+    newest = _newest(aio.glob(aio.join(layout.maps_store("*"), "zarr.json")))
+    return aio.parent(newest) if newest else None
+
+
+def _index_tables(layout: StorageLayout) -> list[str]:
+    return [u for u in aio.glob(layout.index("*")) if not u.endswith((".annotations.parquet", ".quarantine.parquet"))]
+
+
+AssetTarget = Callable[[StorageLayout, Any, str | None], str | None]
+ASSET_TARGETS: dict[str, tuple[str, AssetTarget]] = {
+    "finetune_evaluation": ("evaluation", lambda layout, config, part: _per_source(
+        lambda n: layout.evaluations("finetune", n), part, _tables(layout, "finetune"))),
+    "kead_evaluation": ("kead_evaluation", lambda layout, config, part: _per_source(
+        lambda n: layout.evaluations("kead", n), part, _tables(layout, "kead"))),
+    "pseudo_box_quality": ("box_quality", lambda layout, config, part: _per_source(
+        lambda n: layout.evaluations("box_quality", n), part, _tables(layout, "box_quality"))),
+    "detector_checkpoint": ("detector", lambda layout, config, part: _latest_checkpoint(
+        layout, "detector", part, config)),
+    "backbone_checkpoint": ("backbone", lambda layout, config, part: _latest_checkpoint(
+        layout, "backbone", part, config)),
+    "pseudo_boxes": ("pseudo_boxes", lambda layout, config, part: _per_source(
+        layout.pseudo_boxes, part, aio.glob(layout.pseudo_boxes("*")))),
+    "anomaly_maps": ("maps", lambda layout, config, part: _newest_store(layout, part)),
+    "category_thresholds": ("thresholds", lambda layout, config, part: layout.thresholds()
+                            if aio.exists(layout.thresholds()) else None),
+    "image_index": ("index", lambda layout, config, part: _per_source(layout.index, part, _index_tables(layout))),
 }
-
-
-def _maybe(kind: str, uri: str | None, strip: str = "") -> ResolvedTarget | None:
-    if uri is None:
-        return None
-    uri = uri.removesuffix(strip)
-    name = uri.rsplit("/", 1)[-1].removesuffix(".parquet")
-    return ResolvedTarget(kind, uri, name)
 
 
 def parse_asset_target(target: str) -> tuple[str, str | None]:
@@ -934,44 +835,52 @@ def parse_asset_target(target: str) -> tuple[str, str | None]:
 
 def resolve_target(target: str, layout: StorageLayout | None, config=None) -> ResolvedTarget:
     asset, partition = parse_asset_target(target)
-    if asset in ASSET_TARGETS and not Path(target).exists():
-        if layout is None:
-            raise LineageTargetError(f"'{asset}' is an asset name: pass --config (or set AGSSP_CONFIG) "
-                                     "so its latest artifact can be found under storage_root")
-        resolved = ASSET_TARGETS[asset](layout, config, partition)
-        if resolved is None:
-            where = f"[{partition}]" if partition else ""
-            raise LineageTargetError(f"no artifact of {asset}{where} under {layout.root}: materialise it first")
-        return resolved
-    return resolve_path(target)
+    if asset not in ASSET_TARGETS or aio.exists(target):
+        return resolve_path(target)
+    if layout is None:
+        raise LineageTargetError(f"'{asset}' is an asset name: pass --config (or set AGSSP_CONFIG) "
+                                 "so its latest artifact can be found under storage_root")
+    kind, find = ASSET_TARGETS[asset]
+    uri = find(layout, config, partition)
+    if uri is None:
+        where = f"[{partition}]" if partition else ""
+        raise LineageTargetError(f"no artifact of {asset}{where} under {layout.root}: materialise it first")
+    return ResolvedTarget(kind, aio.canonical(uri), aio.name(uri).removesuffix(".parquet"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # entry point
 
-
-def _start(builder: ChainBuilder, resolved: ResolvedTarget) -> None:
-    starters: dict[str, Callable[[], Any]] = {
-        "evaluation": lambda: builder.add_evaluation(resolved.uri),
-        "detector": lambda: (builder.add_detector(resolved.uri), builder.add_consumers(resolved.uri, "detector")),
-        "backbone": lambda: (builder.add_backbone(resolved.uri), builder.add_consumers(resolved.uri, "backbone")),
-        "pseudo_boxes": lambda: (builder.add_pseudo_boxes(resolved.name, path=resolved.uri),
-                                 builder.add_source(resolved.name)),
-        "thresholds": lambda: builder.add_thresholds(),
-        "maps": lambda: (builder.add_maps(resolved.name, store_uri=resolved.uri), builder.add_source(resolved.name)),
-        "index": lambda: builder.add_source(resolved.name, index_path=resolved.uri),
-    }
-    starters[resolved.kind]()
-    if resolved.kind in UPSTREAM_ONLY_TARGETS:
-        later = [key for key, _ in STAGES][[key for key, _ in STAGES].index(UPSTREAM_ONLY_TARGETS[resolved.kind]) + 1:]
-        for key in later:
-            if not builder.stages[key].entries:
-                builder.note(key, "downstream of the target: not followed (pass a checkpoint or an evaluation "
-                                  "to see what consumed these artifacts)")
-
-
 # targets whose report stops at their own stage -> that stage
 UPSTREAM_ONLY_TARGETS = {"index": "sources", "maps": "maps", "thresholds": "thresholds", "pseudo_boxes": "pseudo_boxes"}
+
+
+def _start(walk: Walk, resolved: ResolvedTarget) -> None:
+    per_source = resolved.kind in ("index", "maps", "pseudo_boxes")
+    key = resolved.name if per_source else "thresholds" if resolved.kind == "thresholds" else resolved.uri
+    walk.visit(Input(resolved.kind, key, resolved.uri))
+    if resolved.kind in ("backbone", "detector"):
+        _add_consumers(walk, resolved.uri, resolved.kind)
+    if resolved.kind in UPSTREAM_ONLY_TARGETS:
+        keys = [key for key, _ in STAGES]
+        for later in keys[keys.index(UPSTREAM_ONLY_TARGETS[resolved.kind]) + 1:]:
+            if not walk.stages[later].entries:
+                walk.note(later, "downstream of the target: not followed (pass a checkpoint or an evaluation "
+                                 "to see what consumed these artifacts)")
+
+
+def _dagster_records(instance, config_path: str | Path | None, use_dagster: bool) -> DagsterRecords | None:
+    """Records of the given instance, else of the one at DAGSTER_HOME / ``<config dir>/dagster_home``."""
+    if not use_dagster:
+        return None
+    if instance is None:
+        home = find_dagster_home(config_path)
+        if home is None:
+            return None
+        import dagster as dg
+
+        instance = dg.DagsterInstance.from_config(home)
+    return DagsterRecords(instance)
 
 
 def build_lineage_report(
@@ -995,18 +904,6 @@ def build_lineage_report(
         if root is None:
             raise LineageTargetError(f"{resolved.uri} is not under a pipeline storage root; pass --config")
         layout = StorageLayout(root)
-    records = None
-    if use_dagster:
-        if instance is None:
-            home = find_dagster_home(config_path)
-            if home is not None:
-                import dagster as dg
-
-                instance = dg.DagsterInstance.from_config(home)
-        records = DagsterRecords(instance) if instance is not None else None
-    builder = ChainBuilder(layout, records)
-    _start(builder, resolved)
-    for stage in builder.stages.values():
-        for entry in stage.entries:
-            entry.fields.pop("_versions", None)
-    return builder.report(target, resolved.kind)
+    walk = Walk(layout, _dagster_records(instance, config_path, use_dagster))
+    _start(walk, resolved)
+    return walk.report(target, resolved.kind)

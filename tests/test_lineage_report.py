@@ -1,12 +1,15 @@
 """`agssp lineage`: the chain from sources to evaluations, read back from a real (small) demo run.
 
-One headless run of the chain (demo corpus, 1 epoch everywhere) serves every test of the module; the
-staleness test changes artifacts in place and so runs last.
+One headless run of the chain (demo corpus, 1 epoch everywhere, KeAD and pseudo-box quality evaluations
+included, one byte-identical copy of a labelled image in the downstream set) serves every test of the
+module; the staleness test changes artifacts in place and so runs last.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -28,8 +31,19 @@ from agssp_pipeline.lineage_report import (
 from agssp_pipeline.storage import StorageLayout
 
 CHAIN = ["image_index", "anomaly_maps", "backbone_checkpoint", "category_thresholds", "pseudo_boxes",
-         "detector_checkpoint", "finetune_evaluation"]
+         "detector_checkpoint", "finetune_evaluation", "kead_evaluation", "pseudo_box_quality"]
 DROPPED_SOURCE = "demo_plant_line1"  # one pretraining source fewer keeps the run short
+DOWNSTREAM = "demo_downstream"
+MASKED_SOURCE = "demo_billet_masks"  # ground-truth masks: KeAD is evaluated on it
+BOXED_SOURCE = "demo_rolled_voc"  # ground-truth boxes: its pseudo boxes are measured
+
+
+def _copy_a_labelled_image(root: Path) -> None:
+    """A byte copy (with its label file) of a downstream image: the index marks it a duplicate."""
+    first = sorted((root / "images").glob("*.jpg"))[0]
+    shutil.copyfile(first, first.with_name(first.stem + "_copy.jpg"))
+    label = root / "labels" / f"{first.stem}.txt"
+    shutil.copyfile(label, label.with_name(f"{first.stem}_copy.txt"))
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +60,8 @@ def chain(tmp_path_factory):
         corpus = generate_demo(root / "demo", seed=0, scale=0.3)
         data = yaml.safe_load(corpus.config_path.read_text())
         data["sources"] = [s for s in data["sources"] if s["name"] != DROPPED_SOURCE]
+        downstream = next(s for s in data["sources"] if s["name"] == DOWNSTREAM)
+        _copy_a_labelled_image((corpus.config_path.parent / downstream["root"]).resolve())
         data["finetune"]["epochs"] = 1
         data["kead"]["image_size"] = 128  # small frames everywhere: lineage, not accuracy, is under test
         for section in ("backbone", "detector", "finetune"):
@@ -76,9 +92,9 @@ def _backbone_run(layout: StorageLayout) -> tuple[str, str]:
 
 
 def _detector_run(layout: StorageLayout) -> Path:
-    from agssp_pipeline.training.detector import latest_detector_checkpoint
+    from agssp_pipeline.training.checkpoint import latest_checkpoint_dir
 
-    return latest_detector_checkpoint(layout, "yolov8n")
+    return Path(latest_checkpoint_dir(layout, "yolov8n", kind="detector"))
 
 
 def test_evaluation_chain_names_sources_maps_and_checkpoints(chain, capsys):
@@ -141,6 +157,8 @@ def test_path_targets_resolve_to_their_artifact(chain):
         layout.index(source): "index",
         layout.thresholds(): "thresholds",
         layout.evaluations("finetune", "demo_downstream.per_class"): "evaluation",
+        layout.evaluations("kead", MASKED_SOURCE): "kead_evaluation",
+        layout.evaluations("box_quality", BOXED_SOURCE): "box_quality",
     }
     for target, kind in cases.items():
         report = build_lineage_report(target, use_dagster=False)  # storage root from the path, no Dagster
@@ -164,6 +182,59 @@ def test_backbone_target_lists_the_detector_and_evaluations_that_used_it(chain):
     assert [e.path for e in report.stage("detector").entries] == [str(_detector_run(layout))]
     assert [e.label for e in report.stage("evaluations").entries] == ["dataset demo_downstream"]
     assert not report.stage("pseudo_boxes").entries  # the backbone itself consumed no boxes
+
+
+def test_duplicate_image_in_the_labelled_set_is_not_stale(chain, capsys):
+    """Finetune splits the de-duplicated set; lineage fingerprints it the same way, so a clean run is clean."""
+    from agssp_pipeline import artifact_io
+    from agssp_pipeline.training.splits import (
+        index_fingerprint,
+        labelled_set_fingerprint,
+        read_split,
+        split_path,
+    )
+
+    layout = chain["layout"]
+    index = artifact_io.read_parquet(layout.index(DOWNSTREAM))
+    annotations = artifact_io.read_parquet(layout.annotations(DOWNSTREAM))
+    assert int(index["duplicate_of"].notna().sum()) == 1
+    _, meta = read_split(split_path(layout, DOWNSTREAM))
+    assert meta["fingerprint"] == labelled_set_fingerprint(index, annotations)
+    assert meta["fingerprint"] != index_fingerprint(index, annotations)  # the copy and its boxes would count
+    code, text = _lineage_cli(capsys, "finetune_evaluation", "--config", chain["config_path"], "--no-dagster",
+                              "--fail-on-stale")
+    assert code == 0, text
+    assert "flags: 0 STALE" in text and f"labelled set fingerprint now: {meta['fingerprint']}" in text
+
+
+def test_finetune_evaluation_resolves_to_its_table_when_other_evaluations_are_newer(chain):
+    layout = chain["layout"]
+    later = os.path.getmtime(layout.evaluations("finetune", DOWNSTREAM)) + 60
+    for other in (layout.evaluations("kead", MASKED_SOURCE), layout.evaluations("box_quality", BOXED_SOURCE)):
+        os.utime(other, (later, later))  # as if kead_evaluation and pseudo_box_quality ran last
+    report = build_lineage_report("finetune_evaluation", chain["config_path"], use_dagster=False)
+    assert report.target_kind == "evaluation"
+    assert [e.label for e in report.stage("evaluations").entries] == [f"dataset {DOWNSTREAM}"]
+
+
+def test_kead_and_box_quality_evaluations_lead_to_their_maps_and_boxes(chain):
+    from agssp_pipeline.kead.store import current_version
+
+    layout = chain["layout"]
+    kead = build_lineage_report(f"kead_evaluation[{MASKED_SOURCE}]", chain["config_path"], instance=chain["instance"])
+    assert kead.target_kind == "kead_evaluation"
+    [entry] = kead.stage("evaluations").entries
+    assert entry.label == f"KeAD evaluation {MASKED_SOURCE}"
+    assert current_version(layout.maps_store(MASKED_SOURCE)) in entry.fields["evaluated map store versions"]
+    assert entry.dagster[0]["asset"] == "kead_evaluation" and entry.dagster[0]["run_id"]
+    [maps] = kead.stage("maps").entries
+    assert maps.label == MASKED_SOURCE and f"KeAD evaluation {MASKED_SOURCE}" in maps.fields["recorded by"]
+    assert not kead.flags()
+    quality = build_lineage_report(layout.evaluations("box_quality", BOXED_SOURCE), use_dagster=False)
+    assert quality.target_kind == "box_quality"
+    assert [e.label for e in quality.stage("pseudo_boxes").entries] == [BOXED_SOURCE]
+    assert quality.stage("evaluations").entries[0].fields["pseudo boxes vs ground truth"]
+    assert not quality.flags(STALE)
 
 
 def test_bad_targets_are_clear_errors(chain, tmp_path, capsys):
@@ -217,13 +288,16 @@ def test_changed_upstream_artifacts_are_flagged_stale(chain, capsys):
     write_latest_pointer(layout, "yolov8n", "20991231T000000-later")
 
     report = build_lineage_report("finetune_evaluation", chain["config_path"], use_dagster=False)
-    stale = {(stage, label): flag.message for stage, label, flag in report.flags(STALE)}
+    stale: dict[tuple[str, str], str] = {}
+    for stage, label, flag in report.flags(STALE):
+        stale[(stage, label)] = stale.get((stage, label), "") + "\n" + flag.message
     maps_message = stale[("maps", source)]
-    assert new_version in maps_message and old_version in maps_message
-    assert "backbone yolov8n run" in maps_message or "detector yolov8n run" in maps_message
+    assert f"map store moved to version {new_version} since backbone yolov8n run" in maps_message
+    assert f"used {old_version}" in maps_message
     assert ("thresholds", "thresholds table") in stale  # computed from the replaced map version
     assert "thresholds table changed" in stale[("pseudo_boxes", source)]
     assert "labelled set of demo_downstream changed" in stale[("evaluations", "dataset demo_downstream")]
+    assert ("maps", "demo_billet_masks") not in stale  # its store was not touched
     newer = [f.message for _, _, f in report.flags(NEWER)]
     assert any("20991231T000000-later" in m for m in newer)
     # Dagster knows of a newer anomaly_maps materialisation than the one the backbone run consumed
