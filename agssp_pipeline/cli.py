@@ -48,8 +48,10 @@ def _run(config_path: str, selection: str | None, partition: str | None) -> int:
 
 
 def print_summary(config: PipelineConfig) -> None:
-    """What the demo produced, in words a person can act on."""
+    """What the demo produced, in words a person can act on (read through artifact_io: works on S3 too)."""
     import pandas as pd
+
+    from agssp_pipeline import artifact_io
 
     layout = config.layout()
     print("\n=== AGSSP demo summary ===")
@@ -57,16 +59,17 @@ def print_summary(config: PipelineConfig) -> None:
     total_images = total_quarantined = 0
     print(f"{'source':<22}{'role':<12}{'format':<14}{'images':>8}{'boxes':>8}{'quarantined':>13}")
     for source in config.sources:
-        index_path = Path(layout.index(source.name))
-        if not index_path.exists():
+        index_path = layout.index(source.name)
+        if not artifact_io.exists(index_path):
             print(f"{source.name:<22}{source.role:<12}{source.format:<14}{'(not indexed)':>29}")
             continue
-        n_images = len(pd.read_parquet(index_path))
-        ann = Path(layout.annotations(source.name))
-        n_boxes = len(pd.read_parquet(ann)) if ann.exists() else 0
-        quarantine = Path(layout.quarantine(source.name))
+        n_images = len(artifact_io.read_parquet(index_path, columns=["image_id"]))
+        ann = layout.annotations(source.name)
+        n_boxes = len(artifact_io.read_parquet(ann, columns=["image_id"])) if artifact_io.exists(ann) else 0
+        quarantine = layout.quarantine(source.name)
         # clipped boxes and converted images are kept; only "quarantined" rows are rejected files
-        rows = pd.read_parquet(quarantine) if quarantine.exists() else pd.DataFrame({"action": []})
+        rows = (artifact_io.read_parquet(quarantine, columns=["action"]) if artifact_io.exists(quarantine)
+                else pd.DataFrame({"action": []}))
         n_quarantined = int((rows["action"] == "quarantined").sum())
         total_images += n_images
         total_quarantined += n_quarantined
@@ -82,10 +85,10 @@ def print_summary(config: PipelineConfig) -> None:
     ]
     print("artifacts:")
     for label, path in artifacts:
-        state = "" if Path(path).exists() else "  (not produced)"
+        state = "" if artifact_io.exists(path) else "  (not produced)"
         print(f"  {label:<14}{path}{state}")
-    for table in sorted(Path(layout.path("evaluations", "finetune")).glob("*.md")):
-        print(f"\n{table.stem}:\n{table.read_text()}")
+    for table in artifact_io.glob(layout.evaluations("finetune", "*", ".md")):
+        print(f"\n{artifact_io.name(table).removesuffix('.md')}:\n{artifact_io.read_text(table)}")
     print("\nOpen the web UI on these assets with: make ui   (then http://127.0.0.1:3000)")
     print("The demo images are synthetic; point a copy of agssp.yaml at your own folders for real data.")
 
@@ -106,6 +109,7 @@ def cmd_materialize(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from agssp_pipeline import artifact_io
     from agssp_pipeline.sources.formats import check_options
 
     config = load_config(args.config)
@@ -115,7 +119,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
             check_options(source)
         except ValueError as error:
             problems.append(str(error))
-        if not Path(source.root).exists() and "://" not in source.root:
+        root = artifact_io.local_path(source.root)
+        if root is not None and not root.exists():
             print(f"note: source '{source.name}': root {source.root} does not exist here (its partition will fail)")
     if problems:
         print("\n".join(f"agssp: {p}" for p in problems), file=sys.stderr)

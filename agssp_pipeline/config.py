@@ -12,6 +12,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from agssp_pipeline import artifact_io
 from agssp_pipeline.boxes.settings import BoxesSettings
 from agssp_pipeline.kead.settings import KeadSettings
 from agssp_pipeline.training.settings import BackboneSettings, DetectorSettings, FinetuneSettings
@@ -104,14 +105,12 @@ class PipelineConfig(BaseModel):
         return StorageLayout(self.storage_root)
 
 
-def _is_url(path: str) -> bool:
-    return "://" in path
-
-
 def _resolve(path: str, base: Path) -> str:
-    if _is_url(path):
+    """An absolute local path (``~``, ``$VARS`` and paths relative to the config file resolved); URLs unchanged."""
+    local = artifact_io.local_path(path)
+    if local is None:
         return path
-    expanded = Path(os.path.expandvars(os.path.expanduser(path)))
+    expanded = Path(os.path.expandvars(os.path.expanduser(str(local))))
     return str(expanded if expanded.is_absolute() else (base / expanded).resolve())
 
 
@@ -162,4 +161,4 @@ def load_config(path: str | os.PathLike[str] | None = None) -> PipelineConfig:
 
 def dump_config(config: PipelineConfig, path: str | os.PathLike[str]) -> None:
     data = config.model_dump(mode="json", exclude_none=True)
-    Path(path).write_text(yaml.safe_dump(data, sort_keys=False))
+    artifact_io.write_text(path, yaml.safe_dump(data, sort_keys=False))

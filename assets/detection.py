@@ -14,7 +14,6 @@
 
 import hashlib
 import json
-from pathlib import Path
 
 import dagster as dg
 import pandas as pd
@@ -144,7 +143,7 @@ def detector_checkpoint(
         "from the AGBP backbone (agbp), from the AGDP detector (agssp) and from any finetune.extra_weights file, "
         "with the same recipe on a fixed stored stratified split; COCO mAP@0.5 / @0.5:0.95 (faster-coco-eval) and "
         "ultralytics' figures of the last-epoch weights on the val split. Refuses pretraining/downstream overlap. "
-        "Writes evaluations/<dataset>.parquet, <dataset>.per_class.parquet and <dataset>.md."
+        "Writes evaluations/finetune/<dataset>.parquet, <dataset>.per_class.parquet and <dataset>.md."
     ),
 )
 def finetune_evaluation(
@@ -164,11 +163,7 @@ def finetune_evaluation(
                                           detector_checkpoint=config.detector_checkpoint, log=context.log.info)
     table = pd.concat([e.table for e in evaluations], ignore_index=True)
     per_class = pd.concat([e.per_class for e in evaluations], ignore_index=True)
-    markdown = comparison_markdown(table)
-    layout = pipeline.layout()
-    for evaluation in evaluations:
-        artifact_io.write_text(layout.evaluations("finetune", evaluation.dataset, ".md"),
-                               comparison_markdown(evaluation.table) + "\n")
+    markdown = comparison_markdown(table)  # per-dataset tables and .md files are written by the library
     per_class_wide = per_class.pivot_table(index=["dataset", "regime", "variant"], columns="class_name",
                                            values="ap50_95", dropna=False).reset_index()
     lineage_rows = pd.DataFrame([
@@ -214,8 +209,8 @@ def agssp_not_worse_than_scratch(pipeline_config: PipelineConfigResource) -> dg.
 
     config = pipeline_config.load()
     layout = config.layout()
-    tables = [pd.read_parquet(layout.evaluations("finetune", s.name)) for s in config.downstream_sources()
-              if Path(layout.evaluations("finetune", s.name)).is_file()]
+    tables = [artifact_io.read_parquet(layout.evaluations("finetune", s.name)) for s in config.downstream_sources()
+              if artifact_io.exists(layout.evaluations("finetune", s.name))]
     if not tables:
         return dg.AssetCheckResult(passed=False, severity=dg.AssetCheckSeverity.WARN,
                                    metadata={"reason": "no evaluation tables found"})

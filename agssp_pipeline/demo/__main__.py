@@ -10,8 +10,7 @@ import argparse
 import time
 from pathlib import Path
 
-import cv2
-
+from agssp_pipeline import artifact_io
 from agssp_pipeline.demo.corpus import generate_demo
 from agssp_pipeline.demo.inspect import contact_sheet, defect_contrast
 
@@ -48,8 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         if args.preview:
             target = corpus.ground_truth_dir / "previews" / f"{source}.png"
-            target.parent.mkdir(parents=True, exist_ok=True)
-            cv2.imwrite(str(target), contact_sheet(corpus.root, source))
+            artifact_io.write_image(target, contact_sheet(corpus.root, source))
             print(f"{'':<20} preview: {target}")
     return 0
 

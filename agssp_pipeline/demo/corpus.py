@@ -8,7 +8,6 @@ ingestion never sees it (plant data is unlabelled), yet quality evaluations can 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
+from agssp_pipeline import artifact_io
 from agssp_pipeline.demo.layouts import (
     WRITERS,
     ImageFactory,
@@ -180,8 +180,8 @@ def generate_demo(root: str | Path, seed: int = 0, scale: float = 1.0) -> DemoCo
         images, boxes, masks = _ground_truth_tables(spec, output)
         gt_prefix = f"{GROUND_TRUTH_DIR}/{spec.name}"
         files.update({f"{gt_prefix}/{name}": data for name, data in masks.items()})
-        files[f"{gt_prefix}/images.parquet"] = _parquet_bytes(images)
-        files[f"{gt_prefix}/boxes.parquet"] = _parquet_bytes(boxes)
+        files[f"{gt_prefix}/images.parquet"] = artifact_io.parquet_bytes(images)
+        files[f"{gt_prefix}/boxes.parquet"] = artifact_io.parquet_bytes(boxes)
         corpus.images[spec.name] = len(images)
         corpus.defects[spec.name] = len(boxes)
         corpus.normal_images[spec.name] = int(images["is_normal"].sum())
@@ -208,7 +208,7 @@ def _refuse_leftovers(root: Path, new_files: set[str]) -> None:
     if not manifest_path.is_file():
         return
     try:
-        previous = json.loads(manifest_path.read_text())
+        previous = artifact_io.read_json(manifest_path)
         old_files = set(previous.get("files", []))
     except (ValueError, AttributeError):
         raise DemoCorpusConflict(
@@ -272,12 +272,6 @@ def _ground_truth_tables(
     return images, boxes, masks
 
 
-def _parquet_bytes(frame: pd.DataFrame) -> bytes:
-    buffer = io.BytesIO()
-    frame.to_parquet(buffer, index=False)
-    return buffer.getvalue()
-
-
 def _check_source(root: Path, source: str) -> Path:
     folder = Path(root) / GROUND_TRUTH_DIR / source
     if source not in SOURCE_SPECS:
@@ -302,7 +296,7 @@ def ground_truth_images(root: Path, source: str) -> pd.DataFrame:
     ``mask > 0`` is the defect mask. Duplicates carry ``duplicate_of_file`` and no boxes of their own.
     """
     folder = _check_source(root, source)
-    frame = _with_paths(pd.read_parquet(folder / "images.parquet"), root, source)
+    frame = _with_paths(artifact_io.read_parquet(folder / "images.parquet"), root, source)
     frame["mask_path"] = [str(folder.resolve() / f) for f in frame.pop("mask_file")]
     duplicates = frame["duplicate_of_file"]
     frame["duplicate_of_file"] = pd.Series(
@@ -321,7 +315,7 @@ def ground_truth(root: Path, source: str) -> pd.DataFrame:
     Defect-free images have no rows; see ``ground_truth_images`` for them.
     """
     folder = _check_source(root, source)
-    boxes = _with_paths(pd.read_parquet(folder / "boxes.parquet"), root, source)
+    boxes = _with_paths(artifact_io.read_parquet(folder / "boxes.parquet"), root, source)
     images = ground_truth_images(root, source)
     return boxes.merge(images[["file", "mask_path", "width", "height"]], on="file", how="left")
 
@@ -332,8 +326,8 @@ def demo_root_of(source_root: str | Path, source: str) -> Path | None:
     A demo source sits at ``<root>/sources/<name>`` with ``<root>/ground_truth/<name>/`` beside it; this is
     how a pipeline stage finds the hidden ground truth of e.g. the unlabelled plant source from its config.
     """
-    path = Path(source_root)
-    if "://" in str(source_root) or source not in SOURCE_SPECS or path.name != source:
+    path = artifact_io.local_path(source_root)
+    if path is None or source not in SOURCE_SPECS or path.name != source:
         return None
     root = path.resolve().parent.parent
     if (

@@ -18,6 +18,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from agssp_pipeline import artifact_io
 from agssp_pipeline.demo.render import SyntheticImage, synthesize
 
 JPEG_QUALITY = 92
@@ -321,6 +322,5 @@ def write_if_changed(path: Path, data: bytes) -> bool:
     """Write ``data`` unless the file already holds exactly it (keeps mtimes stable on regeneration)."""
     if path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data:
         return False
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
+    artifact_io.write_bytes(path, data)
     return True

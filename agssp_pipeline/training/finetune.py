@@ -12,9 +12,12 @@ Choices that keep the comparison honest:
 - pretraining and downstream image ids must not overlap (content hashes: copies across sources are caught too);
 - duplicate images inside a dataset are dropped before splitting, so a copy cannot sit in train and val at once.
 
-Outputs: ``storage_root/evaluations/<dataset>.parquet`` (one row per regime x variant) and
-``<dataset>.per_class.parquet`` (AP per class), YOLO exports under ``exports/finetune/<dataset>/``, runs under
-``runs/finetune/<dataset>/``.
+Outputs (one writer, ``write_evaluation_tables``): ``storage_root/evaluations/finetune/<dataset>.parquet`` (one
+row per regime x variant), ``<dataset>.per_class.parquet`` (AP per class) and ``<dataset>.md`` (the comparison).
+ultralytics needs local folders: the YOLO export is ``layout.export_dir("finetune", <dataset>, <regime>)`` and the
+runs train in ``layout.scratch("runs", "finetune", <dataset>)``; the files of a run worth keeping (``RUN_FILES``:
+last-epoch weights, results.csv, plots, COCO JSON) are published to ``runs/finetune/<dataset>/<regime>/<variant>/``
+under the storage root, and the table's paths name those published copies.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from agssp_pipeline import artifact_io
 from agssp_pipeline.eval.coco_map import evaluate_detections, write_coco_files
 from agssp_pipeline.storage import StorageLayout
 from agssp_pipeline.training.detector import (
@@ -49,6 +53,8 @@ from agssp_pipeline.training.splits import SplitParams, first_copies, load_or_cr
 LOGGER = logging.getLogger(__name__)
 BASELINE_VARIANT = "scratch"
 FULL_REGIME = "full"
+# files of an ultralytics run folder published beside the evaluation (relative glob patterns)
+RUN_FILES = ("weights/last.pt", "results.csv", "args.yaml", "*.png", "coco/*.json")
 
 
 class DataOverlapError(ValueError):
@@ -72,9 +78,9 @@ class LabelledDataset:
 
 def _read_index_ids(layout: StorageLayout, source: str) -> pd.Series:
     path = layout.index(source)
-    if "://" not in path and not Path(path).is_file():
+    if not artifact_io.exists(path):
         raise FileNotFoundError(f"image index of source '{source}' missing at {path}: materialize image_index first")
-    return pd.read_parquet(path, columns=["image_id"])["image_id"].astype(str)
+    return artifact_io.read_parquet(path, columns=["image_id"])["image_id"].astype(str)
 
 
 def check_no_overlap(layout: StorageLayout, pretrain_sources: Sequence[str], downstream_sources: Sequence[str]) -> None:
@@ -125,10 +131,10 @@ def load_labelled_dataset(layout: StorageLayout, source: str, classes: Sequence[
     """Index + annotations of a downstream source, first copies only (duplicates dropped with their boxes)."""
     index_path, annotation_path = layout.index(source), layout.annotations(source)
     for path, what in ((index_path, "image index"), (annotation_path, "annotations")):
-        if "://" not in path and not Path(path).is_file():
+        if not artifact_io.exists(path):
             raise FileNotFoundError(f"{what} of downstream source '{source}' missing at {path}")
-    index = pd.read_parquet(index_path)
-    annotations = pd.read_parquet(annotation_path)
+    index = artifact_io.read_parquet(index_path)
+    annotations = artifact_io.read_parquet(annotation_path)
     kept, annotations = first_copies(index, annotations)
     dropped = len(index) - len(kept)
     names = list(classes) or sorted(annotations["class_name"].astype(str).unique())
@@ -248,6 +254,20 @@ class VariantResult:
     lineage: dict[str, Any]
 
 
+def publish_run(run_dir: Path, uri: str) -> dict[str, str]:
+    """Copy the kept files of a local run folder (``RUN_FILES``) to ``uri``; relative name -> published address.
+
+    The run folder itself is scratch (ultralytics writes there); these copies are what the table points at.
+    """
+    published: dict[str, str] = {}
+    for pattern in RUN_FILES:
+        for path in sorted(run_dir.glob(pattern)):
+            if path.is_file():
+                relative = path.relative_to(run_dir).as_posix()
+                published[relative] = artifact_io.write_bytes(artifact_io.join(uri, relative), path.read_bytes())
+    return published
+
+
 def run_variant(
     dataset: LabelledDataset,
     regime: str,
@@ -259,7 +279,9 @@ def run_variant(
     train_settings: YoloTrainSettings,
     evaluation: EvalSettings,
     run_root: Path,
+    publish_uri: str,
 ) -> VariantResult:
+    """Train one variant in ``run_root/regime/variant`` (local), score it, publish its kept files to ``publish_uri``."""
     started = time.perf_counter()
     result = train_yolo(data_yaml, train_settings, run_root / regime, variant, initial=initial)
     train_seconds = time.perf_counter() - started
@@ -267,10 +289,10 @@ def run_variant(
                                     train_settings.device, evaluation, batch=train_settings.batch_size)
     metrics = evaluate_detections(val_images, val_boxes, detections, dataset.class_names,
                                   backend=evaluation.coco_backend)
-    coco_gt_path, coco_results_path = write_coco_files(val_images, val_boxes, detections, dataset.class_names,
-                                                       str(result.run_dir / "coco"))
+    write_coco_files(val_images, val_boxes, detections, dataset.class_names, str(result.run_dir / "coco"))
     ultra = ultralytics_val(result.last_pt, data_yaml, train_settings.image_size, train_settings.batch_size,
                             train_settings.device, evaluation, result.run_dir)
+    published = publish_run(result.run_dir, publish_uri)
     lineage = dict(initial.lineage) if initial is not None else {}
     row = {
         "dataset": dataset.name,
@@ -294,9 +316,9 @@ def run_variant(
         "checkpoint": lineage.get("checkpoint"),
         "checkpoint_run_id": lineage.get("run_id"),
         "checkpoint_lineage": json.dumps(lineage, default=str, sort_keys=True) if lineage else None,
-        "evaluated_weights": str(result.last_pt),
-        "coco_results": coco_results_path,
-        "coco_ground_truth": coco_gt_path,
+        "evaluated_weights": published["weights/last.pt"],
+        "coco_results": published["coco/coco_results.json"],
+        "coco_ground_truth": published["coco/coco_ground_truth.json"],
         "train_seconds": round(train_seconds, 1),
     }
     per_class = pd.DataFrame({
@@ -362,8 +384,9 @@ def evaluate_dataset(
     val_boxes = dataset.annotations[dataset.annotations["image_id"].isin(set(val_images["image_id"]))]
     initial = {variant: initial_weights_for(variant, context) for variant in variants}  # fail before training
     rows, per_class, lineage = [], [], {}
+    run_root = layout.scratch("runs", "finetune", dataset.name)
     for regime, train_mask in _regimes(images, split_params.few_shot_train_images).items():
-        export_dir = Path(layout.exports("finetune", dataset.name, regime))
+        export_dir = layout.export_dir("finetune", dataset.name, regime)
         data_yaml = export_splits(
             {"train": images[train_mask.to_numpy()], "val": val_images}, dataset.annotations,
             dataset.class_names, export_dir,
@@ -371,20 +394,26 @@ def evaluate_dataset(
         for variant in variants:
             log(f"finetune {dataset.name}/{regime}: variant {variant} ({train_settings.epochs} epochs)")
             result = run_variant(dataset, regime, data_yaml, val_images, val_boxes, variant, initial[variant],
-                                 train_settings, evaluation, Path(layout.path("runs", "finetune", dataset.name)))
+                                 train_settings, evaluation, run_root,
+                                 layout.path("runs", "finetune", dataset.name, regime, variant))
             result.row["train_images"] = int(train_mask.sum())
             rows.append(result.row)
             per_class.append(result.per_class)
             lineage[variant] = result.lineage
     table = add_deltas(pd.DataFrame(rows))
     per_class_table = pd.concat(per_class, ignore_index=True)
-    table_path = layout.evaluations("finetune", dataset.name)
-    per_class_path = layout.evaluations("finetune", f"{dataset.name}.per_class")
-    Path(table_path).parent.mkdir(parents=True, exist_ok=True)
-    table.to_parquet(table_path, index=False)
-    per_class_table.to_parquet(per_class_path, index=False)
+    table_path, per_class_path = write_evaluation_tables(layout, dataset.name, table, per_class_table)
     return DatasetEvaluation(dataset.name, table, per_class_table, split_meta, split_summary(split), lineage,
                              table_path, per_class_path)
+
+
+def write_evaluation_tables(layout: StorageLayout, dataset: str, table: pd.DataFrame,
+                            per_class: pd.DataFrame) -> tuple[str, str]:
+    """The one writer of ``evaluations/finetune/<dataset>{.parquet,.per_class.parquet,.md}`` (atomic each)."""
+    table_path = artifact_io.write_parquet(layout.evaluations("finetune", dataset), table)
+    per_class_path = artifact_io.write_parquet(layout.evaluations("finetune", f"{dataset}.per_class"), per_class)
+    artifact_io.write_text(layout.evaluations("finetune", dataset, ".md"), comparison_markdown(table) + "\n")
+    return table_path, per_class_path
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -15,12 +15,10 @@ import json
 import logging
 from dataclasses import dataclass
 
-import fsspec
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 
+from agssp_pipeline import artifact_io
 from agssp_pipeline.storage import StorageLayout
 
 LOGGER = logging.getLogger(__name__)
@@ -133,24 +131,17 @@ def labelled_set_fingerprint(index: pd.DataFrame, annotations: pd.DataFrame) -> 
     return index_fingerprint(*first_copies(index, annotations))
 
 
-def _read(path: str) -> tuple[pd.DataFrame, dict] | None:
-    fs, fs_path = fsspec.core.url_to_fs(path)
-    if not fs.exists(fs_path):
+def read_split(path: str) -> tuple[pd.DataFrame, dict] | None:
+    """A stored split and what it was made from (fingerprint, params, dataset); None when there is none."""
+    if not artifact_io.exists(path):
         return None
-    with fs.open(fs_path, "rb") as handle:
-        table = pq.read_table(handle)
-    meta = json.loads((table.schema.metadata or {}).get(SPLIT_METADATA_KEY, b"{}"))
-    return table.to_pandas(), meta
+    meta = json.loads(artifact_io.parquet_metadata(path).get(SPLIT_METADATA_KEY.decode(), "{}"))
+    return artifact_io.read_parquet(path), meta
 
 
-def _write(path: str, frame: pd.DataFrame, meta: dict) -> None:
-    fs, fs_path = fsspec.core.url_to_fs(path)
-    fs.makedirs(fs_path.rsplit("/", 1)[0], exist_ok=True)
-    table = pa.Table.from_pandas(frame, preserve_index=False)
-    table = table.replace_schema_metadata({**(table.schema.metadata or {}),
-                                           SPLIT_METADATA_KEY: json.dumps(meta).encode()})
-    with fs.open(fs_path, "wb") as handle:
-        pq.write_table(table, handle)
+def write_split(path: str, frame: pd.DataFrame, meta: dict) -> str:
+    """The one writer of ``splits/<dataset>.parquet``: the table with its recorded inputs in the schema metadata."""
+    return artifact_io.write_parquet(path, frame, metadata={SPLIT_METADATA_KEY.decode(): json.dumps(meta)})
 
 
 def load_or_create_split(
@@ -163,7 +154,7 @@ def load_or_create_split(
     path = split_path(layout, dataset)
     fingerprint = labelled_set_fingerprint(images, annotations)
     wanted = {"fingerprint": fingerprint, "params": params.as_dict(), "dataset": dataset}
-    stored = _read(path)
+    stored = read_split(path)
     if stored is not None:
         frame, meta = stored
         if meta.get("fingerprint") == fingerprint and meta.get("params") == params.as_dict():
@@ -171,7 +162,7 @@ def load_or_create_split(
         LOGGER.warning("split of %s at %s was made for another index or parameters (%s); rebuilding it",
                        dataset, path, {k: meta.get(k) for k in ("fingerprint", "params")})
     frame = make_split(images, annotations, params)
-    _write(path, frame, wanted)
+    write_split(path, frame, wanted)
     return frame, {**wanted, "path": path, "reused": False}
 
 
