@@ -53,7 +53,7 @@ def test_anomaly_maps_checks_and_evaluation(kead_pipeline):
     resources = {"pipeline_config": PipelineConfigResource(config_path=str(config_path)),
                  "kead_model": KeadModelResource(device="cpu")}
     instance = dg.DagsterInstance.ephemeral()
-    instance.add_dynamic_partitions("image_source", ["plant", "tiles"])
+    instance.add_dynamic_partitions("pretrain_source", ["plant", "tiles"])
     assets = [anomaly_maps, anomaly_maps_finite_and_in_range, anomaly_maps_one_per_image]
 
     # one run over both partitions (single-run backfill): the plant source borrows the tiles' normals
@@ -123,33 +123,39 @@ def test_definitions_load_with_kead_resource():
     assert dg.AssetKey("image_index") in maps.parent_keys
 
 
-def test_encoder_is_built_once_per_process_across_runs(kead_pipeline, monkeypatch, tmp_path):
-    """The headless runner makes one run per source: the model must still load once, and be rebuilt
-    when its settings or its weights file change."""
+def test_encoder_is_built_once_per_run_and_released_after_it(kead_pipeline, monkeypatch, tmp_path):
+    """A run over several sources (a single-run backfill, or the headless runner's one maps run) loads
+    the model once; the encoder lives on the run's resource copy, so the next run builds its own and no
+    model outlives its run."""
     from agssp_pipeline.kead import encoders
     from assets import kead as kead_assets
     from assets.kead import KeadModelResource, anomaly_maps
     from assets.resources import PipelineConfigResource
 
     config_path, pipeline = kead_pipeline
-    built = []
+    built, released = [], []
     real_build = encoders.build_encoder
     monkeypatch.setattr(encoders, "build_encoder", lambda settings: built.append(settings) or real_build(settings))
-    monkeypatch.setattr(kead_assets, "_PROCESS_ENCODERS", {})
+    real_teardown = KeadModelResource.teardown_after_execution
+
+    def teardown(self, context):
+        released.append(len(self._encoders))
+        real_teardown(self, context)
+        released.append(len(self._encoders))
+
+    monkeypatch.setattr(KeadModelResource, "teardown_after_execution", teardown)
     instance = dg.DagsterInstance.ephemeral()
-    instance.add_dynamic_partitions("image_source", ["plant", "tiles"])
+    instance.add_dynamic_partitions("pretrain_source", ["plant", "tiles"])
+    resource = KeadModelResource(device="cpu")
+    resources = {"pipeline_config": PipelineConfigResource(config_path=str(config_path)), "kead_model": resource}
 
-    def run(partition: str, **overrides) -> None:
-        resources = {"pipeline_config": PipelineConfigResource(config_path=str(config_path)),
-                     "kead_model": KeadModelResource(device="cpu", **overrides)}
-        assert dg.materialize([anomaly_maps], instance=instance, resources=resources,
-                              partition_key=partition).success
-
-    run("tiles")
-    run("plant")
-    assert len(built) == 1
-    run("plant", batch_size=2)  # other settings: another encoder (and only the newest is kept)
-    assert len(built) == 2 and len(kead_assets._PROCESS_ENCODERS) == 1
+    both = {"dagster/asset_partition_range_start": "plant", "dagster/asset_partition_range_end": "tiles"}
+    assert dg.materialize([anomaly_maps], instance=instance, resources=resources, tags=both).success
+    assert len(built) == 1, "one build for both partitions of the run"
+    assert released == [1, 0], "the run's encoder is dropped when the run ends"
+    assert not resource._encoders, "the configured resource itself never holds a model"
+    assert dg.materialize([anomaly_maps], instance=instance, resources=resources, partition_key="plant").success
+    assert len(built) == 2, "a new run builds its own encoder (nothing kept in the process)"
 
     weights = tmp_path / "weights.bin"
     weights.write_bytes(b"a")

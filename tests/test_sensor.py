@@ -9,11 +9,17 @@ from pathlib import Path
 import dagster as dg
 import pytest
 import yaml
+from dagster._core.utils import make_new_run_id
 from sources_fixtures import write_image
 
-from assets.partitions import image_source_partitions
+from assets.partitions import (
+    apply_partition_requests,
+    backbone_partitions,
+    image_source_partitions,
+    pretrain_source_partitions,
+)
 from assets.resources import PipelineConfigResource
-from jobs.ingestion import new_plant_images_sensor, nightly_ingest_schedule
+from jobs.ingestion import MAPS_FOLLOW_TAG, ingest_job, new_plant_images_sensor, nightly_ingest_schedule
 
 
 @pytest.fixture
@@ -40,10 +46,15 @@ def test_sensor_registers_partitions_and_runs_only_changed_folders(plant_config)
     config_path, folders = plant_config
     with dg.instance_for_test() as instance:
         first = tick(instance, config_path, None)
-        # every configured source becomes a partition, even the one whose folder is missing today
-        (add_request,) = first.dynamic_partitions_requests
-        assert add_request.partitions_def_name == image_source_partitions.name
-        assert sorted(add_request.partition_keys) == ["line_a", "line_b", "line_offline"]
+        # every configured source becomes a partition, even the one whose folder is missing today; all
+        # three are plant (pretraining) sources, so they are pretraining partitions too
+        added = {r.partitions_def_name: sorted(r.partition_keys) for r in first.dynamic_partitions_requests}
+        assert added == {image_source_partitions.name: ["line_a", "line_b", "line_offline"],
+                         pretrain_source_partitions.name: ["line_a", "line_b", "line_offline"],
+                         backbone_partitions.name: ["yolov8n"]}
+        # index runs only; the maps of these pretraining sources follow each successful run
+        assert all(r.asset_selection == [dg.AssetKey("image_index")] for r in first.run_requests)
+        assert all(r.tags[MAPS_FOLLOW_TAG] == "true" for r in first.run_requests)
         assert sorted(r.partition_key for r in first.run_requests) == ["line_a", "line_b"]
         assert all(r.run_key == f"{r.partition_key}:{r.tags['agssp/folder_fingerprint']}" for r in first.run_requests)
         (observation,) = first.asset_events  # plant_images: one version over all folders, per-source table
@@ -51,7 +62,7 @@ def test_sensor_registers_partitions_and_runs_only_changed_folders(plant_config)
         cursor = json.loads(first.cursor)
         assert set(cursor) == {"line_a", "line_b"}
 
-        instance.add_dynamic_partitions(image_source_partitions.name, list(add_request.partition_keys))
+        apply_partition_requests(instance, first.dynamic_partitions_requests)
         unchanged = tick(instance, config_path, first.cursor)
         assert not unchanged.run_requests and not unchanged.dynamic_partitions_requests and not unchanged.asset_events
         assert unchanged.skip_reason is not None
@@ -75,8 +86,43 @@ def test_sensor_registers_partitions_and_runs_only_changed_folders(plant_config)
                                   "root": str(config_path.parent / "line_c"), "category": "rolled_strip"})
         config_path.write_text(yaml.safe_dump(config))
         added = tick(instance, config_path, back.cursor)
-        assert [list(r.partition_keys) for r in added.dynamic_partitions_requests] == [["line_c"]]
+        assert [(r.partitions_def_name, list(r.partition_keys)) for r in added.dynamic_partitions_requests] == [
+            (image_source_partitions.name, ["line_c"]), (pretrain_source_partitions.name, ["line_c"])]
         assert [r.partition_key for r in added.run_requests] == ["line_c"]
+        apply_partition_requests(instance, added.dynamic_partitions_requests)
+
+        # line_b becomes a downstream set: it leaves the pretraining partitions (no stale key lingers)
+        config = yaml.safe_load(config_path.read_text())
+        config["sources"][1]["role"] = "downstream"
+        config_path.write_text(yaml.safe_dump(config))
+        demoted = tick(instance, config_path, added.cursor)
+        assert [(type(r).__name__, r.partitions_def_name, list(r.partition_keys))
+                for r in demoted.dynamic_partitions_requests] == [
+            ("DeleteDynamicPartitionsRequest", pretrain_source_partitions.name, ["line_b"])]
+        apply_partition_requests(instance, demoted.dynamic_partitions_requests)
+        assert instance.get_dynamic_partitions(pretrain_source_partitions.name) == ["line_a", "line_offline",
+                                                                                    "line_c"]
+
+
+def test_maps_follow_only_the_sensors_index_runs_of_pretraining_sources():
+    from jobs.ingestion import maps_after_ingestion_sensor, maps_job
+
+    assert maps_job.name == "materialize__anomaly_maps"
+    with dg.instance_for_test() as instance:
+        def run_with(tags: dict):
+            run = dg.DagsterRun(job_name=ingest_job.name, run_id=make_new_run_id(),
+                                tags={"dagster/partition": "line_a", **tags})
+            context = dg.build_run_status_sensor_context(
+                sensor_name=maps_after_ingestion_sensor.name, dagster_instance=instance, dagster_run=run,
+                dagster_event=dg.DagsterEvent("PIPELINE_SUCCESS", job_name=ingest_job.name))
+            return run, maps_after_ingestion_sensor(context)
+
+        run, request = run_with({MAPS_FOLLOW_TAG: "true", "agssp/folder_fingerprint": "fp1"})
+        assert isinstance(request, dg.RunRequest)
+        assert (request.partition_key, request.run_key) == ("line_a", f"maps:{run.run_id}")
+        assert request.tags["agssp/folder_fingerprint"] == "fp1"
+        _, skipped = run_with({})  # the nightly schedule's re-index (or a downstream set's): no maps
+        assert isinstance(skipped, dg.SkipReason)
 
 
 def test_nightly_schedule_compares_with_last_materialization(plant_config):
@@ -87,6 +133,8 @@ def test_nightly_schedule_compares_with_last_materialization(plant_config):
         requests = nightly_ingest_schedule(context)
         assert sorted(r.partition_key for r in requests) == ["line_a", "line_b"]
         assert sorted(instance.get_dynamic_partitions(image_source_partitions.name)) == ["line_a", "line_b", "line_offline"]
+        assert sorted(instance.get_dynamic_partitions(pretrain_source_partitions.name)) == ["line_a", "line_b",
+                                                                                            "line_offline"]
 
         from assets.ingestion import image_index
 
