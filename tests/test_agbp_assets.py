@@ -9,21 +9,19 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from agssp_pipeline import artifact_io
 from agssp_pipeline.config import PipelineConfig, SourceConfig, dump_config
 from agssp_pipeline.training import checkpoint as ckpt
 from agssp_pipeline.training import data as agbp_data
 from agssp_pipeline.training.data import InMemoryMaps, make_synthetic_pretrain_table
+from assets.partitions import BACKBONE_PARTITION, backbone_partitions
 from assets.resources import PipelineConfigResource
-from assets.training import (
-    BACKBONE_PARTITION_NAMES,
-    backbone_checkpoint,
-    backbone_checkpoint_loads,
-)
+from assets.training import backbone_checkpoint, backbone_checkpoint_loads
 
 
 def test_asset_definition_is_gpu_pooled_partitioned_and_not_eager():
     spec = backbone_checkpoint.specs_by_key[dg.AssetKey("backbone_checkpoint")]
-    assert backbone_checkpoint.partitions_def.get_partition_keys() == BACKBONE_PARTITION_NAMES
+    assert backbone_checkpoint.partitions_def == backbone_partitions  # keys: backbone.backbones of agssp.yaml
     assert backbone_checkpoint.op.pool == "gpu"
     assert spec.automation_condition is None
     assert {dep.asset_key.path[0] for dep in spec.deps} == {"anomaly_maps", "image_index", "category_thresholds"}
@@ -68,9 +66,19 @@ def pipeline(tmp_path, monkeypatch):
     return config_path, layout, opened
 
 
-def test_materialise_records_consumed_partitions_versions_and_curves(pipeline):
+def test_materialise_records_consumed_partitions_versions_and_curves(pipeline, monkeypatch):
     config_path, layout, opened = pipeline
+    lineage_writes: list[str] = []
+    write_bytes = artifact_io.write_bytes
+
+    def recording(uri, data):
+        if str(uri).endswith(ckpt.LINEAGE_FILE):
+            lineage_writes.append(str(uri))
+        return write_bytes(uri, data)
+
+    monkeypatch.setattr(artifact_io, "write_bytes", recording)
     instance = dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions(BACKBONE_PARTITION, ["yolov8n"])
     instance.report_runless_asset_event(
         dg.AssetMaterialization("anomaly_maps", partition="synth", tags={"dagster/data_version": "maps-dv-1"})
     )
@@ -107,6 +115,8 @@ def test_materialise_records_consumed_partitions_versions_and_curves(pipeline):
     checkpoint_path = metadata["checkpoint_path"].value
     state, lineage = ckpt.load_backbone_checkpoint(checkpoint_path)
     assert lineage["dagster_upstream_data_versions"]["anomaly_maps"]["synth"] == "maps-dv-1"
+    # one writer: the trainer wrote the sidecar once (one epoch), with what the asset added; nobody rewrote it
+    assert lineage_writes == [metadata["lineage_path"].value]
     assert lineage["data"]["sources"]["synth"]["encoder"]["encoder"] == "kead_clip"
     assert (
         json.loads(json.dumps(metadata["consumed_inputs_json"].value))["sources"]["synth"][
@@ -156,15 +166,18 @@ def test_weekly_schedule_requests_configured_backbone_partitions_and_ships_stopp
     from jobs.training import weekly_backbone_pretraining
 
     config = PipelineConfig(storage_root=str(tmp_path))
-    config.backbone.backbones = ["yolov8n", "resnet50", "resnet18"]  # resnet18 is registered, not a partition
+    config.backbone.backbones = ["yolov8n", "resnet50", "vgg16"]  # vgg16 is not a registered backbone
     path = tmp_path / "agssp.yaml"
     dump_config(config, path)
     assert weekly_backbone_pretraining.default_status == dg.DefaultScheduleStatus.STOPPED
-    context = dg.build_schedule_context(
-        resources={"pipeline_config": PipelineConfigResource(config_path=str(path))},
-        scheduled_execution_time=pd.Timestamp("2026-11-28 02:00", tz="UTC").to_pydatetime(),
-    )
-    requests = weekly_backbone_pretraining(context)
+    with dg.instance_for_test() as instance:  # the schedule registers the configured backbone partitions
+        context = dg.build_schedule_context(
+            instance=instance,
+            resources={"pipeline_config": PipelineConfigResource(config_path=str(path))},
+            scheduled_execution_time=pd.Timestamp("2026-11-28 02:00", tz="UTC").to_pydatetime(),
+        )
+        requests = weekly_backbone_pretraining(context)
+        assert instance.get_dynamic_partitions(BACKBONE_PARTITION) == ["yolov8n", "resnet50"]
     assert [(r.partition_key, r.run_key) for r in requests] == [
         ("yolov8n", "yolov8n:2026-W48"),
         ("resnet50", "resnet50:2026-W48"),
