@@ -1,8 +1,9 @@
 """Automation policy (jobs/automation.py) evaluated tick by tick with Dagster's own evaluator.
 
 A stand-in graph with the pipeline's shape (observable plant_images -> image_index -> anomaly_maps ->
-category_thresholds -> pseudo_boxes) isolates the policy from the assets' work; a last test checks
-that the project's real Definitions attach the policy to exactly the cheap assets.
+category_thresholds -> pseudo_boxes, index over every source, maps and boxes over the pretraining sources)
+isolates the policy from the assets' work; a last test checks that the project's real Definitions attach
+the policy to exactly the cheap assets.
 """
 
 # no `from __future__ import annotations`: Dagster inspects the context annotation at runtime
@@ -18,7 +19,9 @@ from jobs.automation import (
     SENSORS,
 )
 
-PARTITIONS = dg.DynamicPartitionsDefinition(name="image_source")
+SOURCES = dg.DynamicPartitionsDefinition(name="image_source")
+PRETRAIN = dg.DynamicPartitionsDefinition(name="pretrain_source")
+SAME_SOURCE = dg.IdentityPartitionMapping()
 
 
 def build_graph(index_code_version: str = "1", maps_versions: dict[str, str] | None = None) -> list:
@@ -30,12 +33,13 @@ def build_graph(index_code_version: str = "1", maps_versions: dict[str, str] | N
     def plant_images():
         raise NotImplementedError("observations are reported by the test")
 
-    @dg.asset(partitions_def=PARTITIONS, deps=[plant_images], code_version=index_code_version,
+    @dg.asset(partitions_def=SOURCES, deps=[plant_images], code_version=index_code_version,
               automation_condition=CHEAP_ASSET_AUTOMATION)
     def image_index(context: dg.AssetExecutionContext):
         return dg.MaterializeResult(data_version=dg.DataVersion(f"index-{context.partition_key}"))
 
-    @dg.asset(partitions_def=PARTITIONS, deps=[image_index], code_version="1")
+    @dg.asset(partitions_def=PRETRAIN, deps=[dg.AssetDep(image_index, partition_mapping=SAME_SOURCE)],
+              code_version="1")
     def anomaly_maps(context: dg.AssetExecutionContext):
         version = maps_versions.get(context.partition_key, "m1")
         return dg.MaterializeResult(data_version=dg.DataVersion(version))
@@ -44,7 +48,7 @@ def build_graph(index_code_version: str = "1", maps_versions: dict[str, str] | N
     def category_thresholds():
         return dg.MaterializeResult(data_version=dg.DataVersion("t1"))
 
-    @dg.asset(partitions_def=PARTITIONS, deps=[anomaly_maps, category_thresholds], code_version="1",
+    @dg.asset(partitions_def=PRETRAIN, deps=[anomaly_maps, category_thresholds], code_version="1",
               automation_condition=CHEAP_ASSET_AUTOMATION)
     def pseudo_boxes(context: dg.AssetExecutionContext):
         return dg.MaterializeResult(data_version=dg.DataVersion(f"boxes-{context.partition_key}"))
@@ -81,9 +85,11 @@ def world():
     """Two sources, every asset materialised once, and a first tick that requests nothing."""
     instance = dg.DagsterInstance.ephemeral()
     instance.add_dynamic_partitions("image_source", ["line1", "line2"])
+    instance.add_dynamic_partitions("pretrain_source", ["line1", "line2"])
     assets = build_graph()
     observe_plant_folders(instance, "files-v1")
-    materialize(assets, instance, ["image_index", "anomaly_maps"], ["line1", "line2"])
+    materialize(assets, instance, ["image_index"], ["line1", "line2"])
+    materialize(assets, instance, ["anomaly_maps"], ["line1", "line2"])
     materialize(assets, instance, ["category_thresholds"], [None])
     materialize(assets, instance, ["pseudo_boxes"], ["line1", "line2"])
     first = dg.evaluate_automation_conditions(defs=assets, instance=instance)
@@ -130,11 +136,26 @@ def test_expensive_assets_are_never_requested_and_new_maps_flow_to_cheap_assets(
 def test_a_new_source_is_indexed_and_nothing_else(world):
     instance, assets, cursor = world
     instance.add_dynamic_partitions("image_source", ["line3"])
+    instance.add_dynamic_partitions("pretrain_source", ["line3"])
     result = dg.evaluate_automation_conditions(defs=assets, instance=instance, cursor=cursor)
     # its maps are missing, so boxes for line3 wait; thresholds do not move for a missing partition
     assert requested(result) == {"image_index": {"line3"}}
     again = dg.evaluate_automation_conditions(defs=assets, instance=instance, cursor=result.cursor)
     assert requested(again) == {}
+
+
+def test_a_downstream_source_is_indexed_and_never_waits_for_maps(world):
+    """A downstream set is a key of image_source only: indexed, and no pretraining asset is missing it."""
+    instance, assets, cursor = world
+    instance.add_dynamic_partitions("image_source", ["customer"])
+    result = dg.evaluate_automation_conditions(defs=assets, instance=instance, cursor=cursor)
+    assert requested(result) == {"image_index": {"customer"}}
+    materialize(assets, instance, ["image_index"], ["customer"])
+    again = dg.evaluate_automation_conditions(defs=assets, instance=instance, cursor=result.cursor)
+    assert requested(again) == {}
+    for name in ("anomaly_maps", "pseudo_boxes"):
+        assert instance.get_materialized_partitions(dg.AssetKey(name)) == {"line1", "line2"}
+    assert PRETRAIN.get_partition_keys(dynamic_partitions_store=instance) == ["line1", "line2"]
 
 
 def test_sensor_is_exported_and_running_by_default():
