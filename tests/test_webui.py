@@ -1,5 +1,7 @@
 """The Dagster web UI on the project's definitions, driven like a user would: a real dagster-webserver,
-headless Chromium, a materialisation of one demo partition through the UI's GraphQL API.
+headless Chromium, a materialisation of one demo partition through the UI's GraphQL API, then the whole
+demo chain (what ``make demo`` runs) and what the UI shows of it: no asset misses a partition, and every
+run is named after the asset it ran.
 
 Leaves test-artifacts/webui_asset_graph.png (gitignored) for a human to look at.
 """
@@ -42,6 +44,11 @@ query($id: ID!) { logsForRun(runId: $id) { ... on EventConnection { events { __t
   ... on ExecutionStepFailureEvent { stepKey error { message } }
   ... on EngineEvent { message error { message } } } } } }
 """
+PARTITION_STATS = """
+{ assetNodes { assetKey { path } isMaterializable partitionDefinition { name }
+  partitionStats { numMaterialized numPartitions numFailed numMaterializing } } }
+"""
+RUNS = "{ runsOrError(limit: 1000) { ... on Runs { results { runId jobName status } } } }"
 MATERIALIZATIONS = """
 query($key: AssetKeyInput!) { assetOrError(assetKey: $key) { ... on Asset {
   assetMaterializations(limit: 5) { partition runId } } } }
@@ -84,8 +91,35 @@ def _wait_for_text(driver, texts: list[str], timeout_s: float = 60) -> str:
     raise AssertionError(f"page {driver.current_url} never showed {missing}; it shows:\n{body[:2000]}")
 
 
+def _assert_demo_chain_complete_in_the_ui(url: str, config_path: Path, ui_run_id: str) -> None:
+    """Run the demo chain headless on the webserver's instance; the UI then shows every partition of every
+    asset materialised (pretraining assets hold no downstream key) and runs named after their asset."""
+    from agssp_pipeline.config import load_config
+    from agssp_pipeline.definitions import build_definitions
+    from agssp_pipeline.orchestration import materialize_selection, prepare_instance
+
+    config = load_config(config_path)
+    instance = prepare_instance(config, str(config_path))
+    report = materialize_selection(build_definitions(str(config_path)), config, instance, log_level="WARNING")
+    assert not report.failed, "\n".join(report.summary_lines())
+    nodes = [n for n in graphql(url, PARTITION_STATS)["assetNodes"] if n["isMaterializable"]]
+    partitioned = {"/".join(n["assetKey"]["path"]): n for n in nodes if n["partitionDefinition"]}
+    assert {"image_index", "anomaly_maps", "pseudo_boxes", "backbone_checkpoint"} <= set(partitioned)
+    for name, node in partitioned.items():
+        stats = node["partitionStats"]
+        assert stats["numPartitions"] > 0 and stats["numMaterialized"] == stats["numPartitions"], (name, stats)
+        assert stats["numFailed"] == 0, (name, stats)
+    pretrain = {s.name for s in config.pretrain_sources()}
+    assert partitioned["anomaly_maps"]["partitionStats"]["numPartitions"] == len(pretrain) < len(config.sources)
+    runs = graphql(url, RUNS)["runsOrError"]["results"]
+    assert runs and all(r["status"] == "SUCCESS" for r in runs)
+    headless = [r for r in runs if r["runId"] != ui_run_id]
+    assert {r["jobName"] for r in headless} == {f"materialize__{step.asset}" for step in report.steps}
+    assert not [r for r in runs if r["jobName"].startswith("__ephemeral")]
+
+
 @pytest.mark.slow
-def test_asset_graph_renders_and_a_partition_materialises_from_the_ui(demo_corpus, tmp_path):
+def test_asset_graph_renders_and_a_partition_materialises_from_the_ui(demo_corpus, tmp_path, monkeypatch):
     config_path = private_demo_config(demo_corpus, tmp_path / "demo_config")
     home = tmp_path / "dagster_home"
     home.mkdir()
@@ -96,6 +130,8 @@ def test_asset_graph_renders_and_a_partition_materialises_from_the_ui(demo_corpu
         "nux": {"enabled": False},
     }))
     ARTIFACTS.mkdir(exist_ok=True)
+    monkeypatch.setenv("DAGSTER_HOME", str(home))  # the headless chain below writes to the UI's instance
+    monkeypatch.setenv("AGSSP_CONFIG", str(config_path))
     with dagster_webserver(home, config_path, tmp_path / "logs") as url, \
             headless_chromium(tmp_path / "chromium-profile") as browser:
         location, repository = _wait_for_location(url)
@@ -148,3 +184,5 @@ def test_asset_graph_renders_and_a_partition_materialises_from_the_ui(demo_corpu
         screenshot = ARTIFACTS / "webui_asset_graph.png"
         assert browser.save_screenshot(str(screenshot))
         assert screenshot.stat().st_size > 20_000, "screenshot suspiciously small: did the page render?"
+
+        _assert_demo_chain_complete_in_the_ui(url, config_path, run_id)
