@@ -44,6 +44,7 @@ STAGES: list[tuple[str, str]] = [
     ("evaluations", "finetune evaluations (and KeAD / box-quality evaluations)"),
 ]
 LAYOUT_FOLDERS = ("evaluations", "pseudo_boxes", "index", "maps.zarr", "checkpoints")
+NOT_ARTIFACTS = (".annotations.parquet", ".quarantine.parquet", ".per_class.parquet", ".lock")  # beside them
 EVALUATION_FOLDERS = {"finetune": "evaluation", "kead": "kead_evaluation", "box_quality": "box_quality"}
 DAGSTER_RECORDS_SCANNED = 200
 STALE, NEWER, MISSING = "STALE", "NEWER", "MISSING"
@@ -278,7 +279,7 @@ class Walk:
         kind = KINDS[item.kind]
         node = self.nodes.get((item.kind, item.key))
         if node is None:
-            uri = aio.canonical(item.uri or kind.default_uri(self.layout, item.key))
+            uri = aio.canonical(item.uri or kind.locate(self.layout, item.key))
             node = self.nodes[(item.kind, item.key)] = Node(item.kind, item.key, uri, Entry(item.key, uri))
             self.stages[kind.stage].entries.append(node.entry)
             inputs = kind.read(self, node, item)
@@ -498,7 +499,7 @@ def _read_checkpoint(walk: Walk, node: Node, item: Input) -> list[Input]:
     if on_disk is None:
         node.entry.flag(MISSING, f"checkpoint files no longer at {node.uri}"
                         + ("; shown as recorded by its consumer" if item.lineage else ""))
-    node.entry.fields.update(SUMMARIES[node.kind](lineage))
+    node.entry.fields.update({label: _pick(lineage, path) for label, path in SUMMARIES[node.kind].items()})
     pointer = ckpt.read_latest_pointer(walk.layout, name, kind=node.kind) if name != "?" else None
     if pointer and pointer.get("run_id") not in (None, run_id):
         node.entry.flag(NEWER, f"a later {node.kind} {name} run exists: {pointer['run_id']} (latest.json)")
@@ -536,33 +537,22 @@ def _backbone_digest(run_dir: str) -> str | None:
         return None
 
 
-def _backbone_summary(lineage: dict[str, Any]) -> dict[str, Any]:
-    code = lineage.get("code") or {}
-    return {
-        "status": lineage.get("status"), "created": lineage.get("created_at"),
-        "epochs completed": lineage.get("epochs_completed"),
-        "base loss": (lineage.get("resolved") or {}).get("base_loss"),
-        "final losses": {k: v for k, v in (lineage.get("final_losses") or {}).items() if v is not None},
-        "config hash": lineage.get("config_hash"), "data hash": lineage.get("data_hash"),
-        "classes": (lineage.get("data") or {}).get("classes"),
-        "code": f"{code.get('git_commit') or code.get('package_version') or '-'}"
-                + (" (dirty)" if code.get("git_dirty") else ""),
-        "device": lineage.get("device"),
-    }
+# what a checkpoint's lineage shows of itself: label -> dotted key path
+SUMMARIES: dict[str, dict[str, str]] = {
+    "backbone": {"status": "status", "created": "created_at", "epochs completed": "epochs_completed",
+                 "base loss": "resolved.base_loss", "final losses": "final_losses", "config hash": "config_hash",
+                 "data hash": "data_hash", "classes": "data.classes", "code": "code", "device": "device"},
+    "detector": {"created": "created_at", "weights digest": "weights_digest", "training set": "training_set",
+                 "epochs": "settings.epochs", "image size": "settings.image_size",
+                 "frozen backbone layers": "settings.freeze_layers",
+                 "pseudo-box val mAP50": "ultralytics_metrics.metrics/mAP50(B)"},
+}
 
 
-def _detector_summary(lineage: dict[str, Any]) -> dict[str, Any]:
-    settings = lineage.get("settings") or {}
-    return {
-        "created": lineage.get("created_at"), "weights digest": lineage.get("weights_digest"),
-        "training set": lineage.get("training_set"), "epochs": settings.get("epochs"),
-        "image size": settings.get("image_size"), "frozen backbone layers": settings.get("freeze_layers"),
-        "pseudo-box val mAP50": (lineage.get("ultralytics_metrics") or {}).get("metrics/mAP50(B)"),
-    }
-
-
-SUMMARIES: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
-    "backbone": _backbone_summary, "detector": _detector_summary}
+def _pick(record: Any, path: str) -> Any:
+    for part in path.split("."):
+        record = record.get(part) if isinstance(record, dict) else None
+    return record
 
 
 def _read_evaluation(walk: Walk, node: Node, _item: Input) -> list[Input]:
@@ -662,14 +652,10 @@ class Kind:
 
     stage: str
     asset: str
-    default_uri: Callable[[StorageLayout, str], str]
+    locate: Callable[[StorageLayout, str], str]  # name (source, dataset, model) -> where the layout puts it
     read: Callable[[Walk, Node, Input], list[Input]]
     stale: str = "{consumer} used another version of it ({diff})"
     on_record: Callable[[Node, Input, str], None] | None = None
-
-
-def _given(_layout: StorageLayout, key: str) -> str:
-    return key
 
 
 KINDS: dict[str, Kind] = {
@@ -681,13 +667,16 @@ KINDS: dict[str, Kind] = {
                        _read_thresholds, "thresholds changed since {consumer} was made ({diff})"),
     "pseudo_boxes": Kind("pseudo_boxes", "pseudo_boxes", StorageLayout.pseudo_boxes, _read_pseudo_boxes,
                          "table rewritten since {consumer} trained on it ({diff})"),
-    "backbone": Kind("backbone", "backbone_checkpoint", _given, _read_checkpoint,
-                     "weights changed since {consumer} loaded them ({diff})"),
-    "detector": Kind("detector", "detector_checkpoint", _given, _read_checkpoint,
-                     "weights changed since {consumer} loaded them ({diff})"),
-    "evaluation": Kind("evaluations", "finetune_evaluation", _given, _read_evaluation),
-    "kead_evaluation": Kind("evaluations", "kead_evaluation", _given, _read_kead_evaluation),
-    "box_quality": Kind("evaluations", "pseudo_box_quality", _given, _read_box_quality),
+    "backbone": Kind("backbone", "backbone_checkpoint", lambda layout, name: layout.checkpoints("backbone", name),
+                     _read_checkpoint, "weights changed since {consumer} loaded them ({diff})"),
+    "detector": Kind("detector", "detector_checkpoint", lambda layout, name: layout.checkpoints("detector", name),
+                     _read_checkpoint, "weights changed since {consumer} loaded them ({diff})"),
+    "evaluation": Kind("evaluations", "finetune_evaluation", lambda layout, name: layout.evaluations("finetune", name),
+                       _read_evaluation),
+    "kead_evaluation": Kind("evaluations", "kead_evaluation", lambda layout, name: layout.evaluations("kead", name),
+                            _read_kead_evaluation),
+    "box_quality": Kind("evaluations", "pseudo_box_quality",
+                        lambda layout, name: layout.evaluations("box_quality", name), _read_box_quality),
 }
 
 
@@ -703,7 +692,8 @@ def _add_consumers(walk: Walk, run_dir: str, kind: str) -> None:
                 users.append(detector)
                 walk.visit(Input("detector", detector, detector), follow=False)
     found = False
-    for uri in _tables(walk.layout, "finetune"):
+    finetune = aio.glob(walk.layout.evaluations("finetune", "*"))
+    for uri in [u for u in finetune if not u.endswith(NOT_ARTIFACTS)]:
         table = aio.read_parquet(uri)
         named = table["checkpoint"].dropna().astype(str) if "checkpoint" in table else []
         if any(aio.same_location(c, u) for c in named for u in users):
@@ -771,17 +761,6 @@ def _newest(uris: list[str]) -> str | None:
     return max(uris, key=lambda u: aio.modified_time(u) or 0.0) if uris else None
 
 
-def _tables(layout: StorageLayout, kind: str) -> list[str]:
-    """Evaluation tables of one kind (not the per-class tables beside the finetune ones)."""
-    return [u for u in aio.glob(layout.evaluations(kind, "*")) if not u.endswith(".per_class.parquet")]
-
-
-def _per_source(uri_of: Callable[[str], str], partition: str | None, every: list[str]) -> str | None:
-    if partition:
-        return uri_of(partition) if aio.exists(uri_of(partition)) else None
-    return _newest(every)
-
-
 def _latest_checkpoint(layout: StorageLayout, kind: str, partition: str | None, config) -> str | None:
     """The latest run of the named model, else of the configured one, else the newest of any name."""
     configured = getattr(config.detector, "backbone" if kind == "backbone" else "model") if config else None
@@ -792,36 +771,17 @@ def _latest_checkpoint(layout: StorageLayout, kind: str, partition: str | None, 
     return ckpt.resolve_checkpoint_dir(aio.parent(newest)) if newest and not partition else None
 
 
-def _newest_store(layout: StorageLayout, partition: str | None) -> str | None:
-    if partition:
-        return layout.maps_store(partition) if aio.exists(aio.join(layout.maps_store(partition), "zarr.json")) else None
-    newest = _newest(aio.glob(aio.join(layout.maps_store("*"), "zarr.json")))
-    return aio.parent(newest) if newest else None
-
-
-def _index_tables(layout: StorageLayout) -> list[str]:
-    return [u for u in aio.glob(layout.index("*")) if not u.endswith((".annotations.parquet", ".quarantine.parquet"))]
-
-
-AssetTarget = Callable[[StorageLayout, Any, str | None], str | None]
-ASSET_TARGETS: dict[str, tuple[str, AssetTarget]] = {
-    "finetune_evaluation": ("evaluation", lambda layout, config, part: _per_source(
-        lambda n: layout.evaluations("finetune", n), part, _tables(layout, "finetune"))),
-    "kead_evaluation": ("kead_evaluation", lambda layout, config, part: _per_source(
-        lambda n: layout.evaluations("kead", n), part, _tables(layout, "kead"))),
-    "pseudo_box_quality": ("box_quality", lambda layout, config, part: _per_source(
-        lambda n: layout.evaluations("box_quality", n), part, _tables(layout, "box_quality"))),
-    "detector_checkpoint": ("detector", lambda layout, config, part: _latest_checkpoint(
-        layout, "detector", part, config)),
-    "backbone_checkpoint": ("backbone", lambda layout, config, part: _latest_checkpoint(
-        layout, "backbone", part, config)),
-    "pseudo_boxes": ("pseudo_boxes", lambda layout, config, part: _per_source(
-        layout.pseudo_boxes, part, aio.glob(layout.pseudo_boxes("*")))),
-    "anomaly_maps": ("maps", lambda layout, config, part: _newest_store(layout, part)),
-    "category_thresholds": ("thresholds", lambda layout, config, part: layout.thresholds()
-                            if aio.exists(layout.thresholds()) else None),
-    "image_index": ("index", lambda layout, config, part: _per_source(layout.index, part, _index_tables(layout))),
-}
+def _latest_artifact(layout: StorageLayout, kind: str, partition: str | None, config) -> str | None:
+    """The artifact of an asset: of the partition when given, else the newest one the layout holds."""
+    if kind in SUMMARIES:
+        return _latest_checkpoint(layout, kind, partition, config)
+    locate = KINDS[kind].locate
+    if partition or kind == "thresholds":
+        uri = locate(layout, partition or "")
+        return uri if aio.exists(uri) else None
+    found = [u for u in aio.glob(locate(layout, "*")) if not u.endswith(NOT_ARTIFACTS)
+             and (kind != "maps" or aio.exists(aio.join(u, "zarr.json")))]
+    return _newest(found)
 
 
 def parse_asset_target(target: str) -> tuple[str, str | None]:
@@ -835,13 +795,13 @@ def parse_asset_target(target: str) -> tuple[str, str | None]:
 
 def resolve_target(target: str, layout: StorageLayout | None, config=None) -> ResolvedTarget:
     asset, partition = parse_asset_target(target)
-    if asset not in ASSET_TARGETS or aio.exists(target):
+    kind = next((k for k, spec in KINDS.items() if spec.asset == asset), None)
+    if kind is None or aio.exists(target):
         return resolve_path(target)
     if layout is None:
         raise LineageTargetError(f"'{asset}' is an asset name: pass --config (or set AGSSP_CONFIG) "
                                  "so its latest artifact can be found under storage_root")
-    kind, find = ASSET_TARGETS[asset]
-    uri = find(layout, config, partition)
+    uri = _latest_artifact(layout, kind, partition, config)
     if uri is None:
         where = f"[{partition}]" if partition else ""
         raise LineageTargetError(f"no artifact of {asset}{where} under {layout.root}: materialise it first")

@@ -237,6 +237,40 @@ def test_kead_and_box_quality_evaluations_lead_to_their_maps_and_boxes(chain):
     assert not quality.flags(STALE)
 
 
+def test_a_storage_root_on_s3_is_walked_in_the_bucket(chain, moto_s3_server, monkeypatch, tmp_path):
+    """The same artifacts copied to a bucket: lineage reads them there (artifact_io), not from local paths."""
+    from agssp_pipeline import artifact_io
+    from agssp_pipeline.kead.store import current_version
+
+    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": moto_s3_server.endpoint}.items():
+        monkeypatch.setenv(key, value)
+    layout, root = chain["layout"], f"s3://{moto_s3_server.bucket}/store"
+    for folder in ("index", "maps.zarr", "pseudo_boxes", "evaluations"):
+        artifact_io.upload_tree(layout.path(folder), f"{root}/{folder}")
+    artifact_io.write_bytes(f"{root}/thresholds.parquet", artifact_io.read_bytes(layout.thresholds()))
+    config_path = Path(chain["config_path"])
+    data = yaml.safe_load(config_path.read_text())
+    data["storage_root"] = root
+    for source in data["sources"]:
+        source["root"] = str((config_path.parent / source["root"]).resolve())
+    (tmp_path / "agssp.yaml").write_text(yaml.safe_dump(data))
+
+    report = build_lineage_report(f"pseudo_boxes[{BOXED_SOURCE}]", tmp_path / "agssp.yaml", use_dagster=False)
+    assert report.storage_root == root
+    assert [e.path for e in report.stage("pseudo_boxes").entries] == [f"{root}/pseudo_boxes/{BOXED_SOURCE}.parquet"]
+    maps = {e.label: e for e in report.stage("maps").entries}
+    assert set(maps) == set(_pretrain_sources(chain))
+    assert maps[BOXED_SOURCE].path == f"{root}/maps.zarr/{BOXED_SOURCE}"
+    assert maps[BOXED_SOURCE].fields["current version"] == current_version(layout.maps_store(BOXED_SOURCE))
+    assert report.stage("thresholds").entries[0].path == f"{root}/thresholds.parquet"
+    assert not report.flags()
+    kead = build_lineage_report(f"{root}/evaluations/kead/{MASKED_SOURCE}.parquet", use_dagster=False)
+    assert kead.target_kind == "kead_evaluation" and kead.storage_root == root
+    assert [e.path for e in kead.stage("maps").entries] == [f"{root}/maps.zarr/{MASKED_SOURCE}"]
+    assert not kead.flags()
+
+
 def test_bad_targets_are_clear_errors(chain, tmp_path, capsys):
     with pytest.raises(LineageTargetError, match="no such file"):
         build_lineage_report(str(tmp_path / "nothing.parquet"))
