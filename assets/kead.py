@@ -44,7 +44,8 @@ class KeadModelResource(dg.ConfigurableResource):
     Unset fields keep the file's value. Dagster builds a fresh copy of the resource for every run, and the
     encoder lives on that copy: a single-run backfill over many sources (a UI backfill, or the headless
     runner, which runs ``anomaly_maps`` as one run over its partitions) loads the weights once, and nothing
-    outlives the run (teardown frees the model's memory). Other settings or a weights file changed on disk
+    outlives the run (the copy and its model go when the run ends; no teardown hook, which would make the
+    resource a generator that sensors could not build outside a context manager). Other settings or a weights file changed on disk
     (size or mtime) within a run is a new key: the encoder is built again, and only the newest is kept.
     """
 
@@ -71,9 +72,6 @@ class KeadModelResource(dg.ConfigurableResource):
             self._encoders.clear()  # one model at a time: a large CLIP model fills a GPU
             self._encoders[key] = encoders.build_encoder(settings)
         return self._encoders[key]
-
-    def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
-        self._encoders.clear()  # the run is over: release the model (and its GPU memory)
 
 
 def _weights_stamp(weights: str | None) -> str:
