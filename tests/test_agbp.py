@@ -62,7 +62,7 @@ def test_distillation_loss_decreases(distill_run):
 
 def test_frozen_stages_stay_bit_identical(distill_run):
     _, result = distill_run
-    state, lineage = ckpt.load_backbone_checkpoint(result.run_dir)
+    state, lineage = ckpt.load_checkpoint(result.run_dir)
     assert lineage["resolved"]["freeze_stages"] == [0, 1]
     torch.manual_seed(0)  # the trainer seeds with settings.seed (0) before building the model
     fresh = build_backbone("yolov8n").backbone
@@ -121,8 +121,8 @@ def test_resume_after_crash_continues_at_next_epoch_with_same_state(table, tmp_p
     assert resumed.lineage["status"] == "complete" and resumed.lineage["epochs_completed"] == 2
     assert ckpt.read_latest_pointer(config.layout(), "yolov8n")["run_id"] == run_id
     # crash + resume reproduces the uninterrupted run: optimizer, scheduler, RNG and weights were restored
-    ref_state, _ = ckpt.load_backbone_checkpoint(reference.run_dir)
-    resumed_state, _ = ckpt.load_backbone_checkpoint(resumed.run_dir)
+    ref_state, _ = ckpt.load_checkpoint(reference.run_dir)
+    resumed_state, _ = ckpt.load_checkpoint(resumed.run_dir)
     for key in ref_state:
         assert torch.allclose(ref_state[key], resumed_state[key], atol=1e-5), key
     ref_opt = ckpt.load_training_state(reference.run_dir)["optimizer"]["state"]

@@ -113,7 +113,7 @@ def test_materialise_records_consumed_partitions_versions_and_curves(pipeline, m
     assert metadata["loss_curves"].value.startswith("![losses](data:image/png;base64,")
     assert metadata["epochs"].value == 1
     checkpoint_path = metadata["checkpoint_path"].value
-    state, lineage = ckpt.load_backbone_checkpoint(checkpoint_path)
+    state, lineage = ckpt.load_checkpoint(checkpoint_path)
     assert lineage["dagster_upstream_data_versions"]["anomaly_maps"]["synth"] == "maps-dv-1"
     # one writer: the trainer wrote the sidecar once (one epoch), with what the asset added; nobody rewrote it
     assert lineage_writes == [metadata["lineage_path"].value]
@@ -157,7 +157,7 @@ def test_command_line_entry_point_trains_and_prints_the_checkpoint(pipeline, cap
     )
     out = capsys.readouterr().out
     assert "checkpoint: " in out and "images/s: " in out
-    state, lineage = ckpt.load_backbone_checkpoint(ckpt.latest_checkpoint_dir(layout, "yolov8n"))
+    state, lineage = ckpt.load_checkpoint(ckpt.latest_checkpoint_dir(layout, "yolov8n"))
     assert lineage["config"]["base_loss"] == "none" and lineage["config"]["batch_size"] == 2
     assert lineage["config_path"] == str(config_path)
 

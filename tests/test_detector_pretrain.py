@@ -7,13 +7,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_checkpoint import moto_endpoint  # noqa: F401  (fixture: the moto server via AWS_* variables)
 from test_detector_data import make_pipeline_storage, save_fake_backbone_checkpoint
 
 from agssp_pipeline import artifact_io
-from agssp_pipeline.training.checkpoint import backbone_state_for_detector, load_checkpoint
+from agssp_pipeline.training.checkpoint import (
+    backbone_state_for_detector,
+    latest_checkpoint_dir,
+    load_checkpoint,
+)
 from agssp_pipeline.training.detector import (
     collect_pretrain_set,
-    latest_detector_checkpoint,
     pretrain_detector,
 )
 
@@ -35,7 +39,7 @@ def test_pretrain_detector_writes_checkpoint_with_lineage(tmp_path):
     result = pretrain_detector(config)
     assert Path(result.weights).is_file()
     assert artifact_io.parent(result.run_dir) == config.layout().checkpoints("detector", "yolov8n")
-    assert latest_detector_checkpoint(config.layout(), "yolov8n") == result.run_dir
+    assert latest_checkpoint_dir(config.layout(), "yolov8n", kind="detector") == result.run_dir
     state, lineage = load_checkpoint(result.run_dir, float32=True)
     assert lineage["backbone"]["checkpoint"] == backbone_dir
     assert lineage["backbone"]["lineage"]["run_id"] == "run-test"
@@ -60,3 +64,27 @@ def test_pretrain_detector_needs_pseudo_boxes(tmp_path):
     (Path(config.layout().pseudo_boxes("plant"))).unlink()
     with pytest.raises(FileNotFoundError, match="pseudo boxes of source 'plant' missing"):
         pretrain_detector(config)
+
+
+@pytest.mark.usefixtures("moto_endpoint")
+def test_pretrain_detector_on_object_storage_publishes_every_file_to_the_bucket(tmp_path, moto_s3_server,
+                                                                                 monkeypatch):
+    """storage_root s3://...: ultralytics trains in a local scratch folder, the checkpoint lands in the bucket."""
+    from agssp_pipeline.training import checkpoint as ckpt
+
+    local = make_pipeline_storage(tmp_path / "local")
+    root = f"s3://{moto_s3_server.bucket}/agdp"
+    artifact_io.upload_tree(local.layout().root, root)  # index + pseudo boxes, as ingestion would have put them
+    config = local.model_copy(update={"storage_root": root})
+    save_fake_backbone_checkpoint(config)
+    monkeypatch.setenv("AGSSP_SCRATCH", str(tmp_path / "scratch"))
+    monkeypatch.chdir(tmp_path)
+    result = pretrain_detector(config)
+    assert result.run_dir == ckpt.latest_checkpoint_dir(config.layout(), "yolov8n", kind="detector")
+    assert result.run_dir.startswith(f"{root}/checkpoints/detector/yolov8n/")
+    state, lineage = load_checkpoint(ckpt.checkpoint_dir(config.layout(), "yolov8n", kind="detector"))
+    assert lineage["weights_digest"] == ckpt.state_dict_digest(state) and lineage["status"] == "complete"
+    assert artifact_io.is_file(lineage["ultralytics_last_pt"]) and lineage["ultralytics_last_pt"].startswith(root)
+    assert ckpt.recorded_inputs(result.run_dir)[0]["uri"] == config.layout().checkpoints("backbone", "yolov8n",
+                                                                                           "run-test")
+    assert not (tmp_path / "s3:").exists()  # no address lost its scheme

@@ -83,7 +83,6 @@ def write_latest_pointer(
         "kind": kind,
         "name": name,
         "run_id": run_id,
-        "run_dir": artifact_io.canonical(target),  # informative; readers resolve by run_id
         "updated_at": (extra or {}).get("updated_at") or datetime.now(UTC).isoformat(),
     }
     if kind == BACKBONE:
@@ -180,11 +179,6 @@ def load_checkpoint(path: str | Path, *, float32: bool = False) -> tuple[dict[st
     if float32:
         state = {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}
     return state, read_lineage(run)
-
-
-def load_backbone_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """:func:`load_checkpoint` under the name the lineage report still imports."""
-    return load_checkpoint(path)
 
 
 def read_lineage(path: str | Path) -> dict[str, Any]:

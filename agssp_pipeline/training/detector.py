@@ -39,7 +39,7 @@ import agssp_pipeline  # noqa: F401  (offline defaults before ultralytics is imp
 from agssp_pipeline import artifact_io
 from agssp_pipeline.storage import StorageLayout
 from agssp_pipeline.training import checkpoint as ckpt
-from agssp_pipeline.training.checkpoint import (  # noqa: F401  (state_dict_digest: re-exported for lineage_report)
+from agssp_pipeline.training.checkpoint import (
     BACKBONE_PREFIXES,
     InitialWeights,
     InjectionReport,
@@ -258,11 +258,6 @@ def detector_initial_weights(checkpoint: str | Path) -> InitialWeights:
     """An AGDP detector checkpoint as initial weights (fp32); its backbone layers must all load."""
     state, lineage = ckpt.load_checkpoint(checkpoint, float32=True)
     return InitialWeights("agssp", state, BACKBONE_PREFIXES, {**lineage, "checkpoint": str(checkpoint)})
-
-
-def latest_detector_checkpoint(layout: StorageLayout, name: str) -> str:
-    """Run dir of the last completed detector run of ``name`` (``ckpt.latest_checkpoint_dir`` of that kind)."""
-    return ckpt.latest_checkpoint_dir(layout, name, kind=DETECTOR_KIND)
 
 
 def settings_dict(settings: Any) -> dict[str, Any]:

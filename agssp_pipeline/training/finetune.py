@@ -43,7 +43,6 @@ from agssp_pipeline.training.detector import (
     backbone_initial_weights,
     detector_initial_weights,
     export_splits,
-    latest_detector_checkpoint,
     load_weight_file,
     resolve_device,
     train_yolo,
@@ -433,14 +432,14 @@ def train_settings_from(config) -> YoloTrainSettings:
 def variant_context_from(config, backbone_checkpoint: str | None = None,
                          detector_checkpoint: str | None = None) -> VariantContext:
     """Checkpoints to use: the given ones, else the latest completed runs of the configured names."""
-    from agssp_pipeline.training.checkpoint import latest_checkpoint_dir
+    from agssp_pipeline.training.checkpoint import DETECTOR, latest_checkpoint_dir
 
     layout = config.layout()
     variants = set(config.finetune.variants)
     if backbone_checkpoint is None and "agbp" in variants:
         backbone_checkpoint = latest_checkpoint_dir(layout, config.detector.backbone)
     if detector_checkpoint is None and "agssp" in variants:
-        detector_checkpoint = str(latest_detector_checkpoint(layout, config.detector.model))
+        detector_checkpoint = latest_checkpoint_dir(layout, config.detector.model, kind=DETECTOR)
     return VariantContext(backbone_checkpoint, detector_checkpoint, dict(config.finetune.extra_weights))
 
 
