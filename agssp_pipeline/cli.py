@@ -163,9 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
     mat.set_defaults(func=cmd_materialize)
 
     lin = sub.add_parser("lineage", help="the chain from sources to evaluations behind an artifact or asset")
-    lin.add_argument("target", help="checkpoint run dir / model.safetensors / lineage.json, an evaluation, pseudo-box "
-                     "or index parquet, a maps.zarr/<source> store, or an asset name (latest artifact), e.g. "
-                     "detector_checkpoint, pseudo_boxes[demo_plant_line1]")
+    lin.add_argument("target", help="checkpoint run dir / model.safetensors / lineage.json, an "
+                     "evaluations/<finetune|kead|box_quality>/ table, a pseudo-box or index parquet, the thresholds "
+                     "table, a maps.zarr/<source> store (local or s3://), or an asset name (its latest artifact), e.g. "
+                     "finetune_evaluation, kead_evaluation[demo_billet_masks], pseudo_boxes[demo_plant_line1]")
     lin.add_argument("--config", dest="lineage_config", default=None,
                      help="agssp.yaml (needed for asset names; default: $AGSSP_CONFIG)")
     lin.add_argument("--json", action="store_true", help="machine-readable output")

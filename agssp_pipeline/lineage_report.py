@@ -236,8 +236,7 @@ class Input:
     key: str  # source name, "thresholds", or the (canonical) address of a checkpoint or table
     uri: str | None = None  # where the consumer found it (None: where the layout puts it)
     recorded: Any = None  # the version the consumer recorded; None: not recorded
-    what: str = "version"  # the recorded value in words
-    measure: str = "version"  # the input's current value that ``recorded`` is compared with
+    measure: str = "version"  # the input's current value that ``recorded`` is compared with ("version", "T_c")
     lineage: dict[str, Any] | None = None  # the consumer's copy of the input's own record (shown if it is gone)
     dagster: str | None = None  # the Dagster data version the consumer saw
 
@@ -295,11 +294,12 @@ class Walk:
         """Record what ``consumer`` saw of ``node`` and flag the differences with ``node`` as it is now."""
         kind = KINDS[node.kind]
         seen = node.entry.fields.setdefault("recorded by", {}).setdefault(consumer.name, {})
-        shown, value = seen.get(item.what), _short(item.recorded)
+        what = "T_c used" if item.measure == "T_c" else kind.version
+        shown, value = seen.get(what), _short(item.recorded)
         if item.recorded is None:
-            seen.setdefault(item.what, "not recorded")
+            seen.setdefault(what, "not recorded")
         else:
-            seen[item.what] = value if shown in (None, "not recorded", value) else f"{shown}, {value}"
+            seen[what] = value if shown in (None, "not recorded", value) else f"{shown}, {value}"
         if kind.on_record is not None:
             kind.on_record(node, item, consumer.name)
         now = node.measure(item.measure) if item.recorded is not None else None
@@ -340,24 +340,24 @@ def _same(a: Any, b: Any) -> bool:
 # what each kind of artifact records (its inputs) and what it is now
 
 
+def _hashed(node: Node, field_name: str, missing: str) -> bool:
+    """A file artifact's version is its content hash (what consumers record); False when it is gone."""
+    node.measures["version"] = node.entry.fields[field_name] = file_hash(node.uri)
+    if node.measures["version"] is None:
+        node.entry.flag(MISSING, missing)
+    return node.measures["version"] is not None
+
+
 def _read_index(walk: Walk, node: Node, _item: Input) -> list[Input]:
     node.name, node.dagster = f"index {node.key}", (node.key, None)
-    node.measures["version"] = now = file_hash(node.uri)
-    node.entry.fields["index sha256[:16] now"] = now
-    if now is None:
-        node.entry.flag(MISSING, f"index file {node.uri} no longer exists")
+    if not _hashed(node, "index sha256[:16] now", f"index file {node.uri} no longer exists"):
         return []
-    index = aio.read_parquet(node.uri)
-    fields = node.entry.fields
-    fields["images"] = len(index)
-    if "image_id" in index:
-        fields["unique images"] = int(index["image_id"].nunique())
-    if "category" in index:
-        fields["categories"] = sorted(index["category"].dropna().astype(str).unique())
-    if "is_normal" in index:
-        normal = index["is_normal"]
-        fields["normal / defective / unknown"] = (f"{int((normal == True).sum())} / "  # noqa: E712
-                                                  f"{int((normal == False).sum())} / {int(normal.isna().sum())}")  # noqa: E712
+    index, fields = aio.read_parquet(node.uri), node.entry.fields
+    normal = index["is_normal"] if "is_normal" in index else pd.Series(dtype=object)
+    fields.update({"images": len(index), "unique images": int(index["image_id"].nunique()),
+                   "categories": sorted(index.get("category", pd.Series(dtype=str)).dropna().astype(str).unique()),
+                   "normal / defective / unknown": f"{int((normal == True).sum())} / "  # noqa: E712
+                   f"{int((normal == False).sum())} / {int(normal.isna().sum())}"})  # noqa: E712
     annotations = walk.layout.annotations(node.key)
     if aio.is_file(annotations):
         fields["annotation boxes"] = len(aio.read_parquet(annotations, columns=["image_id"]))
@@ -380,23 +380,19 @@ def _read_maps(walk: Walk, node: Node, _item: Input) -> list[Input]:
     return []  # versions record encoder, weights, prompts and references, not the index version they mapped
 
 
+# what a map-store version records of what made it: label -> key path in its attrs
+MAP_VERSION_FIELDS = {"encoder": "encoder", "model": "identity.model", "mode": "identity.mode",
+                      "weights": "weights", "prompts hash": "prompt_hash", "grid": "grid_size",
+                      "maps": "committed", "created": "created_at", "code": "code_version",
+                      "reference images": "references"}
+
+
 def _show_map_version(node: Node, version: str | None) -> None:
     if not version or f"version {version}" in node.entry.fields or node.versions is None:
         return
     attrs = node.versions.get(version)
-    if attrs is None:
-        node.entry.fields[f"version {version}"] = "no longer in the store"
-        return
-    identity = attrs.get("identity") if isinstance(attrs.get("identity"), dict) else {}
-    references = attrs.get("references") or {}
-    node.entry.fields[f"version {version}"] = {
-        "encoder": identity.get("encoder", attrs.get("encoder")), "model": identity.get("model"),
-        "mode": identity.get("mode"), "weights": identity.get("weights", attrs.get("weights")),
-        "prompts hash": identity.get("prompt_hash", attrs.get("prompt_hash")) or "-",
-        "grid": attrs.get("grid_size"), "maps": attrs.get("committed"), "created": attrs.get("created_at"),
-        "code": attrs.get("code_version"),
-        "reference images": {str(c): list(ids) for c, ids in references.items()} if references else "not recorded",
-    }
+    node.entry.fields[f"version {version}"] = "no longer in the store" if attrs is None else {
+        label: _pick(attrs, path) for label, path in MAP_VERSION_FIELDS.items()}
 
 
 def _on_map_record(node: Node, item: Input, consumer: str) -> None:
@@ -407,16 +403,13 @@ def _on_map_record(node: Node, item: Input, consumer: str) -> None:
 
 def _map_inputs(source: str, versions: Any) -> list[Input]:
     listed = versions if isinstance(versions, list) else [versions] if versions else [None]
-    return [Input("maps", source, recorded=v, what="map store version") for v in listed]
+    return [Input("maps", source, recorded=v) for v in listed]
 
 
 def _read_thresholds(walk: Walk, node: Node, _item: Input) -> list[Input]:
     node.name = node.entry.label = "thresholds table"
     node.dagster = (None, None)
-    node.measures["version"] = now = file_hash(node.uri)
-    node.entry.fields["table sha256[:16] now"] = now
-    if now is None:
-        node.entry.flag(MISSING, f"no thresholds table at {node.uri}")
+    if not _hashed(node, "table sha256[:16] now", f"no thresholds table at {node.uri}"):
         return []
     table = aio.read_parquet(node.uri)
     node.entry.fields["per category"] = {
@@ -433,10 +426,7 @@ def _read_thresholds(walk: Walk, node: Node, _item: Input) -> list[Input]:
 
 def _read_pseudo_boxes(walk: Walk, node: Node, _item: Input) -> list[Input]:
     node.name, node.dagster = f"pseudo boxes {node.key}", (node.key, None)
-    node.measures["version"] = now = file_hash(node.uri)
-    node.entry.fields["table sha256[:16] now"] = now
-    if now is None:
-        node.entry.flag(MISSING, f"pseudo-box table {node.uri} no longer exists")
+    if not _hashed(node, "table sha256[:16] now", f"pseudo-box table {node.uri} no longer exists"):
         return []
     table = aio.read_parquet(node.uri)
     images = table.drop_duplicates("image_id")
@@ -451,17 +441,8 @@ def _read_pseudo_boxes(walk: Walk, node: Node, _item: Input) -> list[Input]:
         node.entry.fields["parquet metadata"] = extra
     walk.note("pseudo_boxes", "pseudo-box tables record the T_c value per row, not the thresholds table "
                               "version: staleness against the thresholds is judged by comparing those values")
-    return [Input("index", node.key, what="index sha256[:16]"), *_map_inputs(node.key, versions),
-            Input("thresholds", "thresholds", recorded=node.entry.fields["T_c used"], what="T_c used",
-                  measure="T_c")]
-
-
-# recorded_inputs() names inputs by asset; these are the kinds of this walk and what their version is called
-ASSET_KINDS = {"image_index": ("index", "index sha256[:16]"), "anomaly_maps": ("maps", "map store version"),
-               "category_thresholds": ("thresholds", "table sha256[:16]"),
-               "pseudo_boxes": ("pseudo_boxes", "table sha256[:16]"),
-               "backbone_checkpoint": ("backbone", "weights digest"),
-               "detector_checkpoint": ("detector", "weights digest")}
+    return [Input("index", node.key), *_map_inputs(node.key, versions),
+            Input("thresholds", "thresholds", recorded=node.entry.fields["T_c used"], measure="T_c")]
 
 
 def _checkpoint_inputs(lineage: dict[str, Any]) -> list[Input]:
@@ -469,19 +450,15 @@ def _checkpoint_inputs(lineage: dict[str, Any]) -> list[Input]:
     seen = lineage.get("dagster_upstream_data_versions") or {}
     inputs = []
     for record in ckpt.recorded_inputs(lineage):
-        kind, what = ASSET_KINDS.get(record.get("asset"), (None, ""))
-        if kind is None:
-            continue
-        if kind in ("backbone", "detector"):
-            if not record.get("uri"):
-                continue
+        kind = _kind_of_asset(record.get("asset"))
+        if kind in SUMMARIES and record.get("uri"):
             own = (lineage.get("backbone") or {}).get("lineage") if kind == "backbone" else None
-            inputs.append(Input(kind, aio.canonical(record["uri"]), record["uri"], record.get("version"), what,
-                                lineage=own))
+            inputs.append(Input(kind, aio.canonical(record["uri"]), record["uri"], record.get("version"), lineage=own))
+        if kind is None or kind in SUMMARIES:
             continue
         key = record.get("partition") or "thresholds"
         dagster = (seen.get(record["asset"]) or {}).get(key)
-        inputs.append(Input(kind, key, record.get("uri"), record.get("version"), what, dagster=dagster))
+        inputs.append(Input(kind, key, record.get("uri"), record.get("version"), dagster=dagster))
         if kind == "pseudo_boxes" and record.get("map_store_version"):
             inputs.extend(_map_inputs(key, list(record["map_store_version"])))
     return inputs
@@ -508,24 +485,26 @@ def _read_checkpoint(walk: Walk, node: Node, item: Input) -> list[Input]:
     else:
         node.measures["version"] = (on_disk or {}).get("weights_digest")
     inputs = _checkpoint_inputs(lineage)
-    _note_unrecorded(walk, node.kind, label, lineage, {i.kind for i in inputs})
+    _note_unrecorded(walk, node.kind, label, {i.kind for i in inputs})
     return inputs
 
 
-def _note_unrecorded(walk: Walk, kind: str, label: str, lineage: dict[str, Any], found: set[str]) -> None:
-    """Say which links a checkpoint's lineage does not record."""
-    if kind == "backbone":
-        if not isinstance(lineage.get("data"), dict):
-            walk.note("sources", f"no data lineage recorded in backbone checkpoint {label}")
-        if "thresholds" not in found:
-            walk.note("thresholds", f"no threshold table recorded in backbone checkpoint {label}")
-        return
-    if "backbone" not in found:
-        walk.note("backbone", f"no backbone checkpoint recorded in detector checkpoint {label}")
-    if "pseudo_boxes" not in found:
-        walk.note("pseudo_boxes", f"no pseudo-box tables recorded in detector checkpoint {label}")
-    walk.note("thresholds", f"no threshold table recorded in detector checkpoint {label} "
-                            "(its pseudo-box tables carry the T_c values they used)")
+# links a checkpoint of each kind is expected to record: input kind -> (stage, what is missing in words)
+EXPECTED_INPUTS = {
+    "backbone": {"index": ("sources", "no data lineage"), "thresholds": ("thresholds", "no threshold table")},
+    "detector": {"backbone": ("backbone", "no backbone checkpoint"),
+                 "pseudo_boxes": ("pseudo_boxes", "no pseudo-box tables"),
+                 "thresholds": ("thresholds", "no threshold table")},
+}
+
+
+def _note_unrecorded(walk: Walk, kind: str, label: str, found: set[str]) -> None:
+    """Say which links a checkpoint's lineage does not record (a detector's T_c live in its pseudo-box tables)."""
+    for input_kind, (stage, missing) in EXPECTED_INPUTS[kind].items():
+        if input_kind not in found:
+            extra = " (its pseudo-box tables carry the T_c values they used)" if kind == "detector" \
+                and input_kind == "thresholds" else ""
+            walk.note(stage, f"{missing} recorded in {kind} checkpoint {label}{extra}")
 
 
 def _backbone_digest(run_dir: str) -> str | None:
@@ -570,7 +549,7 @@ def _read_evaluation(walk: Walk, node: Node, _item: Input) -> list[Input]:
     _check_split(walk, node, dataset)
     walk.note("sources", f"evaluation tables do not record the index version of their dataset ({dataset}); "
                          "the stored split's fingerprint is compared instead (stage 7)")
-    inputs = [Input("index", dataset, what="index sha256[:16]")]
+    inputs = [Input("index", dataset)]
     for row in table.drop_duplicates("checkpoint").to_dict("records") if "checkpoint" in table else []:
         checkpoint = row.get("checkpoint")
         if not isinstance(checkpoint, str) or not checkpoint:
@@ -582,7 +561,7 @@ def _read_evaluation(walk: Walk, node: Node, _item: Input) -> list[Input]:
                                      "not a pipeline checkpoint, no lineage beyond the file")
             continue
         digest = row.get("initial_digest") if isinstance(row.get("initial_digest"), str) else None
-        inputs.append(Input(kind, aio.canonical(checkpoint), checkpoint, digest, "weights digest", lineage=lineage))
+        inputs.append(Input(kind, aio.canonical(checkpoint), checkpoint, digest, lineage=lineage))
     variants = set(table.get("variant", pd.Series(dtype=str)))
     if "agssp" not in variants:
         walk.note("detector", f"evaluation {dataset} has no agssp variant (no detector checkpoint used)")
@@ -638,7 +617,7 @@ def _read_box_quality(walk: Walk, node: Node, _item: Input) -> list[Input]:
         for r in boxes.to_dict("records")}
     walk.note("evaluations", f"box-quality table of {source} does not record the pseudo-box table version it "
                              "measured (shown: the table there now)")
-    return [Input("pseudo_boxes", source, what="table sha256[:16]")]
+    return [Input("pseudo_boxes", source)]
 
 
 def _plain(value: Any) -> Any:
@@ -654,23 +633,28 @@ class Kind:
     asset: str
     locate: Callable[[StorageLayout, str], str]  # name (source, dataset, model) -> where the layout puts it
     read: Callable[[Walk, Node, Input], list[Input]]
+    version: str = "version"  # what its consumers record of it, in words
     stale: str = "{consumer} used another version of it ({diff})"
     on_record: Callable[[Node, Input, str], None] | None = None
 
 
+def _kind_of_asset(asset: str | None) -> str | None:
+    return next((kind for kind, spec in KINDS.items() if spec.asset == asset), None)
+
+
 KINDS: dict[str, Kind] = {
-    "index": Kind("sources", "image_index", StorageLayout.index, _read_index,
+    "index": Kind("sources", "image_index", StorageLayout.index, _read_index, "index sha256[:16]",
                   "index changed since {consumer} consumed it ({diff})"),
-    "maps": Kind("maps", "anomaly_maps", StorageLayout.maps_store, _read_maps,
+    "maps": Kind("maps", "anomaly_maps", StorageLayout.maps_store, _read_maps, "map store version",
                  "map store moved to version {now} since {consumer} used {recorded}", _on_map_record),
     "thresholds": Kind("thresholds", "category_thresholds", lambda layout, _: layout.thresholds(),
-                       _read_thresholds, "thresholds changed since {consumer} was made ({diff})"),
+                       _read_thresholds, "table sha256[:16]", "thresholds changed since {consumer} was made ({diff})"),
     "pseudo_boxes": Kind("pseudo_boxes", "pseudo_boxes", StorageLayout.pseudo_boxes, _read_pseudo_boxes,
-                         "table rewritten since {consumer} trained on it ({diff})"),
+                         "table sha256[:16]", "table rewritten since {consumer} trained on it ({diff})"),
     "backbone": Kind("backbone", "backbone_checkpoint", lambda layout, name: layout.checkpoints("backbone", name),
-                     _read_checkpoint, "weights changed since {consumer} loaded them ({diff})"),
+                     _read_checkpoint, "weights digest", "weights changed since {consumer} loaded them ({diff})"),
     "detector": Kind("detector", "detector_checkpoint", lambda layout, name: layout.checkpoints("detector", name),
-                     _read_checkpoint, "weights changed since {consumer} loaded them ({diff})"),
+                     _read_checkpoint, "weights digest", "weights changed since {consumer} loaded them ({diff})"),
     "evaluation": Kind("evaluations", "finetune_evaluation", lambda layout, name: layout.evaluations("finetune", name),
                        _read_evaluation),
     "kead_evaluation": Kind("evaluations", "kead_evaluation", lambda layout, name: layout.evaluations("kead", name),
@@ -795,7 +779,7 @@ def parse_asset_target(target: str) -> tuple[str, str | None]:
 
 def resolve_target(target: str, layout: StorageLayout | None, config=None) -> ResolvedTarget:
     asset, partition = parse_asset_target(target)
-    kind = next((k for k, spec in KINDS.items() if spec.asset == asset), None)
+    kind = _kind_of_asset(asset)
     if kind is None or aio.exists(target):
         return resolve_path(target)
     if layout is None:
