@@ -255,3 +255,26 @@ def test_run_ids_sort_by_time_and_differ():
     first, second = ckpt.new_run_id(), ckpt.new_run_id()
     assert first != second and len(first) == len("20260101T000000-abcdef")
     assert first[:15] <= second[:15]
+
+
+def test_training_on_object_storage_resumes_and_publishes_to_the_bucket(moto_endpoint, moto_s3_server, tmp_path,
+                                                                       monkeypatch):
+    """AGBP with storage_root s3://...: resume state, weights, lineage and latest.json all live in the bucket."""
+    from test_agbp import Recorder
+
+    monkeypatch.chdir(tmp_path)
+    table = make_synthetic_pretrain_table(str(tmp_path / "images"), images=4, size=64)
+    config = PipelineConfig(storage_root=f"s3://{moto_s3_server.bucket}/agbp")
+    settings = BackboneSettings(epochs=2, batch_size=4, image_size=64, num_workers=0, max_steps_per_epoch=1,
+                                checkpoint_every=1)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train_backbone(config, "yolov8n", settings=settings, table=table, callbacks=[Recorder(crash_after_epoch=1)])
+    ((run_id, lineage),) = ckpt.list_runs(config.layout(), "yolov8n")
+    assert lineage["status"] == "running" and ckpt.read_latest_pointer(config.layout(), "yolov8n") is None
+    result = train_backbone(config, "yolov8n", settings=settings, table=table)
+    assert result.run_id == run_id and result.start_epoch == 2
+    assert result.run_dir.startswith(config.storage_root) and artifact_io.is_file(result.model_path)
+    state, on_disk = ckpt.load_checkpoint(ckpt.backbone_dir(config.layout(), "yolov8n"))
+    assert on_disk["status"] == "complete" and on_disk["run_id"] == run_id
+    assert "model.0.conv.weight" in state
+    assert [p.name for p in tmp_path.iterdir()] == ["images"]  # nothing landed in a local "s3:" folder
