@@ -141,7 +141,8 @@ def test_killed_writer_leaves_a_completable_store(tmp_path):
         time.sleep(1.0)
         process.send_signal(signal.SIGKILL)
         process.wait()
-        table = read_map_table(uri)
+        assert current_version(uri) is None  # a killed run never publishes its partial version
+        table = read_map_table(uri, version="v1")
         assert len(table) >= seen
         seen = len(table)
         _assert_consistent(table)
@@ -204,15 +205,18 @@ def test_s3_lease_of_a_dead_writer_expires_and_a_lost_lease_stops_commits(moto_s
     dead = {"owner": "x", "host": "gpu-node-7", "pid": 4242, "renewed_at": time.time() - 3600,
             "expires_at": time.time() - 60}  # what a killed writer leaves behind
     s3.put_object(Bucket="agssp", Key=key, Body=json.dumps(dead).encode())
-    with MapWriter(uri, "v1", GRID, storage_options=moto_s3) as writer:  # expired: taken over
-        writer.append(["img_1"], *_rows(["img_1"]))
-        # a writer that stalled past its TTL meets one that took its lease over: it must stop committing
-        assert isinstance(writer._lock, S3Lease) and writer._lock.renew()
-        s3.put_object(Bucket="agssp", Key=key, Body=json.dumps({**dead, "expires_at": time.time() + 600}).encode())
-        assert not writer._lock.renew()
-        with pytest.raises(StoreLockedError, match="taken over"):
-            writer.append(["img_2"], *_rows(["img_2"]))
-    assert read_map_table(uri, storage_options=moto_s3).image_id.tolist() == ["img_1"]
+    # leaving the block must not publish either: the clean exit re-checks the lease and raises
+    with pytest.raises(StoreLockedError, match="taken over"):
+        with MapWriter(uri, "v1", GRID, storage_options=moto_s3) as writer:  # expired: taken over
+            writer.append(["img_1"], *_rows(["img_1"]))
+            # a writer that stalled past its TTL meets one that took its lease over: it must stop committing
+            assert isinstance(writer._lock, S3Lease) and writer._lock.renew()
+            s3.put_object(Bucket="agssp", Key=key, Body=json.dumps({**dead, "expires_at": time.time() + 600}).encode())
+            assert not writer._lock.renew()
+            with pytest.raises(StoreLockedError, match="taken over"):
+                writer.append(["img_2"], *_rows(["img_2"]))
+    assert read_map_table(uri, "v1", storage_options=moto_s3).image_id.tolist() == ["img_1"]
+    assert current_version(uri, storage_options=moto_s3) is None  # the loser never publishes
     # the live (foreign) lease survives the loser's exit and keeps others out
     with pytest.raises(StoreLockedError, match="gpu-node-7"):
         with MapWriter(uri, "v1", GRID, storage_options=moto_s3):

@@ -13,6 +13,13 @@ Why versions: maps of different encoders, weights, prompts, references or grids 
 (thresholds are computed over a whole source), so a change of any of these starts a new version group
 and the source group's ``current_version`` points at it; rows of two versions are never mixed.
 
+Why ``ready`` and publishing: a new version is created in several Zarr writes (its group, four arrays,
+its attributes). Its attributes, with ``ready: true``, are written last in one metadata write; a group
+without that mark is the leftover of a killed creation and is built again from scratch by the next
+writer (it holds no committed rows). The source group's ``current_version`` moves to a version only when
+its writer finishes without an error (``MapWriter.publish``, called on a clean exit): a run killed half
+way leaves the previous version current, and the next run of the same identity resumes the partial one.
+
 Why ``committed``: a run appends rows in batches. Rows are written first, then the version's
 ``committed`` count (one atomic metadata write: LocalStore writes through a temporary file and a rename,
 an S3 PUT is atomic). Readers only trust rows below ``committed``; a killed run leaves at most some
@@ -100,10 +107,16 @@ def _jsonable(value: Any) -> Any:
     return json.loads(_canonical(value))
 
 
+def version_is_ready(group: zarr.Group) -> bool:
+    """A version group whose creation finished: all arrays exist and its attributes were written."""
+    return bool(group.attrs.get("ready")) and set(ARRAY_NAMES) <= set(group.array_keys())
+
+
 class MapWriter:
     """Appends rows to one version of a source's map store; use as a context manager.
 
-    Opening makes ``version_id`` the source's current version (creating it if new) and takes the lock.
+    Opening takes the lock and creates ``version_id`` if new (or resumes it); a clean exit publishes it
+    as the source's current version, an exception leaves the previous current version in place.
     """
 
     def __init__(
@@ -140,8 +153,24 @@ class MapWriter:
             raise
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        try:
+            if exc_type is None:
+                self.publish()
+        finally:
+            self.close()
+
+    def publish(self) -> None:
+        """Make this version the source's current one (one metadata write of the source group)."""
+        assert self._group is not None, "use MapWriter as a context manager"
+        if self._lock is not None:
+            self._lock.check()
+        root = _open_group(self.store_uri, "a", self.storage_options)
+        versions = dict(root.attrs.get("versions", {}))
+        versions[self.version_id] = {"created_at": self._group.attrs.get("created_at"),
+                                     "encoder": self.attrs.get("identity", {}).get("encoder"),
+                                     "rows": self.committed}
+        root.attrs.update({"current_version": self.version_id, "versions": versions})
 
     def close(self) -> None:
         if self._lock is not None:
@@ -149,32 +178,35 @@ class MapWriter:
 
     def _open(self) -> None:
         root = _open_group(self.store_uri, "a", self.storage_options)
-        if self.replace and self.version_id in root.group_keys():
-            del root[self.version_id]
+        if self.version_id in root.group_keys():
+            existing = root[self.version_id]
+            if self.replace or not version_is_ready(existing):  # a killed creation holds no rows
+                del root[self.version_id]
         if self.version_id in root.group_keys():
             group = root[self.version_id]
             stored_grid = int(group.attrs.get("grid_size", self.grid_size))
             if stored_grid != self.grid_size:
                 raise ValueError(f"version {self.version_id} has grid {stored_grid}, writer has {self.grid_size}")
         else:
-            group = root.create_group(self.version_id)
-            grid = self.grid_size
-            group.create_array("maps", shape=(0, grid, grid), chunks=(MAP_CHUNK_ROWS, grid, grid),
-                               dtype="float16", fill_value=0.0)
-            group.create_array("image_score", shape=(0,), chunks=(VECTOR_CHUNK_ROWS,), dtype="float32",
-                               fill_value=float("nan"))
-            group.create_array("zero_shot_score", shape=(0,), chunks=(VECTOR_CHUNK_ROWS,),
-                               dtype="float32", fill_value=float("nan"))
-            group.create_array("image_id", shape=(0,), chunks=(VECTOR_CHUNK_ROWS,), dtype=str)
-            created = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
-            group.attrs.update({**self.attrs, "version": self.version_id, "grid_size": grid,
-                                "created_at": created, "committed": 0})
-        versions = dict(root.attrs.get("versions", {}))
-        versions.setdefault(self.version_id, {"created_at": group.attrs.get("created_at"),
-                                              "encoder": self.attrs.get("identity", {}).get("encoder")})
-        root.attrs.update({"current_version": self.version_id, "versions": versions})
+            group = self._create_version(root)
         self._group = group
         self.committed = int(group.attrs.get("committed", 0))
+
+    def _create_version(self, root: zarr.Group) -> zarr.Group:
+        group = root.create_group(self.version_id)
+        grid = self.grid_size
+        group.create_array("maps", shape=(0, grid, grid), chunks=(MAP_CHUNK_ROWS, grid, grid),
+                           dtype="float16", fill_value=0.0)
+        group.create_array("image_score", shape=(0,), chunks=(VECTOR_CHUNK_ROWS,), dtype="float32",
+                           fill_value=float("nan"))
+        group.create_array("zero_shot_score", shape=(0,), chunks=(VECTOR_CHUNK_ROWS,),
+                           dtype="float32", fill_value=float("nan"))
+        group.create_array("image_id", shape=(0,), chunks=(VECTOR_CHUNK_ROWS,), dtype=str)
+        created = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+        # one metadata write, last: until it lands the group is not a version
+        group.attrs.update({**self.attrs, "version": self.version_id, "grid_size": grid,
+                            "created_at": created, "committed": 0, "ready": True})
+        return group
 
     def committed_ids(self) -> set[str]:
         assert self._group is not None, "use MapWriter as a context manager"
@@ -253,7 +285,10 @@ def _version_group(store_uri: str, version: str | None, storage_options: dict[st
     version = version or root.attrs.get("current_version")
     if not version or version not in root.group_keys():
         raise StoreEmptyError(f"map store {store_uri} has no version {version!r}")
-    return root[version]
+    group = root[version]
+    if not version_is_ready(group):
+        raise StoreEmptyError(f"map store {store_uri}: version {version!r} was never completely created")
+    return group
 
 
 def read_map_table(
