@@ -27,7 +27,7 @@ import pyarrow as pa
 
 from agssp_pipeline import artifact_io
 from agssp_pipeline.config import SourceConfig
-from agssp_pipeline.sources.formats import FORMAT_ADAPTERS, check_options
+from agssp_pipeline.sources.formats import check_options, scan_source
 from agssp_pipeline.sources.probe import ImageProbe, probe_image
 from agssp_pipeline.sources.regions import boxes_from_mask, check_box, decode_rle, read_mask
 from agssp_pipeline.sources.scan import ImageEntry, RawBox, option
@@ -251,7 +251,7 @@ def ingest_source(source: SourceConfig, known_hashes: dict[str, str] | None = No
     check_options(source)
     root = require_source_root(source)
     known = known_hashes or {}
-    scan = FORMAT_ADAPTERS[source.format](source, root)
+    scan = scan_source(source, root)
     entries = sorted({str(e.path): e for e in scan.entries}.values(), key=lambda e: str(e.path))
     with ThreadPoolExecutor(max_workers=workers or default_workers(), thread_name_prefix="ingest") as pool:
         outcomes = list(pool.map(lambda entry: _process(entry, source, cache), entries))
