@@ -298,6 +298,8 @@ class Walk:
         shown, value = seen.get(what), _short(item.recorded)
         if item.recorded is None:
             seen.setdefault(what, "not recorded")
+        elif isinstance(item.recorded, dict):
+            seen[what] = item.recorded
         else:
             seen[what] = value if shown in (None, "not recorded", value) else f"{shown}, {value}"
         if kind.on_record is not None:
