@@ -15,6 +15,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import pandas as pd
 
 from agssp_pipeline import artifact_io
@@ -44,14 +45,39 @@ def read_annotations(layout: StorageLayout, source: str) -> pd.DataFrame | None:
     return artifact_io.read_parquet(uri) if artifact_io.exists(uri) else None
 
 
-def load_maps(layout: StorageLayout, source: str):
-    """The current map table of a source (``MapTable``); a missing store is a clear error."""
+def load_maps(layout: StorageLayout, source: str, index: pd.DataFrame | None = None):
+    """The current view of a source's maps (``MapTable``): rows of images that are in its index now.
+
+    Rows of images deleted or replaced since they were mapped (a replaced file has a new content id) are
+    left out, so one changed file never blocks thresholds or boxes; the next anomaly_maps run maps the new
+    ids. A missing store is a clear error.
+    """
     from agssp_pipeline.kead.store import read_map_table
 
     uri = layout.maps_store(source)
     if not artifact_io.exists(uri):
         raise FileNotFoundError(f"no anomaly maps for source '{source}' at {uri}: materialize anomaly_maps first")
-    return read_map_table(uri)
+    table = read_map_table(uri)
+    index = read_index(layout, source) if index is None else index
+    return current_rows(table, index)
+
+
+def current_rows(table, index: pd.DataFrame):
+    """The rows of a ``MapTable`` whose image is in ``index``; ``attrs['stale_rows']`` counts the others."""
+    from agssp_pipeline.kead.store import MapTable
+
+    keep = np.isin(table.image_id, index["image_id"].astype(str).to_numpy())
+    if keep.all():
+        return table
+    attrs = {**table.attrs, "stale_rows": int((~keep).sum())}
+    return MapTable(table.image_id[keep], table.maps[keep], table.image_score[keep],
+                    table.zero_shot_score[keep], attrs)
+
+
+def map_rows_id(image_ids) -> str:
+    """``<count>:<digest>`` of the map rows a consumer used: what it verifies, beyond the version id."""
+    ids = sorted(str(i) for i in image_ids)
+    return f"{len(ids)}:{hashlib.sha256(chr(10).join(ids).encode()).hexdigest()[:16]}"
 
 
 @dataclass
@@ -70,23 +96,26 @@ def compute_thresholds(
     settings = settings or config.boxes
     layout = config.layout()
     wanted = list(sources) if sources is not None else [s.name for s in config.pretrain_sources()]
-    parts, versions, used, missing = [], {}, [], []
+    parts, versions, rows, used, missing = [], {}, {}, [], []
     for source in wanted:
+        index = read_index(layout, source) if artifact_io.exists(layout.index(source)) else None
         try:
-            maps = load_maps(layout, source)
-        except FileNotFoundError:  # no store, or a store without a committed version yet
+            if index is None:
+                raise FileNotFoundError(source)
+            maps = load_maps(layout, source, index)
+        except FileNotFoundError:  # no index or store, or a store without a committed version yet
             missing.append(source)
             continue
-        index = read_index(layout, source)
         categories = index_rows_for_maps(maps.image_id, index, ("category",))["category"].astype(str).to_numpy()
         references = reference_ids(maps.attrs)
         parts.append(map_statistics(source, maps.image_id, maps.maps, maps.image_score, categories, references))
         versions[source] = str(maps.attrs.get("version"))
+        rows[source] = map_rows_id(maps.image_id)
         used.append(source)
     if not parts:
         raise FileNotFoundError(f"no anomaly maps for any of {wanted}: materialize anomaly_maps first")
     stats = pd.concat(parts, ignore_index=True)
-    table = compute_category_thresholds(stats, settings, versions)
+    table = compute_category_thresholds(stats, settings, versions, rows)
     return ThresholdRun(table=table, stats=stats, sources=used, missing_sources=missing)
 
 
@@ -102,8 +131,9 @@ def read_thresholds(layout: StorageLayout) -> pd.DataFrame:
     return artifact_io.read_parquet(uri)
 
 
-def check_thresholds_current(thresholds: pd.DataFrame, source: str, version: str, pretrain: bool) -> None:
-    """Thresholds must come from this source's current maps when the source takes part in them."""
+def check_thresholds_current(thresholds: pd.DataFrame, source: str, version: str, pretrain: bool,
+                             rows: str | None = None) -> None:
+    """Thresholds must come from this source's current maps (version and exact rows) when it takes part."""
     recorded = {
         json.loads(row)[source] for row in thresholds["map_store_versions"] if source in json.loads(row)
     }
@@ -116,6 +146,14 @@ def check_thresholds_current(thresholds: pd.DataFrame, source: str, version: str
             f"thresholds were computed from map store version(s) {sorted(recorded)} of '{source}', the store "
             f"is now at {version}: rematerialize category_thresholds"
         )
+    if rows is None or "map_rows" not in thresholds:
+        return
+    recorded_rows = {json.loads(row).get(source) for row in thresholds["map_rows"] if source in json.loads(row)}
+    if recorded_rows and recorded_rows != {rows}:
+        raise ValueError(
+            f"thresholds were computed from other map rows of '{source}' ({sorted(map(str, recorded_rows))}, "
+            f"now {rows}: images were mapped, replaced or deleted since): rematerialize category_thresholds"
+        )
 
 
 def compute_pseudo_boxes(
@@ -124,21 +162,25 @@ def compute_pseudo_boxes(
     """The pseudo-box table of one source from its current maps and the thresholds table."""
     settings = settings or config.boxes
     layout = config.layout()
-    maps = load_maps(layout, source)
+    index = read_index(layout, source)
+    maps = load_maps(layout, source, index)
     thresholds = read_thresholds(layout) if thresholds is None else thresholds
+    rows = map_rows_id(maps.image_id)
     check_thresholds_current(
-        thresholds, source, str(maps.attrs.get("version")), config.source(source).used_for_pretraining
+        thresholds, source, str(maps.attrs.get("version")), config.source(source).used_for_pretraining, rows
     )
-    return build_pseudo_boxes(
+    table = build_pseudo_boxes(
         source,
         maps.image_id,
         maps.maps,
         maps.image_score,
-        read_index(layout, source),
+        index,
         thresholds,
         settings,
         str(maps.attrs.get("version")),
     )
+    table.attrs["map_rows"] = rows
+    return table
 
 
 def write_pseudo_boxes(layout: StorageLayout, source: str, table: pd.DataFrame) -> str:
@@ -167,10 +209,13 @@ def compute_quality(config: PipelineConfig, source: str, settings: BoxesSettings
                                 "materialize pseudo_boxes first")
     maps = load_maps(layout, source)
     versions = set(pseudo["map_store_version"].dropna().unique())
-    if versions and versions != {str(maps.attrs.get("version"))}:
+    recorded_rows = pseudo.attrs.get("map_rows")
+    if (versions and versions != {str(maps.attrs.get("version"))}) or (
+            recorded_rows and recorded_rows != map_rows_id(maps.image_id)):
         raise ValueError(
-            f"pseudo boxes of '{source}' were built from map store version(s) {sorted(versions)} but the store "
-            f"is at {maps.attrs.get('version')}: rematerialize pseudo_boxes"
+            f"pseudo boxes of '{source}' were built from map store version(s) {sorted(versions)} "
+            f"(rows {recorded_rows}) but the store is at {maps.attrs.get('version')} "
+            f"(rows {map_rows_id(maps.image_id)}): rematerialize pseudo_boxes"
         )
     return evaluate_source(
         source,

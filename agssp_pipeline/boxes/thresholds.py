@@ -34,6 +34,7 @@ THRESHOLD_COLUMNS = [
     "image_cutoff",
     "n_judged_defective",
     "map_store_versions",
+    "map_rows",
 ]
 
 ImageCutoffRule = Callable[[np.ndarray, BoxesSettings], float]
@@ -108,12 +109,15 @@ def map_statistics(
 
 
 def compute_category_thresholds(
-    stats: pd.DataFrame, settings: BoxesSettings, store_versions: Mapping[str, str] | None = None
+    stats: pd.DataFrame, settings: BoxesSettings, store_versions: Mapping[str, str] | None = None,
+    map_rows: Mapping[str, str] | None = None,
 ) -> pd.DataFrame:
     """The thresholds table: one row per category over every source that shares it.
 
     ``stats`` has ``MAP_STATS_COLUMNS`` (concatenate ``map_statistics`` of all sources);
-    ``store_versions`` maps source -> map store version, recorded so that boxes can tell stale thresholds.
+    ``store_versions`` maps source -> map store version and ``map_rows`` source -> the rows used
+    (``stage.map_rows_id``: count and digest of image ids), recorded so that boxes can tell stale thresholds
+    even when the version is the same but rows were added or dropped since.
     """
     missing = set(MAP_STATS_COLUMNS) - set(stats.columns) - {"is_reference"}
     if missing:
@@ -126,7 +130,7 @@ def compute_category_thresholds(
     if non_finite.any():
         bad = stats.loc[non_finite, ["source", "image_id"]].head(5).to_dict("records")
         raise ValueError(f"{int(non_finite.sum())} anomaly maps hold NaN/inf values, e.g. {bad}")
-    versions = dict(store_versions or {})
+    versions, rows = dict(store_versions or {}), dict(map_rows or {})
     records = []
     for category, everything in stats.groupby("category", sort=True):
         is_reference = everything["is_reference"].to_numpy(bool)
@@ -151,6 +155,7 @@ def compute_category_thresholds(
                 "image_cutoff": cutoff,
                 "n_judged_defective": int(judge_defective(scores, np.full(len(scores), cutoff)).sum()),
                 "map_store_versions": json.dumps({s: versions.get(s) for s in sources}, sort_keys=True),
+                "map_rows": json.dumps({s: rows.get(s) for s in sources}, sort_keys=True),
             }
         )
     return pd.DataFrame(records, columns=THRESHOLD_COLUMNS)

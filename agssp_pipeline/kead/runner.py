@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from agssp_pipeline.kead.base import AnomalyEncoder
 from agssp_pipeline.kead.references import references_by_category
 from agssp_pipeline.kead.store import CODE_VERSION, MapWriter, store_version_id
-from agssp_pipeline.sources.decode import read_rgb
+from agssp_pipeline.sources.decode import read_rgb, read_rgb_of
 
 
 @dataclass
@@ -54,6 +54,9 @@ class _ImageDataset(Dataset):
     def __init__(self, rows: pd.DataFrame, preprocess: Callable[[np.ndarray], torch.Tensor], image_size: int):
         self.ids = rows["image_id"].astype(str).tolist()
         self.paths = rows["path"].astype(str).tolist()
+        # the index's stat of each file: a file whose stat changed is re-hashed before it is mapped
+        known = {"bytes", "mtime"} <= set(rows.columns)
+        self.stats = list(zip(rows["bytes"], rows["mtime"], strict=True)) if known else [None] * len(self.ids)
         self.preprocess = preprocess
         self.image_size = image_size
 
@@ -62,7 +65,10 @@ class _ImageDataset(Dataset):
 
     def __getitem__(self, item: int) -> dict[str, Any]:
         try:
-            tensor, ok, reason = self.preprocess(read_rgb(self.paths[item])), True, ""
+            stat = self.stats[item]
+            image = (read_rgb(self.paths[item]) if stat is None
+                     else read_rgb_of(self.paths[item], self.ids[item], int(stat[0]), float(stat[1])))
+            tensor, ok, reason = self.preprocess(image), True, ""
         except Exception as error:  # noqa: BLE001 - recorded per image, the run goes on
             tensor, ok, reason = torch.zeros(3, self.image_size, self.image_size), False, str(error)
         return {"image": tensor, "image_id": self.ids[item], "ok": ok, "reason": reason}

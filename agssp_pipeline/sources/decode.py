@@ -88,6 +88,30 @@ def read_rgb(path: str | os.PathLike[str]) -> np.ndarray:
     return decode_image(data, str(path))
 
 
+def read_rgb_of(path: str | os.PathLike[str], image_id: str, size: int | None = None,
+                mtime: float | None = None) -> np.ndarray:
+    """Like :func:`read_rgb`, but only if the file still holds the content indexed as ``image_id``.
+
+    A file replaced in place after indexing would otherwise give its new pixels to the old id's map row.
+    As in rsync, the content is hashed only when the file's size or mtime differ from the index's.
+    """
+    from agssp_pipeline.sources.probe import image_id_of
+
+    try:
+        data = _bytes_of(path)
+        local = artifact_io.local_path(path)
+        stat = local.stat() if local is not None else None
+    except (OSError, FileNotFoundError) as error:
+        raise OSError(f"cannot read image {path}: {error}") from error
+    unchanged = stat is not None and size is not None and mtime is not None and (
+        stat.st_size == size and abs(stat.st_mtime - mtime) < 1e-3)
+    found = image_id if unchanged else image_id_of(data.tobytes())
+    if found != image_id:
+        raise OSError(f"{path} changed since it was indexed (content {found}, index {image_id}): "
+                      "re-run image_index for its source")
+    return decode_image(data, str(path))
+
+
 def read_grey(path: str | os.PathLike[str]) -> np.ndarray:
     """HxW uint8 grey of an image file; OSError when it cannot be decoded."""
     try:
