@@ -37,14 +37,32 @@ def _run(config_path: str, selection: str | None, partition: str | None) -> int:
 
     report = materialize_selection(defs, config, instance, selection=selection, only_source=partition, on_step=on_step)
     bar.close()
-    if report.failed:
-        print(f"\n{len(report.failed)} of {len(report.steps)} steps failed:", file=sys.stderr)
-        for step in report.failed:
-            where = f"[{step.partition}]" if step.partition else ""
-            print(f"  {step.asset}{where}: {step.error}", file=sys.stderr)
-        return 1
-    print(f"\nall {len(report.steps)} steps succeeded")
-    return 0
+    return report_outcome(report)
+
+
+def report_outcome(report) -> int:
+    """Print what went wrong (failed steps, failed ERROR checks, lost images) and warnings; the exit code.
+
+    Exit 1 when any step failed, any ERROR-severity check failed or any image could not be processed, so
+    a cron job or CI notices; failed WARN checks are printed but do not change the exit code.
+    """
+    for step in report.warnings:
+        where = f"[{step.partition}]" if step.partition else ""
+        print(f"warning: {step.asset}{where}: check(s) not passed: {', '.join(step.checks_warned)}")
+    problems = report.problems
+    if not problems:
+        print(f"\nall {len(report.steps)} steps succeeded")
+        return 0
+    print(f"\n{len(problems)} of {len(report.steps)} steps need attention:", file=sys.stderr)
+    for step in problems:
+        where = f"[{step.partition}]" if step.partition else ""
+        reasons = [] if step.success else [f"FAILED: {step.error}"]
+        if step.checks_failed:
+            reasons.append(f"ERROR check(s) failed: {', '.join(step.checks_failed)}")
+        if step.images_failed:
+            reasons.append(f"{step.images_failed} image(s) could not be processed (see the run's metadata)")
+        print(f"  {step.asset}{where}: {'; '.join(reasons)}", file=sys.stderr)
+    return 1
 
 
 def print_summary(config: PipelineConfig) -> None:

@@ -50,6 +50,32 @@ class StepOutcome:
     error: str | None = None
     job: str | None = None
     run_id: str | None = None
+    checks_failed: list[str] = field(default_factory=list)  # ERROR-severity checks that did not pass
+    checks_warned: list[str] = field(default_factory=list)  # WARN-severity checks that did not pass
+    images_failed: int = 0  # images the step could not process (e.g. undecodable for anomaly_maps)
+
+    @property
+    def ok(self) -> bool:
+        """Succeeded, with no ERROR check failed and no image lost: what a script may rely on."""
+        return self.success and not self.checks_failed and not self.images_failed
+
+
+@dataclass
+class RunFindings:
+    """What one run said beyond success: its failed checks and the images it could not process."""
+
+    checks_failed: dict[str | None, list[str]] = field(default_factory=dict)  # partition -> check names
+    checks_warned: dict[str | None, list[str]] = field(default_factory=dict)
+    images_failed: dict[str | None, int] = field(default_factory=dict)
+
+    def for_partition(self, partition: str | None, whole_run: bool) -> dict:
+        """StepOutcome fields of one partition; ``whole_run``: the run had only this one partition."""
+        def get(mapping: dict) -> list:
+            return [v for key, v in mapping.items() if whole_run or key == partition]
+
+        return {"checks_failed": [n for names in get(self.checks_failed) for n in names],
+                "checks_warned": [n for names in get(self.checks_warned) for n in names],
+                "images_failed": sum(get(self.images_failed))}
 
 
 @dataclass
@@ -59,6 +85,15 @@ class MaterializeReport:
     @property
     def failed(self) -> list[StepOutcome]:
         return [s for s in self.steps if not s.success]
+
+    @property
+    def problems(self) -> list[StepOutcome]:
+        """Steps that failed, failed an ERROR check or lost images: any of them makes the CLI exit 1."""
+        return [s for s in self.steps if not s.ok]
+
+    @property
+    def warnings(self) -> list[StepOutcome]:
+        return [s for s in self.steps if s.checks_warned]
 
     def summary_lines(self) -> list[str]:
         lines = []
@@ -151,9 +186,28 @@ def _batches(
     return batches
 
 
+def _findings(result: dg.ExecuteInProcessResult) -> RunFindings:
+    """Failed checks (by severity) and ``images_failed`` metadata of a run, per partition."""
+    findings = RunFindings()
+    for evaluation in result.get_asset_check_evaluations():
+        if evaluation.passed:
+            continue
+        name = f"{evaluation.asset_key.to_user_string()}:{evaluation.check_name}"
+        bucket = (findings.checks_failed if evaluation.severity == dg.AssetCheckSeverity.ERROR
+                  else findings.checks_warned)
+        bucket.setdefault(evaluation.partition, []).append(name)
+    for event in result.get_asset_materialization_events():
+        materialization = event.materialization
+        value = materialization.metadata.get("images_failed")
+        count = int(getattr(value, "value", value) or 0)
+        if count:
+            findings.images_failed[materialization.partition] = count
+    return findings
+
+
 def _execute(job: dg.JobDefinition, instance: dg.DagsterInstance, partitions: Sequence[str | None],
-             log_level: str) -> tuple[str | None, str | None]:
-    """One in-process run of ``job`` over ``partitions``: (error or None, run id)."""
+             log_level: str) -> tuple[str | None, str | None, RunFindings]:
+    """One in-process run of ``job`` over ``partitions``: (error or None, run id, findings)."""
     tags = {} if len(partitions) == 1 else {RANGE_START_TAG: partitions[0], RANGE_END_TAG: partitions[-1]}
     try:
         result = job.execute_in_process(
@@ -162,8 +216,8 @@ def _execute(job: dg.JobDefinition, instance: dg.DagsterInstance, partitions: Se
             tags=tags, raise_on_error=False,
         )
     except Exception as exc:  # a definition-level error: report it, go on with the rest
-        return f"{type(exc).__name__}: {exc}", None
-    return (None if result.success else _first_error(result)), result.run_id
+        return f"{type(exc).__name__}: {exc}", None, RunFindings()
+    return (None if result.success else _first_error(result)), result.run_id, _findings(result)
 
 
 def _run_batch(job: dg.JobDefinition, key: dg.AssetKey, instance: dg.DagsterInstance,
@@ -171,10 +225,11 @@ def _run_batch(job: dg.JobDefinition, key: dg.AssetKey, instance: dg.DagsterInst
     """Run one batch; a failed run over several partitions is retried per partition, so a failing
     source fails alone (map stores are incremental: sources already done cost a skip)."""
     start = time.perf_counter()
-    error, run_id = _execute(job, instance, batch, log_level)
+    error, run_id, found = _execute(job, instance, batch, log_level)
     seconds = time.perf_counter() - start
     if error is None or len(batch) == 1:
-        return [StepOutcome(key.to_user_string(), p, error is None, seconds, error, job.name, run_id) for p in batch]
+        return [StepOutcome(key.to_user_string(), p, error is None, seconds, error, job.name, run_id,
+                            **found.for_partition(p, whole_run=len(batch) == 1)) for p in batch]
     return [outcome for p in batch for outcome in _run_batch(job, key, instance, [p], log_level)]
 
 

@@ -144,3 +144,49 @@ def test_only_source_limits_the_runner_to_that_source(runner_world):
     assert [(s.asset, s.partition) for s in report.steps] == [("image_index", "customer")]
     with pytest.raises(KeyError, match="unknown source"):
         materialize_selection(_stand_in_graph(seen), config, instance, only_source="nope")
+
+
+def _checked_graph():
+    """maps report lost images for one source; a non-blocking ERROR check fails, a WARN check fails."""
+
+    @dg.asset(partitions_def=pretrain_source_partitions)
+    def anomaly_maps(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+        lost = 2 if context.partition_key == "line2" else 0
+        return dg.MaterializeResult(metadata={"images_failed": lost})
+
+    @dg.asset(deps=[dg.AssetDep(anomaly_maps, partition_mapping=dg.AllPartitionMapping())])
+    def thresholds() -> None:
+        return None
+
+    @dg.asset_check(asset=thresholds)
+    def thresholds_finite() -> dg.AssetCheckResult:
+        return dg.AssetCheckResult(passed=False, severity=dg.AssetCheckSeverity.ERROR)
+
+    @dg.asset_check(asset=thresholds)
+    def thresholds_enough_images() -> dg.AssetCheckResult:
+        return dg.AssetCheckResult(passed=False, severity=dg.AssetCheckSeverity.WARN)
+
+    return dg.Definitions(assets=[anomaly_maps, thresholds], asset_checks=[thresholds_finite,
+                                                                           thresholds_enough_images])
+
+
+def test_failed_error_checks_and_lost_images_make_the_cli_exit_nonzero(tmp_path, capsys):
+    from agssp_pipeline.cli import report_outcome
+
+    config = _config(tmp_path, {"line1": "pretrain", "line2": "pretrain"}, ["yolov8n"])
+    with dg.instance_for_test() as instance:
+        register_sources(instance, config)
+        report = materialize_selection(_checked_graph(), config, instance, log_level="CRITICAL")
+    assert not report.failed  # every run succeeded ...
+    steps = {(s.asset, s.partition): s for s in report.steps}
+    assert steps[("anomaly_maps", "line2")].images_failed == 2 and steps[("anomaly_maps", "line1")].ok
+    assert steps[("thresholds", None)].checks_failed == ["thresholds:thresholds_finite"]
+    assert steps[("thresholds", None)].checks_warned == ["thresholds:thresholds_enough_images"]
+    assert report_outcome(report) == 1  # ... but the run needs attention
+    captured = capsys.readouterr()
+    assert "2 of 3 steps need attention" in captured.err
+    assert "anomaly_maps[line2]: 2 image(s) could not be processed" in captured.err
+    assert "ERROR check(s) failed: thresholds:thresholds_finite" in captured.err
+    assert "warning: thresholds: check(s) not passed: thresholds:thresholds_enough_images" in captured.out
+    clean = type(report)(steps=[s for s in report.steps if s.ok])
+    assert report_outcome(clean) == 0
