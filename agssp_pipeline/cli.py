@@ -148,6 +148,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert_weights(args: argparse.Namespace) -> int:
+    from agssp_pipeline.training.detector import convert_weights_file
+
+    print(f"wrote {convert_weights_file(args.file, args.out)} (tensors only; use it in finetune.extra_weights)")
+    return 0
+
+
 def cmd_lineage(args: argparse.Namespace) -> int:
     import os
 
@@ -191,6 +198,14 @@ def build_parser() -> argparse.ArgumentParser:
     lin.add_argument("--no-dagster", action="store_true", help="ignore the Dagster instance, artifacts only")
     lin.add_argument("--fail-on-stale", action="store_true", help="exit 1 when an upstream artifact changed after use")
     lin.set_defaults(func=cmd_lineage)
+
+    conv = sub.add_parser(
+        "convert-weights", help="rewrite a pickled .pt (e.g. ultralytics yolov8n.pt) as .safetensors",
+        description="Unpickles FILE (only for files you trust) and writes its weights as safetensors, "
+                    "which the pipeline loads without unpickling. Example: agssp convert-weights yolov8n.pt")
+    conv.add_argument("file", help="the .pt file")
+    conv.add_argument("--out", default=None, help="target (default: FILE with the suffix .safetensors)")
+    conv.set_defaults(func=cmd_convert_weights)
 
     val = sub.add_parser("validate", help="validate a config file")
     val.add_argument("--config", default=None)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from test_detector_data import make_pipeline_storage, save_fake_backbone_checkpoint
 
+from agssp_pipeline.cli import main
 from agssp_pipeline.training.checkpoint import save_checkpoint, state_dict_digest, write_latest_pointer
 from agssp_pipeline.training.detector import DETECTOR_KIND, build_detection_model
 from agssp_pipeline.training.finetune import (
@@ -46,9 +47,11 @@ def test_finetune_evaluation_runs_every_variant_with_its_weights(tmp_path):
     config = make_pipeline_storage(tmp_path)
     backbone_dir = save_fake_backbone_checkpoint(config)
     detector_dir, detector_digest = _fake_detector_checkpoint(config)
-    user_pt = tmp_path / "user.pt"
+    pickled = tmp_path / "user.pt"
     torch.manual_seed(9)
-    torch.save({"model": build_detection_model("yolov8n", num_classes=5).half(), "train_args": {}}, user_pt)
+    torch.save({"model": build_detection_model("yolov8n", num_classes=5).half(), "train_args": {}}, pickled)
+    assert main(["convert-weights", str(pickled)]) == 0  # the one trusted unpickling, by the user
+    user_pt = tmp_path / "user.safetensors"
     config.finetune.extra_weights = {"user_coco": str(user_pt)}
     [evaluation] = run_finetune_evaluation(config)
 

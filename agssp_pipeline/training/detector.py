@@ -216,11 +216,47 @@ def train_yolo(
 # initial-weight files: ultralytics .pt checkpoints, our safetensors (+ lineage.json beside), backbone checkpoints
 
 
-def _load_ultralytics_pt(path: Path) -> dict[str, torch.Tensor]:
+class UnsafeWeightsError(ValueError):
+    """A weights file that only full unpickling could read (and so could run code from the file)."""
+
+
+STATE_DICT_KEYS = ("model", "state_dict", "ema")  # where checkpoints keep a state dict, in this order
+
+
+def _load_pt(path: Path) -> dict[str, torch.Tensor]:
+    """A .pt holding tensors only (a state dict, or one under 'model'/'state_dict'/'ema'), read with
+    ``weights_only=True``; a pickled model object is refused with the one command that converts it."""
+    import pickle
+
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise UnsafeWeightsError(
+            f"{path} stores Python objects (e.g. a whole ultralytics model), which only full unpickling can "
+            "read, and unpickling can run code hidden in the file; it is not loaded. Convert it once, where "
+            f"you trust the file: `agssp convert-weights {path}` writes {path.with_suffix('.safetensors').name}; "
+            "use that file instead") from None
+    if isinstance(payload, dict):
+        nested = next((payload[k] for k in STATE_DICT_KEYS if isinstance(payload.get(k), dict)), payload)
+        if nested and all(isinstance(v, torch.Tensor) for v in nested.values()):
+            return {str(k): (v.float() if v.is_floating_point() else v) for k, v in nested.items()}
+    raise ValueError(f"{path} holds no state dict of tensors (top level or under {list(STATE_DICT_KEYS)})")
+
+
+def convert_weights_file(source: str | Path, target: str | Path | None = None) -> str:
+    """Rewrite a pickled ultralytics ``.pt`` as ``.safetensors`` (tensors only); returns the target path.
+
+    This unpickles ``source`` completely: run it only on files you trust. The result loads everywhere
+    in the pipeline without unpickling.
+    """
     from ultralytics.nn.tasks import load_checkpoint
 
-    model, _ = load_checkpoint(str(path))
-    return {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
+    source = Path(source)
+    model, _ = load_checkpoint(str(source))
+    state = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
+    out = str(target or source.with_suffix(".safetensors"))
+    artifact_io.write_bytes(out, safetensors.torch.save(state, metadata={"converted_from": source.name}))
+    return out
 
 
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -229,13 +265,18 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 WEIGHT_FILE_LOADERS: dict[str, Callable[[Path], dict[str, torch.Tensor]]] = {
-    ".pt": _load_ultralytics_pt,
+    ".pt": _load_pt,
+    ".pth": _load_pt,
     ".safetensors": _load_safetensors,
 }
 
 
 def load_weight_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """State dict of a weights file (.pt from ultralytics or .safetensors), local or on object storage."""
+    """State dict of a weights file, local or on object storage, never by full unpickling.
+
+    ``.safetensors``, or ``.pt``/``.pth`` holding tensors only; a pickled model raises
+    :class:`UnsafeWeightsError` naming ``agssp convert-weights``.
+    """
     uri = str(path)
     suffix = Path(artifact_io.name(uri)).suffix.lower()
     loader = WEIGHT_FILE_LOADERS.get(suffix)
