@@ -39,6 +39,7 @@ STEP_JOB_PREFIX = "materialize__"
 SOURCE_SETS = (IMAGE_SOURCE_PARTITION, PRETRAIN_SOURCE_PARTITION)
 RANGE_START_TAG = "dagster/asset_partition_range_start"
 RANGE_END_TAG = "dagster/asset_partition_range_end"
+HOST_TAG, PID_TAG = "agssp/host", "agssp/pid"  # which process runs a headless run (to spot killed ones)
 
 
 @dataclass
@@ -113,7 +114,38 @@ def prepare_instance(config: PipelineConfig, config_path: str) -> dg.DagsterInst
         os.environ["DAGSTER_HOME"] = str(home)
     instance = dg.DagsterInstance.get()
     register_sources(instance, config)
+    fail_orphaned_runs(instance)
     return instance
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def fail_orphaned_runs(instance: dg.DagsterInstance) -> list[str]:
+    """Mark headless runs of this host whose process is gone (killed, machine rebooted) as failed.
+
+    An in-process run that is killed never reports its end, so it would stay STARTED in the UI forever;
+    runs launched by the daemon are watched by Dagster's own run monitoring instead. Returns the run ids.
+    """
+    import socket
+
+    active = [dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.NOT_STARTED]
+    host = socket.gethostname()
+    failed = []
+    for run in instance.get_runs(dg.RunsFilter(statuses=active, tags={HOST_TAG: host})):
+        pid = run.tags.get(PID_TAG, "")
+        if pid.isdigit() and int(pid) != os.getpid() and not _process_alive(int(pid)):
+            instance.report_run_failed(run, f"process {pid} on {host} that ran it ended before the run finished "
+                                            "(killed?); marked failed by the next agssp materialize")
+            failed.append(run.run_id)
+    return failed
 
 
 def register_sources(instance: dg.DagsterInstance, config: PipelineConfig) -> None:
@@ -208,7 +240,11 @@ def _findings(result: dg.ExecuteInProcessResult) -> RunFindings:
 def _execute(job: dg.JobDefinition, instance: dg.DagsterInstance, partitions: Sequence[str | None],
              log_level: str) -> tuple[str | None, str | None, RunFindings]:
     """One in-process run of ``job`` over ``partitions``: (error or None, run id, findings)."""
-    tags = {} if len(partitions) == 1 else {RANGE_START_TAG: partitions[0], RANGE_END_TAG: partitions[-1]}
+    import socket
+
+    tags = {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
+    if len(partitions) > 1:
+        tags.update({RANGE_START_TAG: partitions[0], RANGE_END_TAG: partitions[-1]})
     try:
         result = job.execute_in_process(
             run_config={"loggers": {"console": {"config": {"log_level": log_level}}}},

@@ -190,3 +190,40 @@ def test_failed_error_checks_and_lost_images_make_the_cli_exit_nonzero(tmp_path,
     assert "warning: thresholds: check(s) not passed: thresholds:thresholds_enough_images" in captured.out
     clean = type(report)(steps=[s for s in report.steps if s.ok])
     assert report_outcome(clean) == 0
+
+
+KILLED_RUN = """
+import os, signal, sys
+import dagster as dg
+from agssp_pipeline.config import PipelineConfig
+from agssp_pipeline.orchestration import materialize_selection
+
+@dg.asset
+def killed_mid_run() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+config = PipelineConfig.model_validate({"storage_root": sys.argv[1], "sources": []})
+with dg.DagsterInstance.get() as instance:
+    materialize_selection(dg.Definitions(assets=[killed_mid_run]), config, instance)
+"""
+
+
+def test_a_killed_headless_run_is_marked_failed_by_the_next_one(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from agssp_pipeline.orchestration import fail_orphaned_runs
+
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    env = {**os.environ, "DAGSTER_HOME": str(home)}
+    proc = subprocess.run([sys.executable, "-c", KILLED_RUN, str(tmp_path / "store")], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        (run,) = instance.get_runs()
+        assert run.status == dg.DagsterRunStatus.STARTED and run.job_name == "materialize__killed_mid_run"
+        assert fail_orphaned_runs(instance) == [run.run_id]
+        assert instance.get_run_by_id(run.run_id).status == dg.DagsterRunStatus.FAILURE
+        assert fail_orphaned_runs(instance) == []
