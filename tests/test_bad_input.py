@@ -106,12 +106,22 @@ def test_lone_png_is_never_its_own_mask(tmp_path):
     write_image(tmp_path / "Crack" / "c1.jpg", size=size, seed=1, mode="L")
     write_mask(tmp_path / "Crack" / "c1.png", size, [(2, 2, 8, 6)])
     write_mask(tmp_path / "Crack" / "leftover.png", size, [(1, 1, 30, 20), (32, 22, 38, 28)])  # image gone
+    write_image(tmp_path / "Plain" / "p1.png", size=size, seed=2, mode="L")  # a folder of PNG images
     source = SourceConfig(name="m", format="mask_folder", root=str(tmp_path), category="tile")
     result = ingest_source(source)
-    leftover = result.images[result.images["path"].str.endswith("leftover.png")]
-    assert len(leftover) == 1 and leftover["mask_path"].isna().all()
-    assert _boxes_of(result, "leftover.png") == 0
-    assert _boxes_of(result, "c1.jpg") == 1
+    names = {p.rsplit("/", 1)[-1] for p in result.images["path"]}
+    assert names == {"c1.jpg", "p1.png"}
+    assert "mask without its image" in _reasons(result, "leftover.png")[0]
+    assert result.images.loc[result.images["path"].str.endswith("p1.png"), "mask_path"].isna().all()
+    assert _boxes_of(result, "p1.png") == 0 and _boxes_of(result, "c1.jpg") == 1
+    # with a mask suffix, a mask whose image was deleted gets a row too
+    suffixed = tmp_path / "suffixed"
+    write_image(suffixed / "d1.jpg", size=size, seed=3, mode="L")
+    write_mask(suffixed / "d1_mask.png", size, [(2, 2, 8, 6)])
+    write_mask(suffixed / "gone_mask.png", size, [(2, 2, 8, 6)])
+    result = ingest_source(SourceConfig(name="s", format="mask_folder", root=str(suffixed), category="tile",
+                                        options={"mask_suffix": "_mask"}))
+    assert len(result.images) == 1 and "no image 'gone.*'" in _reasons(result, "gone_mask.png")[0]
 
 
 def test_unsupported_image_formats_get_a_row(tmp_path):

@@ -398,17 +398,33 @@ def scan_mask_folder(source: SourceConfig, root: Path) -> Scan:
             return mask_dir / path.relative_to(images_dir).parent / name
         return path.parent / mask_subdir / name if mask_subdir else path.parent / name
 
+    # folders where masks lie beside images (some stem has both): there a lone mask-type file is a mask
+    # whose image is gone, not an image
+    paired = {folder for (folder, _), paths in stems_by_folder.items()
+              if len(paths) > 1 and any(p.suffix.lower() == mask_ext.lower() for p in paths)}
+    beside = mask_dir is None and not mask_subdir
+    used_masks: set[Path] = set()
     for path in files:
         if is_mask_beside(path):
+            continue
+        if (beside and not suffix and path.suffix.lower() == mask_ext.lower() and path.parent in paired
+                and len(stems_by_folder[(path.parent, path.stem)]) == 1):
+            scan.reject(path, "mask without its image (images and masks lie side by side in this folder and no "
+                        f"image has the stem '{path.stem}'): not indexed", KIND_IMAGE)
             continue
         mask_path = mask_of(path)
         # a lone PNG is an image without a mask, never its own ground truth
         has_mask = mask_path != path and mask_path.is_file()
+        if has_mask:
+            used_masks.add(mask_path)
         rel = relative_parts(path, images_dir)
         mask_class = fixed_class or (rel[0].removeprefix(strip_prefix) if len(rel) > 1 else source.category or source.name)
         is_normal = True if (not has_mask and option(source, "missing_mask_is_normal", False)) else None
         make_entry(scan, source, root, images_dir, path, mask_path=mask_path if has_mask else None,
                    mask_class=mask_class, is_normal=is_normal)
+    for path in files:
+        if beside and suffix and is_mask_beside(path) and path not in used_masks:
+            scan.reject(path, f"mask without its image (no image '{path.stem.removesuffix(suffix)}.*' beside it)")
     return scan
 
 
