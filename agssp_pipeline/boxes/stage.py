@@ -24,7 +24,9 @@ from agssp_pipeline.boxes.quality import evaluate_source, has_ground_truth
 from agssp_pipeline.boxes.settings import BoxesSettings
 from agssp_pipeline.boxes.thresholds import compute_category_thresholds, map_statistics, reference_ids
 from agssp_pipeline.config import PipelineConfig
+from agssp_pipeline.records import Input, Record, map_inputs, plain
 from agssp_pipeline.storage import StorageLayout
+from agssp_pipeline.training.lineage import file_hash
 
 
 def table_fingerprint(table: pd.DataFrame) -> str:
@@ -131,6 +133,35 @@ def read_thresholds(layout: StorageLayout) -> pd.DataFrame:
     return artifact_io.read_parquet(uri)
 
 
+def _hashed_record(name: str, uri: str, missing: str, **kwargs) -> Record:
+    """A table's version is its file hash (what its consumers record); MISSING when it is gone."""
+    version = file_hash(uri)
+    record = Record(name, now={"version": version}, fields={"table sha256[:16] now": version}, **kwargs)
+    return record if version is not None else record.missing(missing)
+
+
+def thresholds_record(uri: str) -> Record:
+    """What the thresholds table is now (T_c per category) and the map-store versions and rows it pooled."""
+    record = _hashed_record("thresholds table", uri, f"no thresholds table at {uri}", label="thresholds table")
+    if record.flags:
+        return record
+    table = artifact_io.read_parquet(uri)
+    record.fields["per category"] = {
+        str(row["category"]): {"T_c": float(row["threshold"]), "image cutoff": float(row["image_cutoff"]),
+                               "images": int(row["n_images"]), "sources": row["sources"]}
+        for _, row in table.iterrows()}
+    record.now["T_c"] = {str(c): float(t) for c, t in zip(table["category"], table["threshold"], strict=True)}
+    used: dict[str, str] = {}
+    rows: dict[str, str] = {}
+    for column, found in (("map_store_versions", used), ("map_rows", rows)):
+        for text in table.get(column, pd.Series(dtype=str)).dropna():
+            found.update({s: v for s, v in json.loads(text).items() if v})
+    record.fields["map store versions used"] = used
+    record.inputs = [i for source, version in sorted(used.items())
+                     for i in map_inputs(source, version, rows.get(source))]
+    return record
+
+
 def check_thresholds_current(thresholds: pd.DataFrame, source: str, version: str, pretrain: bool,
                              rows: str | None = None) -> None:
     """Thresholds must come from this source's current maps (version and exact rows) when it takes part."""
@@ -194,6 +225,33 @@ def read_pseudo_boxes(layout: StorageLayout, source: str) -> pd.DataFrame | None
     return artifact_io.read_parquet(uri) if artifact_io.exists(uri) else None
 
 
+def pseudo_boxes_record(uri: str) -> Record:
+    """What a pseudo-box table is now and what it recorded: map-store version and rows, T_c of every row."""
+    source = artifact_io.name(uri).removesuffix(".parquet")
+    record = _hashed_record(f"pseudo boxes {source}", uri, f"pseudo-box table {uri} no longer exists",
+                            partition=source)
+    if record.flags:
+        return record
+    table = artifact_io.read_parquet(uri)
+    images = table.drop_duplicates("image_id")
+    versions = sorted(set(table["map_store_version"].dropna().astype(str)))
+    used = images.dropna(subset=["threshold"]).groupby("category")["threshold"].first()
+    t_c = {str(k): float(v) for k, v in used.items()}
+    record.fields.update({
+        "images": len(images), "judged defective": int(images["judged_defective"].sum()),
+        "boxes": int(table["box_index"].notna().sum()), "built from map store version": versions,
+        "map rows": table.attrs.get("map_rows"), "T_c used": t_c})
+    extra = {k: v[:500] for k, v in artifact_io.parquet_metadata(uri).items()}
+    if extra:
+        record.fields["parquet metadata"] = extra
+    record.notes.append(("pseudo_boxes", "pseudo-box tables record the T_c value per row, not the thresholds "
+                                         "table version: staleness against the thresholds is judged by comparing "
+                                         "those values"))
+    record.inputs = [Input("index", source), *map_inputs(source, versions, table.attrs.get("map_rows")),
+                     Input("thresholds", "thresholds", version=t_c, measure="T_c")]
+    return record
+
+
 def source_has_ground_truth(config: PipelineConfig, source: str) -> bool:
     layout = config.layout()
     return has_ground_truth(read_index(layout, source), read_annotations(layout, source))
@@ -217,7 +275,7 @@ def compute_quality(config: PipelineConfig, source: str, settings: BoxesSettings
             f"(rows {recorded_rows}) but the store is at {maps.attrs.get('version')} "
             f"(rows {map_rows_id(maps.image_id)}): rematerialize pseudo_boxes"
         )
-    return evaluate_source(
+    table = evaluate_source(
         source,
         maps.image_id,
         maps.maps,
@@ -227,8 +285,28 @@ def compute_quality(config: PipelineConfig, source: str, settings: BoxesSettings
         read_thresholds(layout),
         settings,
     )
+    table.attrs["pseudo_boxes_version"] = file_hash(layout.pseudo_boxes(source))  # what it measured
+    return table
 
 
 def write_quality(layout: StorageLayout, source: str, table: pd.DataFrame) -> str:
     """The one writer of ``evaluations/box_quality/<source>.parquet`` (atomic)."""
     return artifact_io.write_parquet(layout.evaluations("box_quality", source), table)
+
+
+def quality_record(uri: str) -> Record:
+    """What a box-quality table measured: the pseudo boxes of its source (their table hash when recorded)."""
+    table = artifact_io.read_parquet(uri)
+    source = str(table["source"].iloc[0]) if "source" in table and len(table) else artifact_io.name(uri)
+    record = Record(f"box quality {source}", label=f"box quality {source}", partition=source)
+    measured = {"view", "method", "iou_threshold"} <= set(table.columns)
+    boxes = table[(table["view"] == "boxes") & (table["method"] == "pseudo")] if measured else table.iloc[:0]
+    record.fields["pseudo boxes vs ground truth"] = {
+        f"IoU {r['iou_threshold']:g}": {"recall": plain(r["recall"]), "precision": plain(r["precision"])}
+        for r in boxes.to_dict("records")}
+    version = table.attrs.get("pseudo_boxes_version")
+    if version is None:
+        record.notes.append(("box_quality", f"box-quality table of {source} does not record the pseudo-box table "
+                                            "it measured (shown: the table there now)"))
+    record.inputs = [Input("pseudo_boxes", source, version=version)]
+    return record

@@ -24,6 +24,7 @@ from sklearn.metrics import roc_auc_score
 from agssp_pipeline import artifact_io
 from agssp_pipeline.kead.maps import upsample_map
 from agssp_pipeline.kead.store import MapTable
+from agssp_pipeline.records import Record, map_inputs, plain
 from agssp_pipeline.sources.regions import read_mask as read_binary_mask
 
 GENERIC_FOLDERS = {"imgs", "images", "img", "image", "jpegimages", "train", "test", "val", "good", "data"}
@@ -153,3 +154,19 @@ def write_evaluation(frame: pd.DataFrame, uri: str) -> pd.DataFrame:
     merged = pd.concat([kept, frame], ignore_index=True) if len(kept) else frame.reset_index(drop=True)
     artifact_io.write_parquet(uri, merged)
     return merged
+
+
+def evaluation_record(uri: str) -> Record:
+    """What the evaluation history at ``uri`` measured: per map-store version its scores; the latest one's maps."""
+    source = artifact_io.name(uri).removesuffix(".parquet")
+    record = Record(f"KeAD evaluation {source}", label=f"KeAD evaluation {source}", partition=source)
+    table = artifact_io.read_parquet(uri)
+    overall = table[table["level"] == "overall"] if "level" in table else table
+    if "evaluated_at" in overall:
+        overall = overall.sort_values("evaluated_at", kind="stable")
+    record.fields["evaluated map store versions"] = {
+        str(r.get("store_version")): {k: plain(r[k]) for k in ("image_auroc", "pixel_auroc", "evaluated_at")
+                                      if k in r and not pd.isna(r[k])} for r in overall.to_dict("records")}
+    latest = str(overall["store_version"].iloc[-1]) if "store_version" in overall and len(overall) else None
+    record.inputs = map_inputs(source, latest)
+    return record

@@ -46,6 +46,7 @@ import zarr
 
 from agssp_pipeline import artifact_io
 from agssp_pipeline.kead.locks import LocalLock, S3Lease, StoreLockedError  # noqa: F401 (re-exported)
+from agssp_pipeline.records import Record, pick
 
 CODE_VERSION = "kead-maps-1"  # bump when map semantics change: starts new store versions everywhere
 MAP_CHUNK_ROWS = 32  # small chunks: training loaders read single maps at random
@@ -275,6 +276,50 @@ def store_versions(
     except (FileNotFoundError, zarr.errors.GroupNotFoundError):
         return None
     return dict(root.attrs), {name: dict(root[name].attrs) for name in root.group_keys()}
+
+
+# what a version's attrs say made it: label -> key path (shown by ``agssp lineage``)
+VERSION_FIELDS = {"encoder": "encoder", "model": "identity.model", "mode": "identity.mode", "weights": "weights",
+                  "prompts hash": "prompt_hash", "grid": "grid_size", "maps": "committed", "created": "created_at",
+                  "code": "code_version", "reference images": "references"}
+
+
+def store_record(store_uri: str, index_uri: str | None = None) -> Record:
+    """What the store is now: its current version, what made each version, and its current rows.
+
+    Versions record the encoder identity, weights, prompts, references and code, not the index they
+    mapped; the rows a consumer used are compared instead (``map_rows``: the ``count:digest`` of the
+    committed ids of images still in the index at ``index_uri``, what thresholds and boxes record).
+    """
+    source = artifact_io.name(store_uri)
+    stored = store_versions(store_uri)
+    record = Record(f"map store {source}", partition=source)
+    if stored is None:
+        record.now["version"] = record.fields["current version"] = None
+        return record.missing(f"no map store at {store_uri}")
+    current = stored[0].get("current_version")
+    record.now["version"] = record.fields["current version"] = current
+    record.history = {version: {label: pick(attrs, path) for label, path in VERSION_FIELDS.items()}
+                      for version, attrs in stored[1].items()}
+    record.fields["versions in store"] = sorted(stored[1])
+    if current in record.history:
+        record.fields[f"version {current}"] = record.history[current]
+    record.now["map_rows"] = lambda: _current_rows_id(store_uri, index_uri)
+    return record
+
+
+def _current_rows_id(store_uri: str, index_uri: str | None) -> str | None:
+    from agssp_pipeline.boxes.stage import map_rows_id
+
+    try:
+        group = _version_group(store_uri, None, None)
+    except StoreEmptyError:
+        return None
+    ids = _read_ids(group, int(group.attrs.get("committed", 0)))
+    if index_uri and artifact_io.is_file(index_uri):
+        indexed = artifact_io.read_parquet(index_uri, columns=["image_id"])["image_id"].astype(str).to_numpy()
+        ids = ids[np.isin(ids, indexed)]
+    return map_rows_id(ids)
 
 
 def _version_group(store_uri: str, version: str | None, storage_options: dict[str, Any] | None) -> zarr.Group:

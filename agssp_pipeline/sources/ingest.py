@@ -27,6 +27,7 @@ import pyarrow as pa
 
 from agssp_pipeline import artifact_io
 from agssp_pipeline.config import SourceConfig
+from agssp_pipeline.records import Record
 from agssp_pipeline.sources.formats import check_options, scan_source
 from agssp_pipeline.sources.probe import ImageProbe, probe_image
 from agssp_pipeline.sources.regions import boxes_from_mask, check_box, decode_rle, read_mask
@@ -215,6 +216,32 @@ class IngestResult:
         for key, target in targets.items():
             artifact_io.write_bytes(target, data[key])
         return targets
+
+
+def index_record(uri: str) -> Record:
+    """What the index at ``uri`` is now: its file hash is the version its consumers record.
+
+    It is read from the source folder itself, so it has no recorded inputs that are artifacts.
+    """
+    from agssp_pipeline.training.lineage import file_hash
+
+    source = artifact_io.name(uri).removesuffix(".parquet")
+    version = file_hash(uri)
+    record = Record(f"index {source}", partition=source, now={"version": version},
+                    fields={"index sha256[:16] now": version})
+    if version is None:
+        return record.missing(f"index file {uri} no longer exists")
+    index = artifact_io.read_parquet(uri)
+    normal = index["is_normal"] if "is_normal" in index else pd.Series(dtype=object)
+    record.fields.update({
+        "images": len(index), "unique images": int(index["image_id"].nunique()),
+        "categories": sorted(index.get("category", pd.Series(dtype=str)).dropna().astype(str).unique()),
+        "normal / defective / unknown": f"{int((normal == True).sum())} / "  # noqa: E712  (nullable column)
+        f"{int((normal == False).sum())} / {int(normal.isna().sum())}"})  # noqa: E712
+    annotations = artifact_io.join(artifact_io.parent(uri), f"{source}.annotations.parquet")
+    if artifact_io.is_file(annotations):
+        record.fields["annotation boxes"] = len(artifact_io.read_parquet(annotations, columns=["image_id"]))
+    return record
 
 
 def known_hashes_from(layout: StorageLayout, sources: list[str]) -> dict[str, str]:

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from agssp_pipeline import artifact_io
+from agssp_pipeline.records import KIND_OF_ASSET, NEWER, Input, Record, map_inputs, pick
 
 MODEL_FILE = "model.safetensors"
 LINEAGE_FILE = "lineage.json"
@@ -262,6 +263,85 @@ def recorded_inputs(path: str | Path | Mapping[str, Any]) -> list[dict[str, Any]
         return [dict(item) for item in lineage["inputs"]]
     reader = INPUT_READERS.get(checkpoint_kind(lineage) or "")
     return reader(lineage) if reader is not None else []
+
+
+# what a checkpoint's lineage shows of itself: label -> dotted key path
+SUMMARIES: dict[str, dict[str, str]] = {
+    BACKBONE: {"status": "status", "created": "created_at", "epochs completed": "epochs_completed",
+               "base loss": "resolved.base_loss", "final losses": "final_losses", "config hash": "config_hash",
+               "data hash": "data_hash", "classes": "data.classes", "code": "code", "device": "device"},
+    DETECTOR: {"created": "created_at", "weights digest": "weights_digest", "training set": "training_set",
+               "epochs": "settings.epochs", "image size": "settings.image_size",
+               "frozen backbone layers": "settings.freeze_layers",
+               "pseudo-box val mAP50": "ultralytics_metrics.metrics/mAP50(B)"},
+}
+# links a checkpoint of each kind is expected to record: input kind -> what is missing, in words
+EXPECTED_INPUTS = {
+    BACKBONE: {"index": "no data lineage", "thresholds": "no threshold table"},
+    DETECTOR: {"backbone": "no backbone checkpoint", "pseudo_boxes": "no pseudo-box tables",
+               "thresholds": "no threshold table"},
+}
+
+
+def checkpoint_record(run_dir_uri: str, kind: str, layout, recorded: Mapping[str, Any] | None = None) -> Record:
+    """What a checkpoint run is (its weights digest, a later run) and what its lineage says it was made from.
+
+    ``recorded``: a consumer's copy of the lineage, shown when the run's files are gone.
+    """
+    on_disk = read_lineage(run_dir_uri) or None
+    lineage = dict(on_disk or recorded or {})
+    name = str(lineage.get("name") or lineage.get(BACKBONE if kind == BACKBONE else "model") or "?")
+    run_id = str(lineage.get("run_id") or artifact_io.name(run_dir_uri))
+    label = f"{name} run {run_id}"
+    record = Record(f"{kind} {label}", label=label, partition=name if kind == BACKBONE else None, run_id=run_id,
+                    fields={title: pick(lineage, path) for title, path in SUMMARIES[kind].items()})
+    if on_disk is None:
+        record.missing(f"checkpoint files no longer at {run_dir_uri}"
+                       + ("; shown as recorded by its consumer" if recorded else ""))
+    pointer = read_latest_pointer(layout, name, kind=kind) if name != "?" else None
+    if pointer and pointer.get("run_id") not in (None, run_id):
+        record.flags.append((NEWER, f"a later {kind} {name} run exists: {pointer['run_id']} (latest.json)"))
+    if kind == BACKBONE:
+        record.now["version"] = lambda: _backbone_digest(run_dir_uri) if on_disk else None
+    else:
+        record.now["version"] = (on_disk or {}).get("weights_digest")
+    record.inputs = _walk_inputs(lineage)
+    found = {i.kind for i in record.inputs}
+    for input_kind, missing in EXPECTED_INPUTS[kind].items():
+        if input_kind not in found:
+            extra = " (its pseudo-box tables carry the T_c values they used)" \
+                if kind == DETECTOR and input_kind == "thresholds" else ""
+            record.notes.append((input_kind, f"{missing} recorded in {kind} checkpoint {label}{extra}"))
+    return record
+
+
+def _walk_inputs(lineage: Mapping[str, Any]) -> list[Input]:
+    """``recorded_inputs`` in the shared record shape (checkpoints by address, the rest by source)."""
+    seen = lineage.get("dagster_upstream_data_versions") or {}
+    inputs = []
+    for item in recorded_inputs(lineage):
+        kind = KIND_OF_ASSET.get(str(item.get("asset")))
+        if kind in SUMMARIES and item.get("uri"):
+            own = (lineage.get("backbone") or {}).get("lineage") if kind == BACKBONE else None
+            inputs.append(Input(kind, artifact_io.canonical(item["uri"]), item["uri"], item.get("version"),
+                                lineage=own))
+        if kind is None or kind in SUMMARIES:
+            continue
+        key = item.get("partition") or "thresholds"
+        dagster = (seen.get(item["asset"]) or {}).get(key)
+        inputs.append(Input(kind, key, item.get("uri"), item.get("version"), dagster=dagster))
+        if kind == "pseudo_boxes" and item.get("map_store_version"):
+            inputs.extend(map_inputs(key, list(item["map_store_version"])))
+    return inputs
+
+
+def _backbone_digest(run_dir_uri: str) -> str | None:
+    """Digest of the YOLOv8 backbone tensors of a backbone checkpoint, as detector and finetune record it."""
+    try:
+        state, _ = load_checkpoint(run_dir_uri)
+        return state_dict_digest(backbone_state_for_detector(state))
+    except (FileNotFoundError, ValueError):
+        return None
 
 
 # ---------------------------------------------------------------- putting weights into a model

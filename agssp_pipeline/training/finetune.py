@@ -28,6 +28,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,9 @@ import pandas as pd
 
 from agssp_pipeline import artifact_io
 from agssp_pipeline.eval.coco_map import evaluate_detections, write_coco_files
+from agssp_pipeline.records import STALE, Input, Record, plain
 from agssp_pipeline.storage import StorageLayout
+from agssp_pipeline.training.checkpoint import BACKBONE, DETECTOR, checkpoint_kind
 from agssp_pipeline.training.detector import (
     InitialWeights,
     YoloTrainSettings,
@@ -47,7 +50,15 @@ from agssp_pipeline.training.detector import (
     resolve_device,
     train_yolo,
 )
-from agssp_pipeline.training.splits import SplitParams, first_copies, load_or_create_split, split_summary
+from agssp_pipeline.training.splits import (
+    SplitParams,
+    first_copies,
+    labelled_set_fingerprint,
+    load_or_create_split,
+    read_split,
+    split_path,
+    split_summary,
+)
 
 LOGGER = logging.getLogger(__name__)
 BASELINE_VARIANT = "scratch"
@@ -413,6 +424,65 @@ def write_evaluation_tables(layout: StorageLayout, dataset: str, table: pd.DataF
     per_class_path = artifact_io.write_parquet(layout.evaluations("finetune", f"{dataset}.per_class"), per_class)
     artifact_io.write_text(layout.evaluations("finetune", dataset, ".md"), comparison_markdown(table) + "\n")
     return table_path, per_class_path
+
+
+def evaluation_record(uri: str, layout: StorageLayout) -> Record:
+    """What an evaluation table used: per variant the initial checkpoint (its digest and lineage) and the split.
+
+    The table does not record the index version of its dataset; the stored split's fingerprint of the
+    labelled set is compared with the same fingerprint of the index now (``labelled_set_fingerprint``).
+    """
+    table = artifact_io.read_parquet(uri)
+    dataset = str(table["dataset"].iloc[0]) if "dataset" in table and len(table) else artifact_io.name(uri)
+    record = Record(f"evaluation {dataset}", label=f"dataset {dataset}")
+    columns = [c for c in ("regime", "variant", "map50", "map50_95", "delta_map50_95", "checkpoint_run_id")
+               if c in table]
+    record.fields["rows"] = {f"{r.get('regime', '-')}/{r.get('variant', '-')}": {
+        k: plain(r[k]) for k in columns[2:] if not pd.isna(r[k])} for r in table[columns].to_dict("records")}
+    record.fields.update({k: plain(table[k].iloc[0]) for k in ("model", "epochs", "imgsz", "seed")
+                          if k in table and len(table)})
+    written = datetime.fromtimestamp(artifact_io.modified_time(uri) or 0, UTC)
+    record.fields["written"] = written.isoformat(timespec="seconds")
+    _check_split(record, layout, dataset)
+    record.notes.append(("index", f"evaluation tables do not record the index version of their dataset "
+                                  f"({dataset}); the stored split's fingerprint is compared instead (stage 7)"))
+    record.inputs = [Input("index", dataset)]
+    for row in table.drop_duplicates("checkpoint").to_dict("records") if "checkpoint" in table else []:
+        checkpoint = row.get("checkpoint")
+        if not isinstance(checkpoint, str) or not checkpoint:
+            continue
+        lineage = json.loads(row["checkpoint_lineage"]) if row.get("checkpoint_lineage") else {}
+        kind = checkpoint_kind(lineage)
+        if kind not in (BACKBONE, DETECTOR):
+            record.notes.append(("evaluation", f"variant {row.get('variant')} started from {checkpoint}: "
+                                               "not a pipeline checkpoint, no lineage beyond the file"))
+            continue
+        digest = row.get("initial_digest") if isinstance(row.get("initial_digest"), str) else None
+        record.inputs.append(Input(kind, artifact_io.canonical(checkpoint), checkpoint, digest, lineage=lineage))
+    variants = set(table.get("variant", pd.Series(dtype=str)))
+    if "agssp" not in variants:
+        record.notes.append(("detector", f"evaluation {dataset} has no agssp variant (no detector checkpoint used)"))
+    if not variants & {"agbp", "agssp"}:
+        record.notes.append(("backbone", f"evaluation {dataset} used no pipeline checkpoint"))
+    return record
+
+
+def _check_split(record: Record, layout: StorageLayout, dataset: str) -> None:
+    """The stored split's fingerprint of the labelled set vs the same fingerprint of the index as it is now."""
+    uri = split_path(layout, dataset)
+    stored = read_split(uri)
+    if stored is None:
+        record.fields["split"] = "no stored split found"
+        return
+    meta = stored[1]
+    record.fields["split"] = {"path": uri, "fingerprint": meta.get("fingerprint"), "params": meta.get("params")}
+    index_uri, annotations_uri = layout.index(dataset), layout.annotations(dataset)
+    if meta.get("fingerprint") and artifact_io.is_file(index_uri) and artifact_io.is_file(annotations_uri):
+        now = labelled_set_fingerprint(artifact_io.read_parquet(index_uri), artifact_io.read_parquet(annotations_uri))
+        record.fields["labelled set fingerprint now"] = now
+        if now != meta["fingerprint"]:
+            record.flags.append((STALE, f"the labelled set of {dataset} changed since it was split and evaluated "
+                                        f"(split fingerprint {meta['fingerprint']}, now {now})"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
