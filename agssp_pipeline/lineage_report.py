@@ -1,20 +1,20 @@
 """``agssp lineage``: the chain behind an artifact, as a walk over what each writer recorded it was made from.
 
 Why artifacts rather than Dagster: a checkpoint copied to another machine, or a storage root whose Dagster
-instance was lost, must still answer "which maps, thresholds and boxes made this?". Each writer records its
-inputs in what it writes, and the module beside each writer reads them back into one shape
-(``agssp_pipeline.records``; the readers are named in ``KINDS``). This module only walks those records:
-from the target it follows recorded inputs upstream, depth first, and compares each record with the input
-as it is now: ``STALE`` (it changed after it was consumed), ``NEWER`` (a later run exists), ``MISSING``
-(it is gone). Links nobody recorded are stated as such, never filled in. With a Dagster instance each
-artifact also gets its materialisation records (Dagster is imported only then).
+instance was lost, must still answer "which maps, thresholds and boxes made this?". The module beside each
+writer reads its records back into one shape (``agssp_pipeline.records``; the readers are named in
+``KINDS``); this walk follows them upstream from the target and compares each with the input as it is now:
+``STALE`` (changed after it was consumed), ``NEWER`` (a later run exists), ``MISSING`` (gone). Links nobody
+recorded are stated, never filled in. Dagster's records are added when an instance exists (imported then).
 """
 
 from __future__ import annotations
 
+import fnmatch
 import importlib
 import json
 import os
+import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -22,12 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from agssp_pipeline import artifact_io as aio
-from agssp_pipeline.records import ASSETS, KIND_OF_ASSET, MISSING, NEWER, STALE, Input, Record
+from agssp_pipeline.records import ASSETS, KIND_OF_ASSET, MISSING, NEWER, STALE, Input, Record  # noqa: F401
 from agssp_pipeline.storage import StorageLayout
 from agssp_pipeline.training import checkpoint as ckpt
-
-__all__ = ["MISSING", "NEWER", "STALE", "LineageReport", "LineageTargetError", "build_lineage_report",
-           "infer_storage_root", "parse_asset_target"]
 
 STAGES: list[tuple[str, str]] = [
     ("sources", "image sources (index data versions)"),
@@ -40,7 +37,6 @@ STAGES: list[tuple[str, str]] = [
 ]
 LAYOUT_FOLDERS = ("evaluations", "pseudo_boxes", "index", "maps.zarr", "checkpoints")
 NOT_ARTIFACTS = (".annotations.parquet", ".quarantine.parquet", ".per_class.parquet", ".lock")  # beside them
-EVALUATION_FOLDERS = {"finetune": "evaluation", "kead": "kead_evaluation", "box_quality": "box_quality"}
 MEASURES = {"T_c": "T_c used", "map_rows": "map rows (count:digest of image ids)"}  # besides "version"
 DAGSTER_RECORDS_SCANNED = 200
 
@@ -150,13 +146,13 @@ def _short(value: Any) -> str:
 
 def _render_record(record: dict[str, Any]) -> str:
     if record.get("run_id") is None:
-        return f"{record['asset']}{_partition_text(record)}: {record.get('note', 'no materialisation recorded')}"
-    return (f"{record['asset']}{_partition_text(record)} run {record['run_id']} at {record['timestamp']} "
+        return f"{_asset_text(record)}: {record.get('note', 'no materialisation recorded')}"
+    return (f"{_asset_text(record)} run {record['run_id']} at {record['timestamp']} "
             f"data version {record.get('data_version') or '-'} ({record.get('match', 'latest')})")
 
 
-def _partition_text(record: dict[str, Any]) -> str:
-    return f"[{record['partition']}]" if record.get("partition") else ""
+def _asset_text(record: dict[str, Any]) -> str:
+    return record["asset"] + (f"[{record['partition']}]" if record.get("partition") else "")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -175,39 +171,29 @@ def find_dagster_home(config_path: str | Path | None = None) -> str | None:
     return None
 
 
-class DagsterRecords:
-    """Materialisation records of an instance, looked up per asset and partition."""
+def dagster_records(instance, asset: str, partition: str | None, run_id: str | None = None) -> list[dict[str, Any]]:
+    """The latest materialisation of an asset partition, and the one whose metadata names checkpoint ``run_id``."""
+    import dagster as dg
 
-    def __init__(self, instance) -> None:
-        self.instance = instance
-
-    def records(self, asset: str, partition: str | None, match_run_id: str | None = None) -> list[dict[str, Any]]:
-        """The latest record, and the one whose metadata ``run_id`` names ``match_run_id`` when asked."""
-        import dagster as dg
-
-        records_filter = dg.AssetRecordsFilter(
-            asset_key=dg.AssetKey(asset), asset_partitions=[partition] if partition else None
-        )
-        found = self.instance.fetch_materializations(records_filter, limit=DAGSTER_RECORDS_SCANNED).records
-        if not found:
-            return [{"asset": asset, "partition": partition, "run_id": None,
-                     "note": "no materialisation in the Dagster instance (made outside Dagster, or another instance)"}]
-        out = [_describe_record(found[0], asset, partition, "latest")]
-        if match_run_id:
-            matching = [r for r in found if _metadata_text(r, "run_id") == match_run_id]
-            if not matching:
-                out.append({"asset": asset, "partition": partition, "run_id": None,
-                            "note": f"no materialisation of checkpoint run {match_run_id} in the instance"})
-            elif matching[0].storage_id == found[0].storage_id:
-                out[0]["match"] = f"latest, made checkpoint run {match_run_id}"
-            else:
-                out.append(_describe_record(matching[0], asset, partition, f"made checkpoint run {match_run_id}"))
-        return out
+    wanted = dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[partition] if partition else None)
+    found = instance.fetch_materializations(wanted, limit=DAGSTER_RECORDS_SCANNED).records
+    if not found:
+        return [{"asset": asset, "partition": partition, "run_id": None,
+                 "note": "no materialisation in the Dagster instance (made outside Dagster, or another instance)"}]
+    out = [_describe_record(found[0], asset, partition, "latest")]
+    matching = [r for r in found if run_id and _metadata_text(r, "run_id") == run_id]
+    if run_id and not matching:
+        out.append({"asset": asset, "partition": partition, "run_id": None,
+                    "note": f"no materialisation of checkpoint run {run_id} in the instance"})
+    elif matching and matching[0].storage_id == found[0].storage_id:
+        out[0]["match"] = f"latest, made checkpoint run {run_id}"
+    elif matching:
+        out.append(_describe_record(matching[0], asset, partition, f"made checkpoint run {run_id}"))
+    return out
 
 
 def _describe_record(record, asset: str, partition: str | None, match: str) -> dict[str, Any]:
-    materialization = record.asset_materialization
-    tags = (materialization.tags or {}) if materialization else {}
+    tags = (record.asset_materialization.tags or {}) if record.asset_materialization else {}
     return {"asset": asset, "partition": partition, "run_id": record.run_id or "(runless event)",
             "timestamp": datetime.fromtimestamp(record.timestamp, UTC).isoformat(timespec="seconds"),
             "data_version": tags.get("dagster/data_version"), "match": match}
@@ -220,11 +206,7 @@ def _metadata_text(record, key: str) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# what each kind is: its stage, where the layout puts it, and the reader beside its writer
-
-
-def _uri(_layout: StorageLayout, uri: str, _item: Input) -> tuple:
-    return (uri,)
+# the kinds: stage, where the layout puts each, and the reader beside its writer
 
 
 @dataclass(frozen=True)
@@ -234,15 +216,22 @@ class Kind:
     reader: str  # "module:function" beside the kind's writer, imported when first used (finetune is heavy)
     version: str = "version"  # what its consumers record of it, in words
     stale: str = "{consumer} used another version of it ({diff})"
-    args: Callable[[StorageLayout, str, Input], tuple] = _uri  # the reader's arguments
+    args: Callable[[StorageLayout, str, Input], tuple] | None = None  # the reader's arguments; default (uri,)
 
     def read(self, layout: StorageLayout, uri: str, item: Input) -> Record:
         module, function = self.reader.split(":")
-        return getattr(importlib.import_module(f"agssp_pipeline.{module}"), function)(*self.args(layout, uri, item))
+        args = self.args(layout, uri, item) if self.args else (uri,)
+        return getattr(importlib.import_module(f"agssp_pipeline.{module}"), function)(*args)
 
 
-def _checkpoint_args(kind: str) -> Callable[[StorageLayout, str, Input], tuple]:
-    return lambda layout, uri, item: (uri, kind, layout, item.lineage)
+def _checkpoint_kind(kind: str) -> Kind:
+    return Kind(kind, lambda layout, name: layout.checkpoints(kind, name), "training.checkpoint:checkpoint_record",
+                "weights digest", "weights changed since {consumer} loaded them ({diff})",
+                lambda layout, uri, item: (uri, kind, layout, item.lineage))
+
+
+def _evaluation_kind(folder: str, reader: str, **extra: Any) -> Kind:
+    return Kind("evaluations", lambda layout, name: layout.evaluations(folder, name), reader, **extra)
 
 
 KINDS: dict[str, Kind] = {
@@ -255,19 +244,14 @@ KINDS: dict[str, Kind] = {
                        "table sha256[:16]", "thresholds changed since {consumer} was made ({diff})"),
     "pseudo_boxes": Kind("pseudo_boxes", StorageLayout.pseudo_boxes, "boxes.stage:pseudo_boxes_record",
                          "table sha256[:16]", "table rewritten since {consumer} trained on it ({diff})"),
-    "backbone": Kind("backbone", lambda layout, name: layout.checkpoints("backbone", name),
-                     "training.checkpoint:checkpoint_record", "weights digest",
-                     "weights changed since {consumer} loaded them ({diff})", _checkpoint_args("backbone")),
-    "detector": Kind("detector", lambda layout, name: layout.checkpoints("detector", name),
-                     "training.checkpoint:checkpoint_record", "weights digest",
-                     "weights changed since {consumer} loaded them ({diff})", _checkpoint_args("detector")),
-    "evaluation": Kind("evaluations", lambda layout, name: layout.evaluations("finetune", name),
-                       "training.finetune:evaluation_record", args=lambda layout, uri, _: (uri, layout)),
-    "kead_evaluation": Kind("evaluations", lambda layout, name: layout.evaluations("kead", name),
-                            "kead.evaluation:evaluation_record"),
-    "box_quality": Kind("evaluations", lambda layout, name: layout.evaluations("box_quality", name),
-                        "boxes.stage:quality_record", "table sha256[:16]"),
+    "backbone": _checkpoint_kind("backbone"),
+    "detector": _checkpoint_kind("detector"),
+    "evaluation": _evaluation_kind("finetune", "training.finetune:evaluation_record",
+                                   args=lambda layout, uri, _: (uri, layout)),
+    "kead_evaluation": _evaluation_kind("kead", "kead.evaluation:evaluation_record"),
+    "box_quality": _evaluation_kind("box_quality", "boxes.stage:quality_record"),
 }
+PER_SOURCE = ("index", "maps", "pseudo_boxes")  # kinds keyed by source name (checkpoints, evaluations: address)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -276,8 +260,6 @@ KINDS: dict[str, Kind] = {
 
 @dataclass
 class Node:
-    """An artifact met on the walk: its report entry and its record."""
-
     kind: str
     entry: Entry
     record: Record
@@ -286,9 +268,8 @@ class Node:
 class Walk:
     """Visits each artifact once, follows its recorded inputs, and compares every consumer's record."""
 
-    def __init__(self, layout: StorageLayout, records: DagsterRecords | None = None) -> None:
-        self.layout = layout
-        self.records = records
+    def __init__(self, layout: StorageLayout, instance=None) -> None:
+        self.layout, self.instance = layout, instance
         self.stages = {key: Stage(key, title) for key, title in STAGES}
         self.nodes: dict[tuple[str, str], Node] = {}
 
@@ -302,15 +283,15 @@ class Walk:
             kind = KINDS[item.kind]
             uri = aio.canonical(item.uri or kind.locate(self.layout, item.key))
             record = kind.read(self.layout, uri, item)
-            node = self.nodes[(item.kind, item.key)] = Node(item.kind, Entry(record.label or item.key, uri,
-                                                                             record.fields), record)
-            self.stages[kind.stage].entries.append(node.entry)
+            entry = Entry(record.label or item.key, uri, record.fields)
+            node = self.nodes[(item.kind, item.key)] = Node(item.kind, entry, record)
+            self.stages[kind.stage].entries.append(entry)
             for level, message in record.flags:
-                node.entry.flag(level, message)
+                entry.flag(level, message)
             for about, text in record.notes:
                 self.note(KINDS[about].stage, text)
-            if self.records is not None:
-                node.entry.dagster = self.records.records(ASSETS[item.kind], record.partition, record.run_id)
+            if self.instance is not None:
+                entry.dagster = dagster_records(self.instance, ASSETS[item.kind], record.partition, record.run_id)
             for upstream in record.inputs if follow else []:
                 self.visit(upstream, node)
         if consumer is not None:
@@ -323,33 +304,45 @@ class Walk:
         seen = node.entry.fields.setdefault("recorded by", {}).setdefault(name, {})
         what = MEASURES.get(item.measure, kind.version)
         shown, value = seen.get(what), _short(item.version)
-        if item.version is None:
-            seen.setdefault(what, "not recorded")
-        elif isinstance(item.version, dict):
-            seen[what] = item.version
+        if item.version is None or isinstance(item.version, dict):
+            seen[what] = seen.get(what, "not recorded") if item.version is None else item.version
         else:
             seen[what] = value if shown in (None, "not recorded", value) else f"{shown}, {value}"
         if item.measure == "version" and record.history is not None and isinstance(item.version, str):
-            node.entry.fields.setdefault(f"version {item.version}",
-                                         record.history.get(item.version, "no longer in the store"))
+            history = record.history.get(item.version, "no longer in the store")
+            node.entry.fields.setdefault(f"version {item.version}", history)
             if item.version not in record.history:
                 node.entry.flag(MISSING, f"version {item.version} used by {name} is no longer in the store")
         now = record.measure(item.measure) if item.version is not None else None
         diff = _difference(item.version, now)
         if diff:
-            template = kind.stale if item.measure != "map_rows" else \
-                "the rows in the index changed since {consumer} used them ({diff})"
-            node.entry.flag(STALE, template.format(consumer=name, diff=diff, now=now, recorded=item.version))
+            stale = kind.stale if item.measure != "map_rows" else "its rows changed since {consumer} used them ({diff})"
+            node.entry.flag(STALE, stale.format(consumer=name, diff=diff, now=now, recorded=item.version))
             consumer.entry.flag(STALE, f"{record.name} changed since this was made ({diff})")
         latest = node.entry.dagster[0] if node.entry.dagster else None
         if item.dagster and latest and latest.get("data_version") and latest["data_version"] != item.dagster:
-            node.entry.flag(STALE, f"Dagster has a newer materialisation of {ASSETS[node.kind]}"
-                                   f"{_partition_text(latest)} (data version {latest['data_version']}, run "
-                                   f"{latest['run_id']}) than the {item.dagster} {name} consumed")
+            node.entry.flag(STALE, f"Dagster has a newer materialisation of {_asset_text(latest)} (data version "
+                                   f"{latest['data_version']}, run {latest['run_id']}) than the {item.dagster} "
+                                   f"{name} consumed")
 
-    def report(self, target: str, kind: str) -> LineageReport:
-        home = getattr(getattr(self.records, "instance", None), "root_directory", None)
-        return LineageReport(target, kind, self.layout.root, home, [self.stages[k] for k, _ in STAGES])
+    def consumers(self, run_dir: str, kind: str) -> None:
+        """Add the evaluations (and, for a backbone, detectors) whose records name the checkpoint at ``run_dir``."""
+        users = [run_dir]
+        for lineage_uri in aio.glob(self.layout.checkpoints("detector", "*", "*", ckpt.LINEAGE_FILE)) \
+                if kind == "backbone" else []:
+            backbone = aio.read_json(lineage_uri).get("backbone") or {}
+            if isinstance(backbone, dict) and aio.same_location(backbone.get("checkpoint") or "", run_dir):
+                users.append(aio.canonical(aio.parent(lineage_uri)))
+                self.visit(Input("detector", users[-1], users[-1]), follow=False)
+        found = False
+        for uri in [u for u in aio.glob(self.layout.evaluations("finetune", "*")) if not u.endswith(NOT_ARTIFACTS)]:
+            table = aio.read_parquet(uri)
+            named = table["checkpoint"].dropna().astype(str) if "checkpoint" in table else []
+            if any(aio.same_location(c, u) for c in named for u in users):
+                self.visit(Input("evaluation", aio.canonical(uri), uri), follow=False)
+                found = True
+        if not found:
+            self.note("evaluations", "no evaluation table under the storage root used this checkpoint")
 
 
 def _difference(recorded: Any, now: Any) -> str | None:
@@ -369,28 +362,6 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
-def _add_consumers(walk: Walk, run_dir: str, kind: str) -> None:
-    """Evaluations (and, for a backbone, detectors) whose records name the checkpoint at ``run_dir``."""
-    users = [run_dir]
-    if kind == "backbone":
-        for lineage_uri in aio.glob(walk.layout.checkpoints("detector", "*", "*", ckpt.LINEAGE_FILE)):
-            backbone = (aio.read_json(lineage_uri).get("backbone") or {})
-            if isinstance(backbone, dict) and backbone.get("checkpoint") \
-                    and aio.same_location(backbone["checkpoint"], run_dir):
-                detector = aio.canonical(aio.parent(lineage_uri))
-                users.append(detector)
-                walk.visit(Input("detector", detector, detector), follow=False)
-    found = False
-    for uri in [u for u in aio.glob(walk.layout.evaluations("finetune", "*")) if not u.endswith(NOT_ARTIFACTS)]:
-        table = aio.read_parquet(uri, columns=None)
-        named = table["checkpoint"].dropna().astype(str) if "checkpoint" in table else []
-        if any(aio.same_location(c, u) for c in named for u in users):
-            walk.visit(Input("evaluation", aio.canonical(uri), uri), follow=False)
-            found = True
-    if not found:
-        walk.note("evaluations", "no evaluation table under the storage root used this checkpoint")
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # targets: artifact paths and asset names
 
@@ -399,7 +370,13 @@ def _add_consumers(walk: Walk, run_dir: str, kind: str) -> None:
 class ResolvedTarget:
     kind: str  # a key of KINDS
     uri: str
-    name: str = ""  # source name where the artifact is per source
+
+    @property
+    def key(self) -> str:
+        """How the walk knows it: source name, "thresholds", or its address."""
+        if self.kind in PER_SOURCE:
+            return aio.name(self.uri).removesuffix(".parquet")
+        return "thresholds" if self.kind == "thresholds" else self.uri
 
 
 def infer_storage_root(uri: str) -> str | None:
@@ -408,37 +385,24 @@ def infer_storage_root(uri: str) -> str | None:
     for position in range(len(parts) - 1, 0, -1):
         if parts[position] in LAYOUT_FOLDERS:
             return "/".join(parts[:position])
-    if parts[-1] == "thresholds.parquet":
-        return "/".join(parts[:-1])
-    return None
-
-
-def _resolve_table(uri: str) -> ResolvedTarget:
-    name, folder = aio.name(uri), aio.name(aio.parent(uri))
-    stem = name.removesuffix(".parquet")
-    if name == "thresholds.parquet":
-        return ResolvedTarget("thresholds", uri)
-    if folder == "index":
-        source = stem.removesuffix(".annotations").removesuffix(".quarantine")
-        return ResolvedTarget("index", aio.join(aio.parent(uri), f"{source}.parquet"), source)
-    if folder == "pseudo_boxes":
-        return ResolvedTarget("pseudo_boxes", uri, stem)
-    if folder in EVALUATION_FOLDERS and aio.name(aio.parent(aio.parent(uri))) == "evaluations":
-        table = aio.join(aio.parent(uri), stem.removesuffix(".per_class") + ".parquet")
-        return ResolvedTarget(EVALUATION_FOLDERS[folder], table, stem.removesuffix(".per_class"))
-    raise LineageTargetError(f"{uri}: a Parquet file the pipeline did not write (not an index, pseudo-box, "
-                             "thresholds or evaluations/<kind>/ table)")
+    return "/".join(parts[:-1]) if parts[-1] == "thresholds.parquet" else None
 
 
 def resolve_path(target: str) -> ResolvedTarget:
-    """The artifact at a path, by where the layout puts each kind (checkpoints: by their lineage's kind)."""
+    """The artifact at a path: where ``KINDS`` locate each table and store, checkpoints by their lineage's kind."""
     uri = aio.canonical(target)
     if not aio.exists(uri):
         raise LineageTargetError(f"{target}: no such file or folder")
+    root = infer_storage_root(uri)
+    if root is not None and (uri.endswith(".parquet") or aio.name(aio.parent(uri)) == "maps.zarr"):
+        base = re.sub(r"\.(annotations|quarantine|per_class)(?=\.parquet$)", "", uri)  # the table they sit beside
+        for kind, spec in KINDS.items():
+            if kind not in ckpt.SUMMARIES and fnmatch.fnmatchcase(base, spec.locate(StorageLayout(root), "*")) \
+                    and (kind != "maps" or aio.exists(aio.join(uri, "zarr.json"))):
+                return ResolvedTarget(kind, base)
     if uri.endswith(".parquet"):
-        return _resolve_table(uri)
-    if aio.name(aio.parent(uri)) == "maps.zarr" and aio.exists(aio.join(uri, "zarr.json")):
-        return ResolvedTarget("maps", uri, aio.name(uri))
+        raise LineageTargetError(f"{uri}: a Parquet file the pipeline did not write (not an index, pseudo-box, "
+                                 "thresholds or evaluations/<kind>/ table)")
     try:
         run = aio.canonical(ckpt.resolve_checkpoint_dir(uri))
     except FileNotFoundError:
@@ -453,27 +417,22 @@ def _newest(uris: list[str]) -> str | None:
     return max(uris, key=lambda u: aio.modified_time(u) or 0.0) if uris else None
 
 
-def _latest_checkpoint(layout: StorageLayout, kind: str, partition: str | None, config) -> str | None:
-    """The latest run of the named model, else of the configured one, else the newest of any name."""
-    configured = getattr(config.detector, "backbone" if kind == "backbone" else "model") if config else None
-    for name in [partition] if partition else [configured] if configured else []:
-        if ckpt.read_latest_pointer(layout, name, kind=kind):
-            return ckpt.latest_checkpoint_dir(layout, name, kind=kind)
-    newest = _newest(aio.glob(layout.checkpoints(kind, "*", ckpt.LATEST_FILE)))
-    return ckpt.resolve_checkpoint_dir(aio.parent(newest)) if newest and not partition else None
-
-
 def _latest_artifact(layout: StorageLayout, kind: str, partition: str | None, config) -> str | None:
-    """The artifact of an asset: of the partition when given, else the newest one the layout holds."""
+    """The artifact of an asset: of the partition when given, else (checkpoints: of the configured model,
+    else) the newest one the layout holds."""
     if kind in ckpt.SUMMARIES:
-        return _latest_checkpoint(layout, kind, partition, config)
+        configured = getattr(config.detector, "backbone" if kind == "backbone" else "model") if config else None
+        for name in [partition] if partition else [configured] if configured else []:
+            if ckpt.read_latest_pointer(layout, name, kind=kind):
+                return ckpt.latest_checkpoint_dir(layout, name, kind=kind)
+        newest = _newest(aio.glob(layout.checkpoints(kind, "*", ckpt.LATEST_FILE)))
+        return ckpt.resolve_checkpoint_dir(aio.parent(newest)) if newest and not partition else None
     locate = KINDS[kind].locate
     if partition or kind == "thresholds":
         uri = locate(layout, partition or "")
         return uri if aio.exists(uri) else None
-    found = [u for u in aio.glob(locate(layout, "*")) if not u.endswith(NOT_ARTIFACTS)
-             and (kind != "maps" or aio.exists(aio.join(u, "zarr.json")))]
-    return _newest(found)
+    return _newest([u for u in aio.glob(locate(layout, "*")) if not u.endswith(NOT_ARTIFACTS)
+                    and (kind != "maps" or aio.exists(aio.join(u, "zarr.json")))])
 
 
 def parse_asset_target(target: str) -> tuple[str, str | None]:
@@ -497,42 +456,24 @@ def resolve_target(target: str, layout: StorageLayout | None, config=None) -> Re
     if uri is None:
         where = f"[{partition}]" if partition else ""
         raise LineageTargetError(f"no artifact of {asset}{where} under {layout.root}: materialise it first")
-    return ResolvedTarget(kind, aio.canonical(uri), aio.name(uri).removesuffix(".parquet"))
+    return ResolvedTarget(kind, aio.canonical(uri))
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # entry point
 
-# targets whose report stops at their own stage -> that stage
-UPSTREAM_ONLY_TARGETS = {"index": "sources", "maps": "maps", "thresholds": "thresholds", "pseudo_boxes": "pseudo_boxes"}
-
 
 def _start(walk: Walk, resolved: ResolvedTarget) -> None:
-    per_source = resolved.kind in ("index", "maps", "pseudo_boxes")
-    key = resolved.name if per_source else "thresholds" if resolved.kind == "thresholds" else resolved.uri
-    walk.visit(Input(resolved.kind, key, resolved.uri))
-    if resolved.kind in ("backbone", "detector"):
-        _add_consumers(walk, resolved.uri, resolved.kind)
-    if resolved.kind in UPSTREAM_ONLY_TARGETS:
+    """Walk upstream from the target; a checkpoint also lists its consumers, a per-source artifact says it stops."""
+    walk.visit(Input(resolved.kind, resolved.key, resolved.uri))
+    if resolved.kind in ckpt.SUMMARIES:
+        walk.consumers(resolved.uri, resolved.kind)
+    if resolved.kind in (*PER_SOURCE, "thresholds"):
         keys = [key for key, _ in STAGES]
-        for later in keys[keys.index(UPSTREAM_ONLY_TARGETS[resolved.kind]) + 1:]:
+        for later in keys[keys.index(KINDS[resolved.kind].stage) + 1:]:
             if not walk.stages[later].entries:
                 walk.note(later, "downstream of the target: not followed (pass a checkpoint or an evaluation "
                                  "to see what consumed these artifacts)")
-
-
-def _dagster_records(instance, config_path: str | Path | None, use_dagster: bool) -> DagsterRecords | None:
-    """Records of the given instance, else of the one at DAGSTER_HOME / ``<config dir>/dagster_home``."""
-    if not use_dagster:
-        return None
-    if instance is None:
-        home = find_dagster_home(config_path)
-        if home is None:
-            return None
-        import dagster as dg
-
-        instance = dg.DagsterInstance.from_config(home)
-    return DagsterRecords(instance)
 
 
 def build_lineage_report(
@@ -543,8 +484,7 @@ def build_lineage_report(
     ``instance``: a Dagster instance to read records from; default: the one at DAGSTER_HOME or
     ``<config dir>/dagster_home`` when it exists; none when ``use_dagster`` is false.
     """
-    config = None
-    layout: StorageLayout | None = None
+    config, layout = None, None
     if config_path is not None:
         from agssp_pipeline.config import load_config
 
@@ -556,6 +496,12 @@ def build_lineage_report(
         if root is None:
             raise LineageTargetError(f"{resolved.uri} is not under a pipeline storage root; pass --config")
         layout = StorageLayout(root)
-    walk = Walk(layout, _dagster_records(instance, config_path, use_dagster))
+    home = find_dagster_home(config_path) if use_dagster and instance is None else None
+    if home is not None:
+        import dagster as dg
+
+        instance = dg.DagsterInstance.from_config(home)
+    walk = Walk(layout, instance if use_dagster else None)
     _start(walk, resolved)
-    return walk.report(target, resolved.kind)
+    home = getattr(walk.instance, "root_directory", None)
+    return LineageReport(target, resolved.kind, layout.root, home, [walk.stages[k] for k, _ in STAGES])
