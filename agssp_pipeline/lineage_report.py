@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from agssp_pipeline import artifact_io as aio
-from agssp_pipeline.records import ASSETS, KIND_OF_ASSET, MISSING, NEWER, STALE, Input, Record  # noqa: F401
+from agssp_pipeline.records import ASSETS, KIND_OF_ASSET, MISSING, STALE, Input, Record, difference, short
+from agssp_pipeline.records import NEWER as NEWER  # a flag level, re-exported with the others
 from agssp_pipeline.storage import StorageLayout
 from agssp_pipeline.training import checkpoint as ckpt
 
@@ -130,18 +131,12 @@ def _render_field(name: str, value: Any, indent: str) -> list[str]:
             lines.extend(_render_field(str(key), inner, indent + "  "))
         return lines
     if isinstance(value, dict):
-        text = ", ".join(f"{k}={_short(v)}" for k, v in value.items()) or "-"
+        text = ", ".join(f"{k}={short(v)}" for k, v in value.items()) or "-"
     elif isinstance(value, list):
-        text = ", ".join(_short(v) for v in value) or "-"
+        text = ", ".join(short(v) for v in value) or "-"
     else:
-        text = _short(value)
+        text = short(value)
     return [f"{indent}{name}: {text}"]
-
-
-def _short(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return "-" if value is None else str(value)
 
 
 def _render_record(record: dict[str, Any]) -> str:
@@ -303,7 +298,7 @@ class Walk:
         kind, record, name = KINDS[node.kind], node.record, consumer.record.name
         seen = node.entry.fields.setdefault("recorded by", {}).setdefault(name, {})
         what = MEASURES.get(item.measure, kind.version)
-        shown, value = seen.get(what), _short(item.version)
+        shown, value = seen.get(what), short(item.version)
         if item.version is None or isinstance(item.version, dict):
             seen[what] = seen.get(what, "not recorded") if item.version is None else item.version
         else:
@@ -314,7 +309,7 @@ class Walk:
             if item.version not in record.history:
                 node.entry.flag(MISSING, f"version {item.version} used by {name} is no longer in the store")
         now = record.measure(item.measure) if item.version is not None else None
-        diff = _difference(item.version, now)
+        diff = difference(item.version, now)
         if diff:
             stale = kind.stale if item.measure != "map_rows" else "its rows changed since {consumer} used them ({diff})"
             node.entry.flag(STALE, stale.format(consumer=name, diff=diff, now=now, recorded=item.version))
@@ -327,39 +322,16 @@ class Walk:
 
     def consumers(self, run_dir: str, kind: str) -> None:
         """Add the evaluations (and, for a backbone, detectors) whose records name the checkpoint at ``run_dir``."""
-        users = [run_dir]
-        for lineage_uri in aio.glob(self.layout.checkpoints("detector", "*", "*", ckpt.LINEAGE_FILE)) \
-                if kind == "backbone" else []:
-            backbone = aio.read_json(lineage_uri).get("backbone") or {}
-            if isinstance(backbone, dict) and aio.same_location(backbone.get("checkpoint") or "", run_dir):
-                users.append(aio.canonical(aio.parent(lineage_uri)))
-                self.visit(Input("detector", users[-1], users[-1]), follow=False)
-        found = False
-        for uri in [u for u in aio.glob(self.layout.evaluations("finetune", "*")) if not u.endswith(NOT_ARTIFACTS)]:
-            table = aio.read_parquet(uri)
-            named = table["checkpoint"].dropna().astype(str) if "checkpoint" in table else []
-            if any(aio.same_location(c, u) for c in named for u in users):
-                self.visit(Input("evaluation", aio.canonical(uri), uri), follow=False)
-                found = True
-        if not found:
+        from agssp_pipeline.training.finetune import evaluations_using
+
+        detectors = ckpt.detectors_using(self.layout, run_dir) if kind == "backbone" else []
+        for uri in detectors:
+            self.visit(Input("detector", uri, uri), follow=False)
+        evaluations = evaluations_using(self.layout, [run_dir, *detectors])
+        for uri in evaluations:
+            self.visit(Input("evaluation", uri, uri), follow=False)
+        if not evaluations:
             self.note("evaluations", "no evaluation table under the storage root used this checkpoint")
-
-
-def _difference(recorded: Any, now: Any) -> str | None:
-    """How ``now`` differs from ``recorded`` in words (per key for dicts), None when it does not."""
-    if recorded is None or now is None:
-        return None
-    if isinstance(recorded, dict) and isinstance(now, dict):
-        changed = [f"{k}: {_short(v)} -> {_short(now[k])}" for k, v in recorded.items()
-                   if k in now and not _same(v, now[k])]
-        return "; ".join(changed) or None
-    return None if _same(recorded, now) else f"recorded {recorded}, now {now}"
-
-
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, float | int) and isinstance(b, float | int):
-        return abs(float(a) - float(b)) <= 1e-6
-    return a == b
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -413,10 +385,6 @@ def resolve_path(target: str) -> ResolvedTarget:
     return ResolvedTarget(kind, run)
 
 
-def _newest(uris: list[str]) -> str | None:
-    return max(uris, key=lambda u: aio.modified_time(u) or 0.0) if uris else None
-
-
 def _latest_artifact(layout: StorageLayout, kind: str, partition: str | None, config) -> str | None:
     """The artifact of an asset: of the partition when given, else (checkpoints: of the configured model,
     else) the newest one the layout holds."""
@@ -425,14 +393,14 @@ def _latest_artifact(layout: StorageLayout, kind: str, partition: str | None, co
         for name in [partition] if partition else [configured] if configured else []:
             if ckpt.read_latest_pointer(layout, name, kind=kind):
                 return ckpt.latest_checkpoint_dir(layout, name, kind=kind)
-        newest = _newest(aio.glob(layout.checkpoints(kind, "*", ckpt.LATEST_FILE)))
-        return ckpt.resolve_checkpoint_dir(aio.parent(newest)) if newest and not partition else None
+        return None if partition else ckpt.latest_run_of_any(layout, kind)
     locate = KINDS[kind].locate
     if partition or kind == "thresholds":
         uri = locate(layout, partition or "")
         return uri if aio.exists(uri) else None
-    return _newest([u for u in aio.glob(locate(layout, "*")) if not u.endswith(NOT_ARTIFACTS)
-                    and (kind != "maps" or aio.exists(aio.join(u, "zarr.json")))])
+    found = [u for u in aio.glob(locate(layout, "*")) if not u.endswith(NOT_ARTIFACTS)
+             and (kind != "maps" or aio.exists(aio.join(u, "zarr.json")))]
+    return max(found, key=lambda u: aio.modified_time(u) or 0.0) if found else None
 
 
 def parse_asset_target(target: str) -> tuple[str, str | None]:

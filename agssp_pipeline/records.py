@@ -75,6 +75,33 @@ def pick(record: Any, path: str) -> Any:
     return record
 
 
+def short(value: Any) -> str:
+    """A value as shown in a report and in a difference (floats to 4 significant digits)."""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "-" if value is None else str(value)
+
+
+def difference(recorded: Any, now: Any) -> str | None:
+    """How a current value differs from the recorded one, in words (per key for dicts); None when it does not.
+
+    Numbers within 1e-6 are the same (T_c round-trips through Parquet); None on either side is no evidence.
+    """
+    if recorded is None or now is None:
+        return None
+    if isinstance(recorded, dict) and isinstance(now, dict):
+        changed = [f"{k}: {short(v)} -> {short(now[k])}" for k, v in recorded.items()
+                   if k in now and not _same(v, now[k])]
+        return "; ".join(changed) or None
+    return None if _same(recorded, now) else f"recorded {recorded}, now {now}"
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, float | int) and isinstance(b, float | int):
+        return abs(float(a) - float(b)) <= 1e-6
+    return a == b
+
+
 def map_inputs(source: str, versions: Any, rows: str | None = None) -> list[Input]:
     """Inputs for the map-store version(s) of ``source`` a consumer used, and the exact rows when recorded."""
     listed = versions if isinstance(versions, list) else [versions] if versions else [None]

@@ -335,6 +335,26 @@ def _walk_inputs(lineage: Mapping[str, Any]) -> list[Input]:
     return inputs
 
 
+def detectors_using(layout, backbone_run_dir: str) -> list[str]:
+    """The detector runs under ``layout`` whose lineage names the backbone checkpoint at ``backbone_run_dir``."""
+    found = []
+    for lineage_uri in artifact_io.glob(layout.checkpoints(DETECTOR, "*", "*", LINEAGE_FILE)):
+        backbone = artifact_io.read_json(lineage_uri).get("backbone") or {}
+        if isinstance(backbone, dict) and backbone.get("checkpoint") \
+                and artifact_io.same_location(backbone["checkpoint"], backbone_run_dir):
+            found.append(artifact_io.canonical(artifact_io.parent(lineage_uri)))
+    return found
+
+
+def latest_run_of_any(layout, kind: str) -> str | None:
+    """The run the most recently written ``latest.json`` of any model name of ``kind`` points at."""
+    pointers = artifact_io.glob(layout.checkpoints(kind, "*", LATEST_FILE))
+    if not pointers:
+        return None
+    newest = max(pointers, key=lambda uri: artifact_io.modified_time(uri) or 0.0)
+    return resolve_checkpoint_dir(artifact_io.parent(newest))
+
+
 def _backbone_digest(run_dir_uri: str) -> str | None:
     """Digest of the YOLOv8 backbone tensors of a backbone checkpoint, as detector and finetune record it."""
     try:

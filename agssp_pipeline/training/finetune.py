@@ -467,6 +467,17 @@ def evaluation_record(uri: str, layout: StorageLayout) -> Record:
     return record
 
 
+def evaluations_using(layout: StorageLayout, run_dirs: Sequence[str]) -> list[str]:
+    """The evaluation tables under ``layout`` with a variant that started from a checkpoint in ``run_dirs``."""
+    found = []
+    for uri in artifact_io.glob(layout.evaluations("finetune", "*")):
+        table = artifact_io.read_parquet(uri) if not uri.endswith(".per_class.parquet") else pd.DataFrame()
+        named = table["checkpoint"].dropna().astype(str) if "checkpoint" in table else []
+        if any(artifact_io.same_location(c, run) for c in named for run in run_dirs):
+            found.append(artifact_io.canonical(uri))
+    return found
+
+
 def _check_split(record: Record, layout: StorageLayout, dataset: str) -> None:
     """The stored split's fingerprint of the labelled set vs the same fingerprint of the index as it is now."""
     uri = split_path(layout, dataset)
