@@ -6,9 +6,11 @@ import dagster as dg
 import numpy as np
 import pandas as pd
 
+from agssp_pipeline import artifact_io
 from agssp_pipeline.boxes import plots, stage
 from agssp_pipeline.boxes.pseudo import boxes_only, image_summary, settings_of
 from agssp_pipeline.boxes.settings import BoxesSettings
+from agssp_pipeline.sources.preview import jpeg_markdown
 from assets.automation import CHEAP_ASSET_AUTOMATION
 from assets.partitions import pretrain_source_partitions
 from assets.resources import PipelineConfigResource
@@ -16,6 +18,7 @@ from assets.resources import PipelineConfigResource
 THRESHOLDS_CODE_VERSION = "1"
 PSEUDO_BOXES_CODE_VERSION = "1"
 QUALITY_CODE_VERSION = "1"
+PREVIEW_IMAGES = 8  # the highest-scoring images with boxes
 
 
 class BoxesRunConfig(dg.Config):
@@ -138,15 +141,15 @@ def pseudo_boxes(
         ),
     }
     if len(boxes):
-        index = stage.read_index(pipeline.layout(), source).drop_duplicates("image_id").set_index("image_id")
-        top = boxes.groupby("image_id")["score"].max().sort_values(ascending=False).index[:8]
-        preview = plots.box_preview(
-            [index.loc[i, "path"] for i in top], [boxes[boxes["image_id"] == i] for i in top]
-        )
+        layout = pipeline.layout()
+        index = stage.read_index(layout, source).drop_duplicates("image_id").set_index("image_id")
+        top = boxes.groupby("image_id")["score"].max().sort_values(ascending=False).index[:PREVIEW_IMAGES]
+        preview = plots.box_preview(index.loc[list(top)].reset_index(), boxes, stage.read_annotations(layout, source))
         if preview is not None:
-            metadata["preview"] = dg.MetadataValue.md(
-                plots.png_markdown(preview, f"pseudo boxes {source}", mime="image/jpeg")
-            )
+            target = layout.previews("pseudo_boxes", f"{source}.jpg")
+            artifact_io.write_bytes(target, preview)
+            metadata["preview"] = dg.MetadataValue.md(jpeg_markdown(preview, f"pseudo boxes {source}"))
+            metadata["preview_path"] = dg.MetadataValue.path(target)
     return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(stage.table_fingerprint(table)))
 
 

@@ -6,7 +6,6 @@ as files land in or leave a folder. The sensor in ``jobs/ingestion.py`` records 
 on every tick that sees a change and launches re-ingestion of exactly the changed sources.
 """
 
-import base64
 import hashlib
 import os
 
@@ -20,7 +19,7 @@ from agssp_pipeline.sources import (
     previous_probe_cache,
     source_fingerprint,
 )
-from agssp_pipeline.sources.preview import contact_sheet
+from agssp_pipeline.sources.preview import contact_sheet, jpeg_markdown
 from assets.automation import CHEAP_ASSET_AUTOMATION
 from assets.partitions import image_source_partitions
 from assets.resources import PipelineConfigResource
@@ -113,8 +112,8 @@ def _preview_metadata(result, root: str, layout, name: str) -> dict[str, dg.Meta
     if sheet is not None:
         target = layout.previews("ingestion", f"{name}.jpg")
         artifact_io.write_bytes(target, sheet)
-        encoded = base64.b64encode(sheet).decode()
-        metadata["contact_sheet"] = dg.MetadataValue.md(f"![{name}](data:image/jpeg;base64,{encoded})")
+        metadata["contact_sheet"] = dg.MetadataValue.md(
+            jpeg_markdown(sheet, name, legend="green: ground-truth boxes and mask outlines"))
         metadata["contact_sheet_path"] = dg.MetadataValue.path(target)
     return metadata
 

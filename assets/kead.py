@@ -27,13 +27,15 @@ from agssp_pipeline.kead.references import REFERENCE_COLUMNS, select_references
 from agssp_pipeline.kead.runner import Progress, RunStats, compute_anomaly_maps, mappable_rows, read_rgb
 from agssp_pipeline.kead.settings import KeadSettings
 from agssp_pipeline.kead.store import CODE_VERSION, StoreEmptyError, read_map_table
+from agssp_pipeline.sources.preview import Tile, ground_truth_mask, jpeg_markdown, labelled_grid, normal_state
 from assets.partitions import pretrain_source_partitions
 from assets.resources import PipelineConfigResource
 
 KEAD_CODE_VERSION = f"kead-assets-1/{CODE_VERSION}"
 EVALUATION_CODE_VERSION = "kead-eval-1"
 PREVIEW_IMAGES = 6
-THUMB_SIDE = 160
+PREVIEW_COLUMNS = 3
+THUMB_SIDE = 256
 MAP_RANGE = (0.0, 2.0)  # CNN: [0, 1); CLIP/WinCLIP: zero-shot probability + few-shot distance, each in [0, 1]
 LOG_EVERY_S = 20.0
 
@@ -138,40 +140,31 @@ def _md_table(frame: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def overlay_thumbnail(path: str, patch_map: np.ndarray, side: int = THUMB_SIDE) -> np.ndarray:
-    """Image (longest side ``side``) with its map as a JET overlay; BGR uint8."""
-    image = cv2.cvtColor(read_rgb(path), cv2.COLOR_RGB2BGR)
-    scale = side / max(image.shape[:2])
-    height, width = max(1, round(image.shape[0] * scale)), max(1, round(image.shape[1] * scale))
-    image = cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
-    heat = np.clip(upsample_map(patch_map, height, width), 0.0, 1.0)
-    colour = cv2.applyColorMap((heat * 255).astype(np.uint8), cv2.COLORMAP_JET)
-    blended = cv2.addWeighted(image, 0.55, colour, 0.45, 0)
-    canvas = np.full((side, side, 3), 255, np.uint8)
-    canvas[:height, :width] = blended
-    return canvas
+def anomaly_tile(row: pd.Series, patch_map: np.ndarray, score: float, rank: int) -> Tile:
+    """One top-anomalous tile: the image with its map as a JET overlay, its GT mask outlined, a caption."""
+    image = cv2.cvtColor(read_rgb(str(row["path"])), cv2.COLOR_RGB2BGR)
+    heat = np.clip(upsample_map(patch_map, image.shape[0], image.shape[1]), 0.0, 1.0)
+    mask = ground_truth_mask(row.get("mask_path"))
+    truth = "GT: mask outlined" if mask is not None and mask.any() else f"GT: {normal_state(row.get('is_normal'))}"
+    caption = [Path(str(row["path"])).name, str(row.get("category")), f"#{rank} score {score:.3f}", truth]
+    return Tile(image, caption, gt_mask=mask, heat=heat)
 
 
 def top_anomalous_preview(table, index: pd.DataFrame, count: int = PREVIEW_IMAGES) -> bytes | None:
-    """PNG strip of the ``count`` highest-scoring images with their maps overlaid."""
-    paths = index.drop_duplicates("image_id").set_index("image_id")["path"]
+    """Labelled JPEG grid of the ``count`` highest-scoring images with their maps overlaid."""
+    rows = index.drop_duplicates("image_id").set_index("image_id")
     order = np.argsort(-np.nan_to_num(table.image_score, nan=-np.inf))[:count]
     tiles = []
-    for row in order:
-        image_id = str(table.image_id[row])
-        if image_id not in paths.index:
+    for rank, position in enumerate(order, start=1):
+        image_id = str(table.image_id[position])
+        if image_id not in rows.index:
             continue
         try:
-            tile = overlay_thumbnail(str(paths[image_id]), table.maps[row].astype(np.float32))
+            tiles.append(anomaly_tile(rows.loc[image_id], table.maps[position].astype(np.float32),
+                                      float(table.image_score[position]), rank))
         except OSError:
             continue
-        cv2.putText(tile, f"{table.image_score[row]:.3f}", (4, THUMB_SIDE - 6), cv2.FONT_HERSHEY_SIMPLEX,
-                    0.45, (0, 0, 0), 1, cv2.LINE_AA)
-        tiles.append(tile)
-    if not tiles:
-        return None
-    ok, png = cv2.imencode(".png", np.hstack(tiles))
-    return png.tobytes() if ok else None
+    return labelled_grid(tiles, side=THUMB_SIDE, columns=PREVIEW_COLUMNS)
 
 
 def score_histogram(scores: np.ndarray) -> bytes:
@@ -231,9 +224,10 @@ def _source_metadata(source: str, stats: RunStats, table, index: pd.DataFrame, r
             _png_markdown(score_histogram(table.image_score.astype(np.float64)), f"image scores {source}"))
         preview = top_anomalous_preview(table, index)
         if preview is not None:
-            target = layout.previews("kead", f"{source}_top_anomalous.png")
+            target = layout.previews("kead", f"{source}_top_anomalous.jpg")
             artifact_io.write_bytes(target, preview)
-            metadata["top_anomalous"] = dg.MetadataValue.md(_png_markdown(preview, f"top anomalous {source}"))
+            metadata["top_anomalous"] = dg.MetadataValue.md(jpeg_markdown(
+                preview, f"top anomalous {source}", legend="anomaly map as JET overlay; green: ground-truth mask"))
             metadata["top_anomalous_path"] = dg.MetadataValue.path(target)
     return metadata
 

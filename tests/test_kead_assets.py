@@ -74,7 +74,7 @@ def test_anomaly_maps_checks_and_evaluation(kead_pipeline):
     assert set(by_partition) == {"plant", "tiles"}
     tiles_meta = by_partition["tiles"].metadata
     assert tiles_meta["images_computed"].value == 7 and tiles_meta["device"].value == "cpu"
-    assert "data:image/png;base64" in tiles_meta["top_anomalous"].value
+    assert "data:image/jpeg;base64" in tiles_meta["top_anomalous"].value
     assert "data:image/png;base64" in tiles_meta["image_score_histogram"].value
 
     # again: nothing left to compute

@@ -161,7 +161,7 @@ def test_contact_sheet_is_a_small_jpeg_grid(tmp_path):
     result = ingest_source(make_voc(tmp_path))
     sheet = contact_sheet(result.images, result.annotations, count=6, tile=32, columns=3)
     image = cv2.imdecode(np.frombuffer(sheet, np.uint8), cv2.IMREAD_COLOR)
-    assert image.shape == (64, 96, 3) and sheet[:2] == b"\xff\xd8"
+    assert image.shape == (2 * (32 + 3 * 15), 96, 3) and sheet[:2] == b"\xff\xd8"  # 3 caption lines per tile
     assert contact_sheet(result.images.iloc[0:0], result.annotations) is None
 
 

@@ -1,14 +1,15 @@
-"""Small PNG figures for asset metadata: map-maximum distributions with T_c, box counts, box previews.
+"""Figures for asset metadata: map-maximum distributions with T_c, box counts, labelled pseudo-box previews.
 
-Figures are tiny (a few kB) because Dagster stores metadata in its event log; matplotlib runs headless.
+Plots are small PNGs (a few kB) and previews JPEGs under a few hundred kB, because Dagster stores metadata
+in its event log; matplotlib runs headless.
 """
 
 from __future__ import annotations
 
 import base64
 import io
+import os
 
-import cv2
 import matplotlib
 
 matplotlib.use("Agg")
@@ -16,6 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from agssp_pipeline.sources import preview  # noqa: E402
 from agssp_pipeline.sources.decode import read_bgr  # noqa: E402
 
 
@@ -55,32 +57,28 @@ def boxes_per_image_plot(n_boxes: np.ndarray, top_k: int) -> bytes:
     return _png(figure)
 
 
-def box_preview(paths: list[str], boxes: list[pd.DataFrame], thumb: int = 128, columns: int = 4) -> bytes | None:
-    """A JPEG grid of thumbnails with their pseudo boxes drawn; unreadable images are skipped.
-
-    JPEG because surface textures barely compress as PNG (200 kB vs ~25 kB for eight thumbnails).
-    """
+def box_preview(rows: pd.DataFrame, boxes: pd.DataFrame, ground_truth: pd.DataFrame | None = None,
+                side: int = 256, columns: int = 4) -> bytes | None:
+    """Labelled JPEG grid of ``rows`` (index rows: path, category, mask_path) with their pseudo boxes in red
+    and, where the source has them, ground-truth boxes and mask outlines in green; unreadable images are
+    skipped. Captions: file name, category, best box score and count, ground truth."""
     tiles = []
-    for path, image_boxes in zip(paths, boxes, strict=True):
+    for row in rows.itertuples(index=False):
         try:
-            image = read_bgr(path)
+            image = read_bgr(row.path)
         except OSError:
             continue
-        height, width = image.shape[:2]
-        scale = thumb / max(height, width)
-        tile = np.full((thumb, thumb, 3), 255, np.uint8)
-        small = cv2.resize(image, (max(1, round(width * scale)), max(1, round(height * scale))))
-        tile[: small.shape[0], : small.shape[1]] = small
-        for x1, y1, x2, y2 in image_boxes[["x1", "y1", "x2", "y2"]].to_numpy(np.float64) * scale:
-            cv2.rectangle(tile, (int(x1), int(y1)), (max(int(x1), int(x2) - 1), max(int(y1), int(y2) - 1)),
-                          (43, 57, 192), 1)
-        tiles.append(tile)
-    if not tiles:
-        return None
-    rows = -(-len(tiles) // columns)
-    grid = np.full((rows * (thumb + 2), min(len(tiles), columns) * (thumb + 2), 3), 255, np.uint8)
-    for i, tile in enumerate(tiles):
-        r, c = divmod(i, columns)
-        grid[r * (thumb + 2) : r * (thumb + 2) + thumb, c * (thumb + 2) : c * (thumb + 2) + thumb] = tile
-    ok, encoded = cv2.imencode(".jpg", grid, [cv2.IMWRITE_JPEG_QUALITY, 85])
-    return encoded.tobytes() if ok else None
+        mine = boxes[boxes["image_id"] == row.image_id]
+        gt = ground_truth[ground_truth["path"] == row.path] if ground_truth is not None else None
+        mask = preview.ground_truth_mask(getattr(row, "mask_path", None))
+        if gt is not None and len(gt):
+            truth = f"GT: {len(gt)} box(es) " + ", ".join(sorted(set(gt["class_name"].astype(str))))
+        else:
+            truth = "GT: mask" if mask is not None else "GT: none"
+        caption = [os.path.basename(row.path), str(row.category),
+                   f"{len(mine)} pseudo box(es), max score {mine['score'].max():.3f}" if len(mine) else "no pseudo box",
+                   truth]
+        tiles.append(preview.Tile(image, caption, pred_boxes=mine[["x1", "y1", "x2", "y2"]].to_numpy(np.float64),
+                                  gt_boxes=None if gt is None else gt[["x1", "y1", "x2", "y2"]].to_numpy(np.float64),
+                                  gt_mask=mask))
+    return preview.labelled_grid(tiles, side=side, columns=columns)
