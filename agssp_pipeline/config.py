@@ -18,7 +18,8 @@ from agssp_pipeline.kead.settings import KeadSettings
 from agssp_pipeline.training.settings import BackboneSettings, DetectorSettings, FinetuneSettings
 
 CONFIG_ENV_VAR = "AGSSP_CONFIG"
-SOURCE_FORMATS = ("image_folder", "voc", "yolo", "coco", "mask_folder", "severstal_rle")
+SOURCE_FORMATS = ("image_folder", "voc", "yolo", "coco", "mask_folder", "severstal_rle", "yolo_seg", "labelme",
+                  "class_folders", "image_labels_csv", "instance_masks", "pixel_boxes", "split_folders")
 
 
 class ConfigError(ValueError):
@@ -32,7 +33,8 @@ class SourceConfig(BaseModel):
 
     name: str = Field(pattern=r"^[a-z0-9_]+$", description="slug; the Dagster partition key")
     kind: Literal["public", "plant"] = "public"
-    format: Literal["image_folder", "voc", "yolo", "coco", "mask_folder", "severstal_rle"]
+    format: Literal["image_folder", "voc", "yolo", "coco", "mask_folder", "severstal_rle", "yolo_seg", "labelme",
+                    "class_folders", "image_labels_csv", "instance_masks", "pixel_boxes", "split_folders"]
     root: str
     category: str | None = None
     category_from: Literal["subfolder"] | None = None

@@ -158,7 +158,7 @@ def image_index(context: dg.AssetExecutionContext, config: IngestRunConfig,
     cache = None
     if not config.full_rescan and _last_code_version(context, name) == INGESTION_CODE_VERSION:
         cache = previous_probe_cache(layout, name)
-    result = ingest_source(source, known, cache=cache)
+    result = ingest_source(source, known, cache=cache, derived_masks=layout.derived_masks(name))
     paths = result.write(layout, name)
     counts = result.counts()
     context.log.info(f"source {name}: {counts}")

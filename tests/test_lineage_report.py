@@ -170,6 +170,10 @@ def test_path_targets_resolve_to_their_artifact(chain):
     assert [e.label for e in boxes.stage("pseudo_boxes").entries] == [source]
     maps = {e.label: e for e in boxes.stage("maps").entries}
     assert "recorded by" in maps[source].fields and f"pseudo boxes {source}" in maps[source].fields["recorded by"]
+    # thresholds and boxes record the exact map rows they used (count:digest of image ids), and they hold now
+    rows = {name: seen["map rows (count:digest of image ids)"] for name, seen in maps[source].fields["recorded by"].items()}
+    assert set(rows) == {"thresholds table", f"pseudo boxes {source}"} and len(set(rows.values())) == 1
+    assert int(next(iter(rows.values())).split(":")[0]) > 0 and not boxes.flags()
     # the thresholds table the boxes rest on pooled every pretraining source's maps
     assert set(maps) == set(_pretrain_sources(chain))
     assert boxes.stage("backbone").notes  # downstream of the target is said to be not followed
@@ -235,6 +239,11 @@ def test_kead_and_box_quality_evaluations_lead_to_their_maps_and_boxes(chain):
     assert [e.label for e in quality.stage("pseudo_boxes").entries] == [BOXED_SOURCE]
     assert quality.stage("evaluations").entries[0].fields["pseudo boxes vs ground truth"]
     assert not quality.flags(STALE)
+    # the box-quality table records which pseudo-box table it measured (its file hash)
+    [boxes] = quality.stage("pseudo_boxes").entries
+    seen = boxes.fields["recorded by"][f"box quality {BOXED_SOURCE}"]
+    assert seen["table sha256[:16]"] == boxes.fields["table sha256[:16] now"] is not None
+    assert not any("does not record the pseudo-box table" in n for n in quality.stage("evaluations").notes)
 
 
 def test_a_storage_root_on_s3_is_walked_in_the_bucket(chain, moto_s3_server, monkeypatch, tmp_path):
@@ -320,6 +329,9 @@ def test_changed_upstream_artifacts_are_flagged_stale(chain, capsys):
     annotations.to_parquet(layout.annotations("demo_downstream"), index=False)
     # and a later backbone run
     write_latest_pointer(layout, "yolov8n", "20991231T000000-later")
+    # one mapped image of the source leaves its index: the map rows thresholds and boxes used are not current
+    index = pd.read_parquet(layout.index(source))
+    index[index["image_id"] != str(table.image_id[0])].to_parquet(layout.index(source), index=False)
 
     report = build_lineage_report("finetune_evaluation", chain["config_path"], use_dagster=False)
     stale: dict[tuple[str, str], str] = {}
@@ -328,6 +340,9 @@ def test_changed_upstream_artifacts_are_flagged_stale(chain, capsys):
     maps_message = stale[("maps", source)]
     assert f"map store moved to version {new_version} since backbone yolov8n run" in maps_message
     assert f"used {old_version}" in maps_message
+    assert "its rows changed since thresholds table used them" in maps_message
+    assert f"its rows changed since pseudo boxes {source} used them" in maps_message
+    assert "index changed since" in stale[("sources", source)]
     assert ("thresholds", "thresholds table") in stale  # computed from the replaced map version
     assert "thresholds table changed" in stale[("pseudo_boxes", source)]
     assert "labelled set of demo_downstream changed" in stale[("evaluations", "dataset demo_downstream")]
@@ -354,6 +369,13 @@ def test_changed_upstream_artifacts_are_flagged_stale(chain, capsys):
     assert agssp_main(["lineage", "finetune_evaluation", "--config", chain["config_path"], "--no-dagster",
                        "--fail-on-stale"]) == 1
     capsys.readouterr()
+    # a pseudo-box table rewritten after its quality was measured
+    boxes = pd.read_parquet(layout.pseudo_boxes(BOXED_SOURCE))
+    boxes.iloc[::-1].to_parquet(layout.pseudo_boxes(BOXED_SOURCE), index=False)
+    quality = build_lineage_report(f"pseudo_box_quality[{BOXED_SOURCE}]", chain["config_path"], use_dagster=False)
+    [rewritten] = quality.stage("pseudo_boxes").entries
+    assert any(f"table rewritten since box quality {BOXED_SOURCE}" in f.message for f in rewritten.flags)
+    assert any("changed since this was made" in f.message for f in quality.stage("evaluations").entries[0].flags)
 
 
 def test_deleted_checkpoint_is_missing_and_its_recorded_lineage_still_shown(chain):
