@@ -44,6 +44,10 @@ class StorageLayout:
     def quarantine(self, source: str) -> str:
         return self.path("index", f"{source}.quarantine.parquet")
 
+    def derived_masks(self, source: str) -> str:
+        """Masks ingestion draws from polygons / RLE / instance masks (the user's folders stay untouched)."""
+        return self.path("index", "masks", source)
+
     # KeAD
     def maps_root(self) -> str:
         return self.path("maps.zarr")

@@ -17,7 +17,7 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "configs" / "sources.example.yam
 def test_example_config_validates_without_the_data():
     config = load_config(EXAMPLE)
     kinds = Counter(source.kind for source in config.sources)
-    assert kinds == {"public": 20, "plant": 14}
+    assert kinds == {"public": 25, "plant": 15}
     assert set(source.format for source in config.sources) == set(SOURCE_FORMATS)
     assert config.downstream_sources() and config.pretrain_sources()
     assert all(Path(source.root).is_absolute() for source in config.sources)

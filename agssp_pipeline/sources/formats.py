@@ -34,6 +34,8 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
+import re
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
@@ -46,13 +48,15 @@ from agssp_pipeline.sources.scan import (
     RawBox,
     Scan,
     by_stem,
+    is_hidden,
     list_files,
     list_images,
     make_entry,
     option,
     relative_parts,
 )
-from agssp_pipeline.sources.schema import ACTION_FLAGGED, KIND_IMAGE, QuarantineRow
+from agssp_pipeline.sources.schema import ACTION_FLAGGED, KIND_IMAGE, KIND_MASK, QuarantineRow
+from agssp_pipeline.sources.shapes import MaskShape
 
 SPLIT_FOLDER_NAMES = frozenset({"train", "training", "val", "valid", "validation", "test", "testing"})
 
@@ -194,7 +198,8 @@ def _yolo_split(rel: tuple[str, ...], images_name: str) -> str | None:
     return None
 
 
-def scan_yolo(source: SourceConfig, root: Path) -> Scan:
+def scan_yolo(source: SourceConfig, root: Path, segments: bool = False) -> Scan:
+    """YOLO detection labels; with ``segments`` (yolo_seg) every object also becomes a mask shape."""
     scan = Scan()
     images_name, labels_name = option(source, "images", "images"), option(source, "labels", "labels")
     names = _yolo_names(source, root, scan)
@@ -206,6 +211,7 @@ def scan_yolo(source: SourceConfig, root: Path) -> Scan:
         label_path = _yolo_label_path(image_path, images_name, labels_name)
         used_labels.add(label_path)
         is_normal = None
+        shapes: list[MaskShape] = []
         if label_path is not None and label_path.is_file():
             try:
                 lines = label_path.read_text().splitlines()
@@ -216,9 +222,11 @@ def scan_yolo(source: SourceConfig, root: Path) -> Scan:
                 rows = [(n, line.split()) for n, line in enumerate(lines, start=1) if line.strip()]
                 is_normal = not rows
                 for number, values in rows:
-                    _yolo_box(scan, image_path, label_path, number, values, names)
+                    shape = _yolo_box(scan, image_path, label_path, number, values, names)
+                    if segments and shape is not None:
+                        shapes.append(shape)
         split = option(source, "split") or _yolo_split(relative_parts(image_path, root), images_name)
-        make_entry(scan, source, root, root, image_path, split=split, is_normal=is_normal)
+        make_entry(scan, source, root, root, image_path, split=split, is_normal=is_normal, shapes=shapes)
     for label_path in list_files(root, {".txt"}):
         parts = relative_parts(label_path, root)
         if labels_name in parts[:-1] and label_path not in used_labels and label_path.name != "classes.txt":
@@ -226,8 +234,14 @@ def scan_yolo(source: SourceConfig, root: Path) -> Scan:
     return scan
 
 
+def scan_yolo_seg(source: SourceConfig, root: Path) -> Scan:
+    """YOLO-seg: polygon lines give a box (their bounds) and a mask; plain box lines are drawn as rectangles."""
+    return scan_yolo(source, root, segments=True)
+
+
 def _yolo_box(scan: Scan, image_path: Path, label_path: Path, number: int, values: list[str],
-              names: dict[int, str] | None) -> None:
+              names: dict[int, str] | None) -> MaskShape | None:
+    """Append the line's box; return its region (polygon, or the box as a rectangle) for yolo_seg."""
     try:
         numbers = [float(v) for v in values]
     except ValueError:
@@ -247,10 +261,13 @@ def _yolo_box(scan: Scan, image_path: Path, label_path: Path, number: int, value
     if len(numbers) == 5:
         cx, cy, w, h = numbers[1:]
         box = (cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2)
+        polygon = (box[0], box[1], box[2], box[1], box[2], box[3], box[0], box[3])
     else:  # segmentation polygon: its bounding box
         xs, ys = numbers[1::2], numbers[2::2]
         box = (min(xs), min(ys), max(xs), max(ys))
+        polygon = tuple(numbers[1:])
     scan.boxes.append(RawBox(image_path, class_name, *box, origin=str(label_path), normalized=True))
+    return MaskShape(class_name, str(label_path), polygon=polygon, normalized=True)
 
 
 # --------------------------------------------------------------------------------------------------- coco
@@ -284,6 +301,7 @@ def scan_coco(source: SourceConfig, root: Path) -> Scan:
     for path in on_disk:
         by_name.setdefault(path.name, path)
     known: dict[Path, dict] = {}  # image path -> {"split", "is_normal"}
+    shapes: dict[Path, list[MaskShape]] = {}
     for split, json_path in _coco_files(source, root):
         try:
             data = json.loads(json_path.read_text())
@@ -322,12 +340,34 @@ def scan_coco(source: SourceConfig, root: Path) -> Scan:
                 scan.reject(json_path, f"annotation {ann.get('id', number)}: bbox must be 4 numbers, got {bbox!r}")
                 continue
             scan.boxes.append(RawBox(resolved[image_key], categories[category_id], x, y, x + w, y + h, origin=str(json_path)))
+            shapes.setdefault(resolved[image_key], []).extend(
+                _coco_shapes(scan, json_path, ann, categories[category_id], ann.get("id", number)))
     for path in on_disk:
         info = known.get(path)
         is_normal = None if info is None else info["objects"] == 0
         split = info["split"] if info else option(source, "split")
-        make_entry(scan, source, root, images_dir, path, split=split, is_normal=is_normal)
+        make_entry(scan, source, root, images_dir, path, split=split, is_normal=is_normal, shapes=shapes.get(path, []))
     return scan
+
+
+def _coco_shapes(scan: Scan, json_path: Path, ann: dict, class_name: str, ann_id) -> list[MaskShape]:
+    """An annotation's segmentation: polygons (a list of x,y lists) or RLE (uncompressed or compressed)."""
+    segmentation = ann.get("segmentation")
+    if segmentation in (None, [], {}):
+        return []
+    if isinstance(segmentation, dict):
+        return [MaskShape(class_name, str(json_path), rle=segmentation)]
+    if isinstance(segmentation, list) and all(isinstance(p, list) for p in segmentation):
+        polygons = []
+        for part in segmentation:
+            try:
+                polygons.append(MaskShape(class_name, str(json_path), polygon=tuple(float(v) for v in part)))
+            except (TypeError, ValueError):
+                scan.reject(json_path, f"annotation {ann_id}: non-numeric segmentation polygon; its mask part is not used")
+        return polygons
+    scan.reject(json_path, f"annotation {ann_id}: segmentation must be polygons [[x, y, ...]] or RLE "
+                f"{{size, counts}}, got {str(segmentation)[:60]!r}; box kept, no mask")
+    return []
 
 
 def _coco_image_records(scan: Scan, json_path: Path, images: list) -> dict[int, str]:
@@ -500,6 +540,355 @@ def _read_rle_rows(scan: Scan, csv_path: Path) -> list[tuple[str, str, str]] | N
     return rows
 
 
+# ------------------------------------------------------------------------------------------------ labelme
+def _labelme_shape(scan: Scan, json_path: Path, number: int, shape) -> tuple[str, tuple[float, ...]] | None:
+    """(label, polygon in pixels) of one labelme shape; a row naming the shape for what has no area."""
+    if not isinstance(shape, dict):
+        scan.reject(json_path, f"shape {number} is not an object")
+        return None
+    label, kind = str(shape.get("label") or "").strip(), shape.get("shape_type") or "polygon"
+    try:
+        points = [(float(x), float(y)) for x, y in shape.get("points") or []]
+    except (TypeError, ValueError):
+        scan.reject(json_path, f"shape {number} ({label or 'no label'}): points must be [x, y] pairs")
+        return None
+    if not label:
+        scan.reject(json_path, f"shape {number}: no label")
+        return None
+    if kind == "rectangle" and len(points) == 2:
+        (x1, y1), (x2, y2) = points
+        x1, x2, y1, y2 = min(x1, x2), max(x1, x2), min(y1, y2), max(y1, y2)
+        return label, (x1, y1, x2, y1, x2, y2, x1, y2)
+    if kind == "circle" and len(points) == 2:
+        (cx, cy), (px, py) = points
+        radius = math.hypot(px - cx, py - cy)
+        angles = [2 * math.pi * i / 32 for i in range(32)]
+        return label, tuple(v for a in angles for v in (cx + radius * math.cos(a), cy + radius * math.sin(a)))
+    if kind == "polygon" and len(points) >= 3:
+        return label, tuple(v for point in points for v in point)
+    scan.reject(json_path, f"shape {number} ({label}): shape_type '{kind}' with {len(points)} point(s) has no "
+                "area (polygon >= 3 points, rectangle or circle = 2); not used")
+    return None
+
+
+def _read_labelme(scan: Scan, json_path: Path) -> dict | None:
+    try:
+        data = json.loads(json_path.read_text())
+        if not isinstance(data, dict) or not isinstance(data.get("shapes"), list):
+            raise ValueError("no 'shapes' list")
+        return data
+    except (OSError, ValueError) as error:
+        scan.reject(json_path, f"unreadable labelme JSON ({error}); expected an object with 'shapes' "
+                    "[{label, points, shape_type}] and 'imagePath'")
+        return None
+
+
+def scan_labelme(source: SourceConfig, root: Path) -> Scan:
+    """labelme JSON beside (or mirrored under ``annotations``) each image: polygons -> boxes and masks."""
+    scan = Scan()
+    images_dir = _subdir(root, option(source, "images"))
+    if not images_dir.is_dir():
+        raise FileNotFoundError(f"source '{source.name}': images folder {images_dir} does not exist")
+    annotations_dir = _subdir(root, option(source, "annotations"), images_dir)
+    images = list_images(images_dir)
+    by_location = {(p.relative_to(images_dir).parent, p.stem): p for p in images}
+    found: dict[Path, tuple[Path, dict]] = {}
+    on_disk = set(images)
+    for json_path in list_files(annotations_dir, {".json"}):
+        data = _read_labelme(scan, json_path)
+        if data is None:
+            continue
+        named = Path(os.path.normpath(json_path.parent / str(data.get("imagePath") or "").replace("\\", "/")))
+        image = named if named in on_disk else by_location.get(
+            (json_path.relative_to(annotations_dir).parent, json_path.stem))
+        if image is None:
+            scan.reject(json_path, f"labelme file names image '{data.get('imagePath')}', which is not in {images_dir} "
+                        "(an image only embedded as imageData is not extracted)")
+            continue
+        found[image] = (json_path, data)
+    for image in images:
+        if image not in found:
+            make_entry(scan, source, root, images_dir, image)
+            continue
+        json_path, data = found[image]
+        shapes = []
+        for number, raw in enumerate(data["shapes"], start=1):
+            parsed = _labelme_shape(scan, json_path, number, raw)
+            if parsed is not None:
+                label, polygon = parsed
+                xs, ys = polygon[0::2], polygon[1::2]
+                scan.boxes.append(RawBox(image, label, min(xs), min(ys), max(xs), max(ys), origin=str(json_path)))
+                shapes.append(MaskShape(label, str(json_path), polygon=polygon))
+        make_entry(scan, source, root, images_dir, image, is_normal=not data["shapes"], shapes=shapes)
+    return scan
+
+
+# ------------------------------------------------------------------------------------------ class_folders
+NORMAL_FOLDER_TOKENS = frozenset({"ok", "good", "normal", "free", "defectfree", "nodefect", "negative", "pass"})
+
+
+def is_normal_folder_name(name: str, normal_folders: list[str] | None = None) -> bool:
+    """``normal_folders`` (exact, case-insensitive) when given; else the first word is ok/good/normal/free...
+
+    ``ok_front``, ``good``, ``MT_Free`` (last word) and ``defect-free`` count; ``not_ok`` and ``def_front`` do not.
+    """
+    if normal_folders is not None:
+        return name.lower() in {n.lower() for n in normal_folders}
+    words = [w for w in re.split(r"[^a-z0-9]+", name.lower()) if w]
+    joined = "".join(words)
+    return bool(words) and (words[0] in NORMAL_FOLDER_TOKENS or words[-1] == "free" or joined in NORMAL_FOLDER_TOKENS)
+
+
+def scan_class_folders(source: SourceConfig, root: Path) -> Scan:
+    """Folder name = image-level label (or category); split folders (train/test...) are read as the split."""
+    scan = Scan()
+    base = _subdir(root, option(source, "images"))
+    if not base.is_dir():
+        raise FileNotFoundError(f"source '{source.name}': images folder {base} does not exist")
+    folder_is, normal_folders = option(source, "folder_is", "class"), option(source, "normal_folders")
+    if folder_is not in ("class", "category"):
+        raise ValueError(f"source '{source.name}': options.folder_is must be 'class' or 'category', got {folder_is!r}")
+    for path in list_images(base):
+        folders = relative_parts(path, base)[:-1]
+        labels = [f for f in folders if f.lower() not in SPLIT_FOLDER_NAMES]
+        splits = [f for f in folders if f.lower() in SPLIT_FOLDER_NAMES]
+        if not labels:
+            scan.reject(path, f"class_folders: the image lies in no class folder under {base}", KIND_IMAGE)
+            continue
+        category = labels[-1] if folder_is == "category" else source.category
+        if category is None:  # folder_is class with category_from: the folder above the class folder
+            if len(labels) < 2:
+                scan.reject(path, "category_from=subfolder needs a category folder above the class folder "
+                            f"'{labels[-1]}' (or set category)", KIND_IMAGE)
+                continue
+            category = labels[0]
+        entry = make_entry(scan, source, root, base, path, category=category,
+                           split=option(source, "split") or (splits[0] if splits else None),
+                           is_normal=is_normal_folder_name(labels[-1], normal_folders))
+        if entry is not None and entry.in_normal_folder:
+            entry.is_normal = True
+    return scan
+
+
+# --------------------------------------------------------------------------------------- image_labels_csv
+PATH_COLUMNS = ("path", "file", "filename", "file_name", "image", "image_path", "image_name", "name")
+LABEL_COLUMNS = ("label", "class", "class_name", "target", "defect", "is_defective", "status")
+PROBABILITY_COLUMNS = ("probability", "prob", "p_defect", "defect_probability", "score")
+NORMAL_LABELS = ("ok", "good", "normal", "0", "false", "no", "negative", "pass", "defect_free", "free")
+
+
+def _csv_file(source: SourceConfig, root: Path) -> Path:
+    given = option(source, "csv")
+    if given:
+        return root / given
+    found = sorted(root.glob("*.csv"))
+    if len(found) != 1:
+        raise FileNotFoundError(f"source '{source.name}': {len(found)} CSV files in {root} "
+                                f"({', '.join(p.name for p in found) or 'none'}); set options.csv")
+    return found[0]
+
+
+def _pick_column(header: list[str], given: str | None, candidates: tuple[str, ...]) -> str | None:
+    if given:
+        return given if given in header else None
+    lowered = {h.strip().lower(): h for h in header}
+    return next((lowered[c] for c in candidates if c in lowered), None)
+
+
+def _csv_verdict(row: dict, label_col: str | None, prob_col: str | None, normal: set[str],
+                 threshold: float) -> bool | str:
+    """is_normal of one row, or the reason it cannot be read."""
+    if prob_col is not None and (row.get(prob_col) or "").strip():
+        try:
+            probability = float(row[prob_col])
+        except ValueError:
+            return f"{prob_col} {row[prob_col]!r} is not a number"
+        if not 0.0 <= probability <= 1.0:
+            return f"{prob_col} {probability:g} is outside [0, 1] (it is the probability of a defect)"
+        return probability < threshold
+    value = (row.get(label_col) or "").strip() if label_col else ""
+    if not value:
+        return f"no {label_col or prob_col} value"
+    return value.lower() in normal
+
+
+def scan_image_labels_csv(source: SourceConfig, root: Path) -> Scan:
+    """A CSV of image path + label (normal names in normal_labels) or defect probability (>= threshold)."""
+    scan = Scan()
+    csv_path = _csv_file(source, root)
+    images_dir = _subdir(root, option(source, "images"))
+    lines = csv_path.read_text(errors="replace").splitlines()
+    header = next(csv.reader([lines[0]])) if lines else []
+    path_col = _pick_column(header, option(source, "path_column"), PATH_COLUMNS)
+    label_col = _pick_column(header, option(source, "label_column"), LABEL_COLUMNS)
+    prob_col = _pick_column(header, option(source, "probability_column"), PROBABILITY_COLUMNS)
+    if path_col is None or (label_col is None and prob_col is None):
+        raise ValueError(f"source '{source.name}': {csv_path} header {header} needs a path column ({', '.join(PATH_COLUMNS)}) "
+                         f"and a label ({', '.join(LABEL_COLUMNS)}) or probability column; set options.path_column / "
+                         "label_column / probability_column")
+    normal = {str(v).lower() for v in option(source, "normal_labels", NORMAL_LABELS)}
+    threshold = float(option(source, "threshold", 0.5))
+    images = list_images(images_dir)
+    by_relative = {p.relative_to(images_dir).as_posix(): p for p in images}
+    verdicts: dict[Path, tuple[bool, int]] = {}
+    for number, line in enumerate(lines[1:], start=2):
+        if not line.strip():
+            continue
+        try:
+            fields = next(csv.reader([line], strict=True))
+        except csv.Error as error:
+            scan.reject(csv_path, f"line {number}: {error}; line skipped")
+            continue
+        row = dict(zip(header, fields, strict=False))
+        name = (row.get(path_col) or "").strip().replace("\\", "/")
+        image = by_relative.get(name.removeprefix("./"))
+        if image is None:
+            scan.reject(csv_path, f"line {number}: {path_col} '{name}' is not an image under {images_dir}")
+            continue
+        verdict = _csv_verdict(row, label_col, prob_col, normal, threshold)
+        if isinstance(verdict, str):
+            scan.reject(csv_path, f"line {number} ({name}): {verdict}; image indexed without a label")
+        elif image in verdicts and verdicts[image][0] != verdict:
+            scan.reject(csv_path, f"line {number} ({name}): contradicts line {verdicts[image][1]}; the first is kept")
+        else:
+            verdicts.setdefault(image, (verdict, number))
+    for image in images:
+        is_normal = verdicts[image][0] if image in verdicts else None
+        make_entry(scan, source, root, images_dir, image, is_normal=is_normal)
+    return scan
+
+
+# ----------------------------------------------------------------------------------------- instance_masks
+def _instance_owner(mask: Path, masks_dir: Path, stems: dict[tuple[str, ...], set[str]]) -> tuple[tuple, str, str] | None:
+    """(image folder parts, image stem, the name's remainder) for a mask: masks/<stem>/<any> or <stem>_<any>."""
+    parts = relative_parts(mask, masks_dir)
+    folder = parts[:-1]
+    if folder and folder[-1] in stems.get(folder[:-1], set()):
+        return folder[:-1], folder[-1], mask.stem
+    name = mask.stem
+    for i in range(len(name) - 1, 0, -1):  # longest image stem first
+        if name[i] == "_" and name[:i] in stems.get(folder, set()):
+            return folder, name[:i], name[i + 1:]
+    return None
+
+
+def _instance_class(remainder: str, fixed: str | None, fallback: str) -> str:
+    """defect_class, else the mask name's words without the instance number (img_3_scratch_2 -> scratch)."""
+    if fixed:
+        return fixed
+    words = [w for w in remainder.split("_") if w and not w.isdigit()]
+    return "_".join(words) or fallback
+
+
+def scan_instance_masks(source: SourceConfig, root: Path) -> Scan:
+    """One binary mask file per defect instance under ``masks``; each gives one box, all of them one mask."""
+    scan = Scan()
+    images_dir = _subdir(root, option(source, "images"), root / "images" if (root / "images").is_dir() else root)
+    masks_dir = root / option(source, "masks", "masks")
+    if not masks_dir.is_dir():
+        raise FileNotFoundError(f"source '{source.name}': instance mask folder {masks_dir} does not exist")
+    images = list_images(images_dir, exclude=[masks_dir])
+    stems: dict[tuple[str, ...], set[str]] = {}
+    for image in images:
+        stems.setdefault(relative_parts(image, images_dir)[:-1], set()).add(image.stem)
+    by_key = {(relative_parts(p, images_dir)[:-1], p.stem): p for p in images}
+    shapes: dict[Path, list[MaskShape]] = {}
+    for mask in list_files(masks_dir, {option(source, "mask_ext", ".png")}):
+        owner = _instance_owner(mask, masks_dir, stems)
+        if owner is None:
+            scan.reject(mask, "instance mask matches no image (expected masks/<image stem>_<n>.png or "
+                        "masks/<image stem>/<n>.png)", KIND_MASK)
+            continue
+        image = by_key[owner[:2]]
+        class_name = _instance_class(owner[2], option(source, "defect_class"), source.category or source.name)
+        shapes.setdefault(image, []).append(MaskShape(class_name, str(mask), mask_file=mask))
+    missing_normal = bool(option(source, "missing_mask_is_normal", False))
+    for image in images:
+        found = shapes.get(image, [])
+        make_entry(scan, source, root, images_dir, image, shapes=found,
+                   is_normal=None if found else (True if missing_normal else None))
+    return scan
+
+
+# ------------------------------------------------------------------------------------------- pixel_boxes
+def _pixel_box_line(scan: Scan, image: Path, txt: Path, number: int, line: str) -> bool:
+    """One 'x1 y1 x2 y2 class' line into a box (the class may contain spaces); False when rejected."""
+    values = line.split()
+    if len(values) < 5:
+        scan.reject(txt, f"line {number}: expected 'x1 y1 x2 y2 class', got {len(values)} value(s)")
+        return False
+    try:
+        coords = [float(v) for v in values[:4]]
+    except ValueError:
+        scan.reject(txt, f"line {number}: x1 y1 x2 y2 must be numbers, got {' '.join(values[:4])!r}")
+        return False
+    if not all(math.isfinite(v) for v in coords):
+        scan.reject(txt, f"line {number}: non-finite coordinate")
+        return False
+    scan.boxes.append(RawBox(image, " ".join(values[4:]), *coords, origin=str(txt)))
+    return True
+
+
+def scan_pixel_boxes(source: SourceConfig, root: Path) -> Scan:
+    """Plain-text pixel boxes: ``<stem>.txt`` beside each image (or mirrored under ``labels``)."""
+    scan = Scan()
+    images_dir = _subdir(root, option(source, "images"))
+    if not images_dir.is_dir():
+        raise FileNotFoundError(f"source '{source.name}': images folder {images_dir} does not exist")
+    labels_dir = _subdir(root, option(source, "labels"), images_dir)
+    ext = option(source, "label_ext", ".txt")
+    used: set[Path] = set()
+    for image in list_images(images_dir):
+        txt = labels_dir / image.relative_to(images_dir).parent / f"{image.stem}{ext}"
+        is_normal = None
+        if txt.is_file():
+            used.add(txt)
+            try:
+                lines = txt.read_text().splitlines()
+            except (OSError, UnicodeDecodeError) as error:
+                scan.reject(txt, f"unreadable box file: {error}")
+                lines = None
+            if lines is not None:
+                rows = [(n, line) for n, line in enumerate(lines, start=1) if line.strip() and not line.startswith("#")]
+                is_normal = not rows
+                for number, line in rows:
+                    _pixel_box_line(scan, image, txt, number, line)
+        make_entry(scan, source, root, images_dir, image, is_normal=is_normal)
+    for txt in list_files(labels_dir, {ext}):
+        if txt not in used and txt.name != "classes.txt":
+            scan.reject(txt, f"box file references a missing image '{txt.stem}.*'")
+    return scan
+
+
+# ----------------------------------------------------------------------------------------- split_folders
+MASK_FOLDER_PASSTHROUGH = ("mask_suffix", "mask_ext", "mask_threshold", "min_component_area", "defect_class",
+                           "empty_mask_is_normal", "missing_mask_is_normal")
+
+
+def scan_split_folders(source: SourceConfig, root: Path) -> Scan:
+    """``<split>/images`` + ``<split>/masks`` (same stems) for every split folder: mask_folder per split."""
+    images_name, masks_name = option(source, "images", "images"), option(source, "masks", "masks")
+    splits = sorted(p.name for p in root.iterdir() if p.is_dir() and not is_hidden(p.name) and (p / images_name).is_dir())
+    if not splits:
+        raise FileNotFoundError(f"source '{source.name}': no <split>/{images_name} folder under {root}")
+    scan = Scan()
+    suffix, mask_ext = option(source, "mask_suffix", ""), option(source, "mask_ext", ".png")
+    for split in splits:
+        options = {k: v for k, v in source.options.items() if k in MASK_FOLDER_PASSTHROUGH}
+        options.update(images=f"{split}/{images_name}", mask_dir=f"{split}/{masks_name}", split=split)
+        part = scan_mask_folder(source.model_copy(update={"options": options}), root)
+        scan.entries += part.entries
+        scan.boxes += part.boxes
+        scan.quarantine += part.quarantine
+        used = {entry.mask_path for entry in part.entries if entry.mask_path is not None}
+        masks_dir = root / split / masks_name
+        for mask in list_files(masks_dir, {mask_ext}) if masks_dir.is_dir() else []:
+            if mask not in used:
+                scan.reject(mask, f"mask without its image (no '{mask.stem.removesuffix(suffix)}.*' in "
+                            f"{split}/{images_name})", KIND_MASK)
+    return scan
+
+
 FormatAdapter = Callable[[SourceConfig, Path], Scan]
 
 FORMAT_ADAPTERS: dict[str, FormatAdapter] = {
@@ -509,6 +898,13 @@ FORMAT_ADAPTERS: dict[str, FormatAdapter] = {
     "coco": scan_coco,
     "mask_folder": scan_mask_folder,
     "severstal_rle": scan_severstal_rle,
+    "yolo_seg": scan_yolo_seg,
+    "labelme": scan_labelme,
+    "class_folders": scan_class_folders,
+    "image_labels_csv": scan_image_labels_csv,
+    "instance_masks": scan_instance_masks,
+    "pixel_boxes": scan_pixel_boxes,
+    "split_folders": scan_split_folders,
 }
 assert set(FORMAT_ADAPTERS) == set(SOURCE_FORMATS), "every configured format needs an adapter"
 
@@ -561,6 +957,15 @@ FORMAT_OPTIONS: dict[str, frozenset[str]] = {
                               "min_component_area", "defect_class", "class_strip_prefix", "empty_mask_is_normal",
                               "missing_mask_is_normal"}),
     "severstal_rle": frozenset({"csv", "images", "class_names"}),
+    "yolo_seg": frozenset({"images", "labels", "names"}),
+    "labelme": frozenset({"images", "annotations"}),
+    "class_folders": frozenset({"images", "folder_is", "normal_folders"}),
+    "image_labels_csv": frozenset({"csv", "images", "path_column", "label_column", "probability_column",
+                                   "normal_labels", "threshold"}),
+    "instance_masks": frozenset({"images", "masks", "mask_ext", "mask_threshold", "defect_class",
+                                 "missing_mask_is_normal"}),
+    "pixel_boxes": frozenset({"images", "labels", "label_ext"}),
+    "split_folders": frozenset({"images", "masks", *MASK_FOLDER_PASSTHROUGH}),
 }
 
 

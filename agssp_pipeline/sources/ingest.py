@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 
@@ -31,7 +32,7 @@ from agssp_pipeline.records import Record
 from agssp_pipeline.sources.formats import check_options, scan_source
 from agssp_pipeline.sources.probe import ImageProbe, probe_image
 from agssp_pipeline.sources.regions import boxes_from_mask, check_box, decode_rle, read_mask
-from agssp_pipeline.sources.scan import ImageEntry, RawBox, option
+from agssp_pipeline.sources.scan import ImageEntry, RawBox, option, relative_parts
 from agssp_pipeline.sources.schema import (
     ACTION_CLIPPED,
     ACTION_CONVERTED,
@@ -47,6 +48,7 @@ from agssp_pipeline.sources.schema import (
     frame,
     to_table,
 )
+from agssp_pipeline.sources.shapes import ShapeError, mask_bounds, shape_mask, write_mask_png
 from agssp_pipeline.storage import StorageLayout
 
 log = logging.getLogger(__name__)
@@ -109,6 +111,42 @@ def _rle_outcome(outcome: _Outcome) -> None:
         outcome.boxes.extend(RawBox(entry.path, class_name, *box, origin=origin) for box in boxes_from_mask(mask))
 
 
+def _shapes_outcome(outcome: _Outcome, source: SourceConfig, mask_uri: str | None) -> None:
+    """Rasterise the entry's polygons / RLE / instance masks into one mask (written to ``mask_uri``).
+
+    Each instance-mask file also gives one box (its pixel bounds); polygon and RLE boxes come from the
+    adapter. A shape that cannot be drawn gets a row naming its file and is left out; the mask is written
+    when at least one shape could be drawn, so ``mask_path`` never points at a partial failure alone.
+    """
+    entry, probe = outcome.entry, outcome.probe
+    union = np.zeros((probe.height, probe.width), dtype=np.uint8)
+    threshold = int(option(source, "mask_threshold", 127))
+    drawn = 0
+    for shape in entry.shapes:
+        kind = KIND_MASK if shape.mask_file is not None else KIND_ANNOTATION
+        try:
+            mask = shape_mask(shape, probe.height, probe.width, threshold)
+        except ShapeError as error:
+            reason = f"{entry.path.name} class {shape.class_name}: {error}"
+            outcome.notes.append(QuarantineRow(shape.origin, kind, ACTION_QUARANTINED, reason))
+            continue
+        drawn += 1
+        union |= mask
+        if shape.mask_file is not None:
+            bounds = mask_bounds(mask)
+            if bounds is None:
+                outcome.notes.append(QuarantineRow(shape.origin, KIND_MASK, ACTION_FLAGGED, "empty instance mask"))
+            else:
+                outcome.boxes.append(RawBox(entry.path, shape.class_name, *bounds, origin=shape.origin))
+    if union.any():
+        outcome.is_normal = False
+    if drawn and mask_uri is not None:
+        outcome.mask_path = write_mask_png(mask_uri, union)
+
+
+MASK_FORMATS = frozenset({"mask_folder", "split_folders"})  # formats whose images are expected to have a mask
+
+
 class ProbeCache:
     """Probes of a previous ingestion, reused for files whose size and mtime are unchanged.
 
@@ -148,7 +186,8 @@ class ProbeCache:
         return cached
 
 
-def _process(entry: ImageEntry, source: SourceConfig, cache: ProbeCache | None = None) -> _Outcome:
+def _process(entry: ImageEntry, source: SourceConfig, cache: ProbeCache | None = None,
+             mask_uri: str | None = None) -> _Outcome:
     probe = (cache.get(str(entry.path)) if cache is not None else None) or probe_image(entry.path)
     outcome = _Outcome(entry, probe, is_normal=entry.is_normal)
     if probe.error:
@@ -158,10 +197,12 @@ def _process(entry: ImageEntry, source: SourceConfig, cache: ProbeCache | None =
         outcome.notes.append(QuarantineRow(probe.path, KIND_IMAGE, ACTION_CONVERTED, probe.conversion))
     if entry.mask_path is not None:
         _mask_outcome(outcome, source)
-    elif source.format == "mask_folder" and entry.is_normal is None:
+    elif source.format in MASK_FORMATS and entry.is_normal is None:
         outcome.notes.append(QuarantineRow(probe.path, KIND_MASK, ACTION_FLAGGED, "no mask found: is_normal unknown"))
     if entry.rle:
         _rle_outcome(outcome)
+    if entry.shapes:
+        _shapes_outcome(outcome, source, mask_uri)
     return outcome
 
 
@@ -270,18 +311,22 @@ def require_source_root(source: SourceConfig) -> Path:
 
 
 def ingest_source(source: SourceConfig, known_hashes: dict[str, str] | None = None, *,
-                  workers: int | None = None, cache: ProbeCache | None = None) -> IngestResult:
+                  workers: int | None = None, cache: ProbeCache | None = None,
+                  derived_masks: str | None = None) -> IngestResult:
     """Index one source. Raises FileNotFoundError when the source's folders are missing and
     every problem with an individual file becomes a quarantine row instead; ValueError for an unknown
     option. ``cache`` (a ``ProbeCache`` of the previous tables) skips re-reading unchanged files; the
-    result is the same as without it."""
+    result is the same as without it. ``derived_masks`` (``StorageLayout.derived_masks(source)``) is where
+    masks drawn from polygons, COCO RLE and instance-mask files are written (never the user's folders);
+    without it those images keep their boxes but get no ``mask_path``."""
     check_options(source)
     root = require_source_root(source)
     known = known_hashes or {}
     scan = scan_source(source, root)
     entries = sorted({str(e.path): e for e in scan.entries}.values(), key=lambda e: str(e.path))
     with ThreadPoolExecutor(max_workers=workers or default_workers(), thread_name_prefix="ingest") as pool:
-        outcomes = list(pool.map(lambda entry: _process(entry, source, cache), entries))
+        outcomes = list(pool.map(lambda entry: _process(entry, source, cache, _derived_uri(derived_masks, root, entry)),
+                                 entries))
 
     quarantine = list(scan.quarantine)
     index_rows: list[dict] = []
@@ -326,6 +371,14 @@ def ingest_source(source: SourceConfig, known_hashes: dict[str, str] | None = No
     log.info("ingested source %s: %s (%d unchanged files not re-read)", source.name, result.counts(),
              cache.hits if cache is not None else 0)
     return result
+
+
+def _derived_uri(derived_masks: str | None, root: Path, entry: ImageEntry) -> str | None:
+    """``<derived_masks>/<image path relative to the root>.png`` for an entry with shapes, else None."""
+    if derived_masks is None or not entry.shapes:
+        return None
+    rel = relative_parts(entry.path, root)
+    return artifact_io.join(derived_masks, *rel[:-1], f"{rel[-1]}.png")
 
 
 def _check_boxes(boxes: list[RawBox], probes: dict[Path, ImageProbe], source: SourceConfig,

@@ -10,6 +10,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from agssp_pipeline import artifact_io
 from agssp_pipeline.sources.decode import decode_image
 
 
@@ -64,7 +65,7 @@ def read_mask(path: str, threshold: int = 127) -> np.ndarray:
     The header is checked against the image size guard before any pixel is decoded (a 30000x30000 PNG
     would take gigabytes); decoding goes through the one image decoder (16-bit masks by their range).
     """
-    data = np.fromfile(path, dtype=np.uint8)
+    data = np.frombuffer(artifact_io.read_bytes(path), dtype=np.uint8)  # derived masks may be on object storage
     if data.size == 0:
         raise ValueError("empty mask file (0 bytes)")
     try:  # the probe's guard for images: PIL refuses headers above 2 x MAX_IMAGE_PIXELS

@@ -15,6 +15,7 @@ from pathlib import Path, PurePosixPath
 from agssp_pipeline.config import SourceConfig
 from agssp_pipeline.sources.probe import IMAGE_EXTENSIONS
 from agssp_pipeline.sources.schema import ACTION_QUARANTINED, KIND_ANNOTATION, KIND_IMAGE, QuarantineRow
+from agssp_pipeline.sources.shapes import MaskShape
 
 
 @dataclass
@@ -30,6 +31,8 @@ class ImageEntry:
     is_normal: bool | None = None
     in_normal_folder: bool = False
     rle: list[tuple[str, str, str]] = field(default_factory=list)  # (class_name, encoded, origin file)
+    # polygons / COCO RLE / instance-mask files: rasterised by ingestion into one derived mask (shapes.py)
+    shapes: list[MaskShape] = field(default_factory=list)
 
 
 @dataclass
@@ -106,9 +109,12 @@ def category_of(source: SourceConfig, base: Path, path: Path) -> str | None:
     return parts[0] if len(parts) > 1 else None
 
 
-def make_entry(scan: Scan, source: SourceConfig, root: Path, base: Path, path: Path, **fields) -> ImageEntry | None:
-    """An entry with category/normal-folder resolved, or a quarantine row when no category applies."""
-    category = category_of(source, base, path)
+def make_entry(scan: Scan, source: SourceConfig, root: Path, base: Path, path: Path, *,
+               category: str | None = None, **fields) -> ImageEntry | None:
+    """An entry with category/normal-folder resolved, or a quarantine row when no category applies.
+
+    ``category`` overrides the config's rule (class_folders with ``folder_is: category``)."""
+    category = category or category_of(source, base, path)
     if category is None:
         scan.reject(path, f"category_from=subfolder, but the image lies directly in {base}", KIND_IMAGE)
         return None
