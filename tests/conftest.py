@@ -81,5 +81,11 @@ def moto_s3_server():
     host, port = server.get_host_and_port()
     s3 = MotoS3(f"http://{host}:{port}")
     s3.client().create_bucket(Bucket=MotoS3.bucket)
+    import s3fs
+
+    # fsspec caches filesystems by their arguments, not by AWS_ENDPOINT_URL: an instance made for another
+    # test's server (another port) would be reused and refused
+    s3fs.S3FileSystem.clear_instance_cache()
     yield s3
+    s3fs.S3FileSystem.clear_instance_cache()
     server.stop()
