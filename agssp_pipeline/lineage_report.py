@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from agssp_pipeline import artifact_io as aio
-from agssp_pipeline.records import ASSETS, KIND_OF_ASSET, MISSING, STALE, Input, Record, difference, short
-from agssp_pipeline.records import NEWER as NEWER  # a flag level, re-exported with the others
+from agssp_pipeline import records
+from agssp_pipeline.records import MISSING, NEWER, STALE, Input, Record, difference, short
 from agssp_pipeline.storage import StorageLayout
 from agssp_pipeline.training import checkpoint as ckpt
 
@@ -46,8 +46,7 @@ class LineageTargetError(ValueError):
     """The target is neither a known artifact path nor an asset with an artifact under storage_root."""
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# the report
+# ---- the report
 
 
 @dataclass
@@ -96,10 +95,11 @@ class LineageReport:
         return [(s.key, e.label, f) for s in self.stages for e in s.entries for f in e.flags
                 if level is None or f.level == level]
 
+    def summary(self) -> dict[str, int]:
+        return {level: len(self.flags(level)) for level in (STALE, NEWER, MISSING)}
+
     def to_dict(self) -> dict[str, Any]:
-        payload = asdict(self)
-        payload["summary"] = {level: len(self.flags(level)) for level in (STALE, NEWER, MISSING)}
-        return payload
+        return {**asdict(self), "summary": self.summary()}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, default=str)
@@ -119,8 +119,7 @@ class LineageReport:
                 for name, value in entry.fields.items():
                     lines.extend(_render_field(name, value, "       "))
                 lines.extend("       dagster: " + _render_record(record) for record in entry.dagster)
-        counts = {level: len(self.flags(level)) for level in (STALE, NEWER, MISSING)}
-        lines.append("flags: " + ", ".join(f"{n} {level}" for level, n in counts.items()))
+        lines.append("flags: " + ", ".join(f"{n} {level}" for level, n in self.summary().items()))
         return "\n".join(lines)
 
 
@@ -150,8 +149,7 @@ def _asset_text(record: dict[str, Any]) -> str:
     return record["asset"] + (f"[{record['partition']}]" if record.get("partition") else "")
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Dagster records (optional; dagster is imported only when an instance is used)
+# ---- Dagster records (optional; dagster is imported only when an instance is used)
 
 
 def find_dagster_home(config_path: str | Path | None = None) -> str | None:
@@ -200,8 +198,7 @@ def _metadata_text(record, key: str) -> str | None:
     return None if value is None else str(getattr(value, "value", value))
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# the kinds: stage, where the layout puts each, and the reader beside its writer
+# ---- the kinds: stage, where the layout puts each, and the reader beside its writer
 
 
 @dataclass(frozen=True)
@@ -249,8 +246,7 @@ KINDS: dict[str, Kind] = {
 PER_SOURCE = ("index", "maps", "pseudo_boxes")  # kinds keyed by source name (checkpoints, evaluations: address)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# the walk
+# ---- the walk
 
 
 @dataclass
@@ -286,7 +282,8 @@ class Walk:
             for about, text in record.notes:
                 self.note(KINDS[about].stage, text)
             if self.instance is not None:
-                entry.dagster = dagster_records(self.instance, ASSETS[item.kind], record.partition, record.run_id)
+                asset = records.ASSETS[item.kind]
+                entry.dagster = dagster_records(self.instance, asset, record.partition, record.run_id)
             for upstream in record.inputs if follow else []:
                 self.visit(upstream, node)
         if consumer is not None:
@@ -334,8 +331,7 @@ class Walk:
             self.note("evaluations", "no evaluation table under the storage root used this checkpoint")
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# targets: artifact paths and asset names
+# ---- targets: artifact paths and asset names
 
 
 @dataclass
@@ -414,7 +410,7 @@ def parse_asset_target(target: str) -> tuple[str, str | None]:
 
 def resolve_target(target: str, layout: StorageLayout | None, config=None) -> ResolvedTarget:
     asset, partition = parse_asset_target(target)
-    kind = KIND_OF_ASSET.get(asset)
+    kind = records.KIND_OF_ASSET.get(asset)
     if kind is None or aio.exists(target):
         return resolve_path(target)
     if layout is None:
@@ -427,8 +423,7 @@ def resolve_target(target: str, layout: StorageLayout | None, config=None) -> Re
     return ResolvedTarget(kind, aio.canonical(uri))
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# entry point
+# ---- entry point
 
 
 def _start(walk: Walk, resolved: ResolvedTarget) -> None:
