@@ -376,6 +376,8 @@ def render_config() -> str:
 
 CONFIG_TEMPLATE = """\
 # AGSSP demo configuration (synthetic data; see README.txt).
+# DEMO-SIZED: epochs 1/1/2, 128/160 px, num_workers 0 so it runs on a laptop CPU in minutes. For real data
+# start from `agssp init FOLDER...`, which writes production-sized settings.
 # Relative paths resolve against this file's folder.
 storage_root: {STORAGE_DIR}
 

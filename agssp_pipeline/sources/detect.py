@@ -111,14 +111,17 @@ def _yolo_kind(listing: Listing) -> str | None:
     """'box' or 'polygon' from the first label lines, None when they are not YOLO."""
     if not any("images" in f.parts[:-1] for f in listing.images):
         return None
-    kinds = set()
+    kinds = {"box": 0, "polygon": 0, "other": 0}  # by line: one bad line does not hide the layout
     for label in _label_files(listing)[:MAX_READ]:
-        for line in _first_lines(label):
+        for line in _first_lines(listing.root / label):
             values = line.split()
             if not _numbers(values) or len(values) < 5 or (len(values) > 5 and len(values) % 2 == 0):
-                return None
-            kinds.add("box" if len(values) == 5 else "polygon")
-    return ("polygon" if "polygon" in kinds else "box") if kinds else None
+                kinds["other"] += 1
+            else:
+                kinds["box" if len(values) == 5 else "polygon"] += 1
+    if kinds["box"] + kinds["polygon"] <= kinds["other"]:
+        return None
+    return "polygon" if kinds["polygon"] > kinds["box"] else "box"
 
 
 def claim_yolo(listing: Listing) -> Claim | None:
