@@ -129,6 +129,19 @@ def resolve_num_workers(setting: int | str, device: torch.device | str) -> int:
     return max(0, min(ceiling, cores - 1))
 
 
+def _score_batch(encoder: AnomalyEncoder, writer: MapWriter, batch: dict[str, Any], ok: np.ndarray,
+                 category: str, device: torch.device) -> int:
+    """One forward over the decodable images of a batch, appended to the store; returns the row count."""
+    on_cuda = device.type == "cuda"
+    images = batch["image"][torch.from_numpy(ok)].to(device, non_blocking=on_cuda)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_cuda), torch.inference_mode():
+        result = encoder.score(images, category)
+    ids = [i for i, good in zip(batch["image_id"], ok, strict=True) if good]
+    writer.append(ids, result.maps.float().cpu().numpy(), result.image_score.float().cpu().numpy(),
+                  result.zero_shot_score.float().cpu().numpy())
+    return len(ids)
+
+
 def compute_anomaly_maps(
     index: pd.DataFrame,
     encoder: AnomalyEncoder,
@@ -183,18 +196,8 @@ def compute_anomaly_maps(
                            if not good]
                 if not ok.any():
                     continue
-                images = batch["image"][torch.from_numpy(ok)].to(device, non_blocking=on_cuda)
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_cuda), torch.inference_mode():
-                    result = encoder.score(images, category)
+                computed += _score_batch(encoder, writer, batch, ok, category, device)
                 forward_passes += 1
-                ids = [i for i, good in zip(batch["image_id"], ok, strict=True) if good]
-                writer.append(
-                    ids,
-                    result.maps.float().cpu().numpy(),
-                    result.image_score.float().cpu().numpy(),
-                    result.zero_shot_score.float().cpu().numpy(),
-                )
-                computed += len(ids)
                 if progress is not None:
                     elapsed = time.perf_counter() - started
                     rate = (computed + len(failed)) / max(elapsed, 1e-9)
