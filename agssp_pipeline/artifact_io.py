@@ -198,7 +198,8 @@ def write_bytes(uri: str | os.PathLike[str], data: bytes) -> str:
     return str(uri)
 
 
-def _pid_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process of this machine with ``pid`` still runs (to tell a dead writer's leftovers)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -216,7 +217,7 @@ def clean_partials(target: str | os.PathLike[str]) -> list[str]:
     removed = []
     for candidate in local.parent.glob(f"{local.name}{PARTIAL_MARK}*"):
         match = _PARTIAL_PID.search(candidate.name)
-        if match and int(match.group(1)) != os.getpid() and not _pid_alive(int(match.group(1))):
+        if match and int(match.group(1)) != os.getpid() and not process_alive(int(match.group(1))):
             with contextlib.suppress(FileNotFoundError):
                 candidate.unlink()
             removed.append(str(candidate))
