@@ -18,7 +18,7 @@ import dagster as dg
 
 from agssp_pipeline import artifact_io
 from agssp_pipeline.training import checkpoint as ckpt
-from agssp_pipeline.training.agbp import LoggingCallback, plot_loss_curves, train_backbone
+from agssp_pipeline.training.agbp import plot_loss_curves, train_backbone
 from agssp_pipeline.training.lineage import file_hash
 from agssp_pipeline.training.settings import BackboneSettings
 from assets.partitions import backbone_partitions
@@ -119,8 +119,8 @@ def backbone_checkpoint(
         pipeline,
         name,
         settings=settings,
-        callbacks=[LoggingCallback(context.log, every_steps=settings.log_every_steps)],
         extra_lineage={"dagster_upstream_data_versions": upstream},
+        log=context.log.info,  # start, every log_every_steps steps, and each epoch with its ETA
     )
     lineage = result.lineage
     plot_path = pipeline.layout().previews("backbone", name, f"{result.run_id}_losses.png")

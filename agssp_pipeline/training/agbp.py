@@ -27,7 +27,7 @@ import argparse
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -130,11 +130,20 @@ def _fmt_eta(seconds: float) -> str:
     return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
+class _Lines:
+    """A bare ``log(str)`` callable seen as a logger (``.info``)."""
+
+    def __init__(self, write: Callable[[str], None]):
+        self.info = write
+
+
 class LoggingCallback(TrainingCallback):
-    """Logs progress lines to any logger-like object (``logging.Logger`` or Dagster's ``context.log``)."""
+    """Logs progress lines to a logger-like object (``logging.Logger``, Dagster's ``context.log``) or to a
+    plain ``log(str)`` callable such as ``context.log.info``."""
 
     def __init__(self, logger: Any = None, every_steps: int = 10):
-        self.logger = logger or log
+        logger = logger or log
+        self.logger = logger if hasattr(logger, "info") else _Lines(logger)
         self.every_steps = every_steps
 
     def on_train_start(self, info):
@@ -687,8 +696,12 @@ def train_backbone(
     run_id: str | None = None,
     dist_ctx: DistContext | None = None,
     extra_lineage: dict[str, Any] | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> TrainResult:
     """Pretrain ``backbone`` on the config's pretraining sources; write checkpoint + lineage.
+
+    ``log`` (e.g. Dagster's ``context.log.info``) gets the run's start, a line every
+    ``settings.log_every_steps`` steps and one per epoch (epoch/total, losses, img/s, ETA).
 
     ``config``: a ``PipelineConfig`` (storage layout, sources). ``settings`` defaults to
     ``config.backbone``. ``table`` overrides the image/map table (tests, notebooks). ``extra_lineage``
@@ -699,6 +712,8 @@ def train_backbone(
     parts = _build_parts(run)
     progress = _restore(run, parts)
     base = _lineage_base(config, run, parts, progress, extra_lineage)
+    if log is not None:
+        callbacks = [*callbacks, LoggingCallback(log, every_steps=run.settings.log_every_steps)]
     callbacks = list(callbacks) if run.ctx.is_main else []
     for callback in callbacks:
         callback.on_train_start(_start_info(run, parts, progress))

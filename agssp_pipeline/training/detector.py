@@ -9,7 +9,8 @@ Two ultralytics behaviours shape this module:
   classes differs). Keys that the caller marks as required (the backbone layers model.0..model.9) must all load,
   or training refuses to start: a silent partial load would make a "pretrained" row in the comparison a scratch run.
 - Nothing may download: models come from the packaged yaml (``yolov8n.yaml``, never ``yolov8n.pt``), AMP is enabled
-  only on CUDA (its self-check would fetch yolo26n.pt, and it returns early on CPU), plots are off, and
+  only on CUDA (its self-check would fetch yolo26n.pt, and it returns early on CPU), plots are off unless
+  asked for (finetune keeps them; the font they need is provided offline by ``agssp_pipeline.env``), and
   ``agssp_pipeline`` sets YOLO_OFFLINE.
 
 Checkpoints (AGDP) live at ``storage_root/checkpoints/detector/<name>/<run_id>/`` in the one checkpoint layout
@@ -24,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -110,6 +112,7 @@ class YoloTrainSettings:
     freeze_layers: int | None = None  # None: train everything; 10: freeze the YOLOv8 backbone
     val: bool = True
     patience: int = 100
+    plots: bool = False  # ultralytics' figures (results.png, PR curves, confusion matrix, batch images)
     extra_args: dict[str, Any] = field(default_factory=dict)  # further ultralytics train args (augmentation, lr...)
 
     def train_args(self) -> dict[str, Any]:
@@ -122,7 +125,7 @@ class YoloTrainSettings:
             "seed": self.seed,
             "deterministic": True,
             "workers": self.workers,
-            "plots": False,
+            "plots": self.plots,
             "amp": device not in ("cpu", "mps"),  # AMP's self-check downloads a model; it is CUDA-only anyway
             "val": self.val,
             "patience": self.patience,
@@ -153,6 +156,38 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _fmt_eta(seconds: float) -> str:
+    seconds = int(max(seconds, 0.0))
+    return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def epoch_progress_callback(log: Callable[[str], None], label: str) -> Callable[[Any], None]:
+    """An ultralytics ``on_fit_epoch_end`` callback: one line per epoch to ``log`` (epoch/total, mean train
+    losses, mAP when that epoch was validated, seconds per epoch, ETA), so a long run is never silent.
+
+    ultralytics also fires the event after its final validation of best.pt (with epoch = total); that is
+    reported as such, not as an extra epoch.
+    """
+
+    def report(trainer) -> None:
+        epoch, total = int(trainer.epoch) + 1, int(trainer.epochs)
+        metrics = getattr(trainer, "metrics", None) or {}
+        map50, map50_95 = metrics.get("metrics/mAP50(B)"), metrics.get("metrics/mAP50-95(B)")
+        maps = f"mAP50 {map50:.3f} mAP50-95 {map50_95:.3f}" if map50 is not None and map50_95 is not None else ""
+        if epoch > total:
+            log(f"{label}: final validation of best.pt: {maps or 'no metrics'}")
+            return
+        losses = trainer.label_loss_items(trainer.tloss, prefix="train") if trainer.tloss is not None else {}
+        loss_text = " ".join(f"{k.split('/', 1)[-1]} {float(v):.4f}" for k, v in losses.items()) or "no loss"
+        validated = bool(trainer.args.val) or epoch == total
+        done = max(epoch - int(getattr(trainer, "start_epoch", 0)), 1)
+        per_epoch = (time.time() - trainer.train_time_start) / done
+        log(f"{label}: epoch {epoch}/{total} {loss_text}" + (f" {maps}" if validated and maps else "")
+            + f", {per_epoch:.1f} s/epoch, ETA {_fmt_eta(per_epoch * (total - epoch))}")
+
+    return report
+
+
 def train_yolo(
     data_yaml: str | Path,
     settings: YoloTrainSettings,
@@ -160,10 +195,14 @@ def train_yolo(
     name: str,
     initial: InitialWeights | None = None,
     callbacks: Mapping[str, Iterable[Callable[[Any], None]]] | None = None,
+    log: Callable[[str], None] | None = None,
+    log_label: str | None = None,
 ) -> YoloTrainResult:
     """Train a YOLOv8 detector on a YOLO-layout dataset, starting from ``initial`` (None = scratch).
 
     The number of classes comes from ``data_yaml``; ultralytics' run folder is ``project/name``.
+    ``log`` (e.g. Dagster's ``context.log.info``) gets one progress line per epoch, led by ``log_label``
+    (default: ``name``).
     """
     from ultralytics import YOLO
 
@@ -178,6 +217,8 @@ def train_yolo(
         captured["state"] = {k: v.detach().float().cpu().clone() for k, v in source.state_dict().items()}
 
     model.add_callback("on_train_end", capture_final_weights)
+    if log is not None:
+        model.add_callback("on_fit_epoch_end", epoch_progress_callback(log, log_label or name))
     for event, functions in (callbacks or {}).items():
         for function in functions:
             model.add_callback(event, function)
@@ -515,7 +556,8 @@ def pretrain_detector(
         pretrain_set.boxes, PRETRAIN_CLASS_NAMES, layout.export_dir("agdp", detector.model),
     )
     work = layout.scratch("checkpoints", DETECTOR_KIND, detector.model, run_id)
-    result = train_yolo(data_yaml, settings, work, "ultralytics", initial=initial)
+    result = train_yolo(data_yaml, settings, work, "ultralytics", initial=initial,
+                        log=log, log_label=f"AGDP {detector.model}")
     files, published = _ultralytics_files(result, run_dir)
     lineage = _detector_lineage(run_id, detector, initial, pretrain_set, settings, result, published, data_yaml)
     lineage["weights_digest"] = state_dict_digest(result.final_state_dict)

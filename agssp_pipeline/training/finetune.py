@@ -64,7 +64,10 @@ LOGGER = logging.getLogger(__name__)
 BASELINE_VARIANT = "scratch"
 FULL_REGIME = "full"
 # files of an ultralytics run folder published beside the evaluation (relative glob patterns)
-RUN_FILES = ("weights/last.pt", "results.csv", "args.yaml", "*.png", "coco/*.json")
+# ultralytics' figures: results.png and curves of the training run (top level), and of our own val of the
+# evaluated last-epoch weights (val/: PR curve, confusion matrix, a few prediction and label images)
+RUN_FILES = ("weights/last.pt", "results.csv", "args.yaml", "*.png", "coco/*.json", "val/*.png",
+             "val/val_batch*_pred.jpg", "val/val_batch*_labels.jpg")
 
 
 class DataOverlapError(ValueError):
@@ -246,12 +249,13 @@ def predict_detections(weights: Path, images: pd.DataFrame, class_names: Sequenc
 
 def ultralytics_val(weights: Path, data_yaml: Path, image_size: int, batch: int, device: str,
                     evaluation: EvalSettings, project: Path) -> dict[str, float]:
-    """ultralytics' own mAP on the same val split (its matching and 101-point interpolation)."""
+    """ultralytics' own mAP on the same val split (its matching and 101-point interpolation); its figures
+    (PR curve, confusion matrix, val batch predictions) land in ``project/val``."""
     from ultralytics import YOLO
 
     metrics = YOLO(str(weights), task="detect").val(
         data=str(data_yaml), split="val", imgsz=image_size, batch=batch, conf=evaluation.conf, iou=evaluation.iou,
-        max_det=evaluation.max_det, device=resolve_device(device), plots=False, verbose=False,
+        max_det=evaluation.max_det, device=resolve_device(device), plots=True, verbose=False,
         project=str(project), name="val", exist_ok=True, workers=0,
     )
     return {"map50": float(metrics.box.map50), "map50_95": float(metrics.box.map)}
@@ -290,10 +294,14 @@ def run_variant(
     evaluation: EvalSettings,
     run_root: Path,
     publish_uri: str,
+    log: Callable[[str], None] | None = None,
 ) -> VariantResult:
-    """Train one variant in ``run_root/regime/variant`` (local), score it, publish its kept files to ``publish_uri``."""
+    """Train one variant in ``run_root/regime/variant`` (local), score it, publish its kept files to ``publish_uri``.
+
+    ``log`` gets one line per epoch (epoch/total, losses, ETA)."""
     started = time.perf_counter()
-    result = train_yolo(data_yaml, train_settings, run_root / regime, variant, initial=initial)
+    result = train_yolo(data_yaml, train_settings, run_root / regime, variant, initial=initial, log=log,
+                        log_label=f"finetune {dataset.name}/{regime}/{variant}")
     train_seconds = time.perf_counter() - started
     detections = predict_detections(result.last_pt, val_images, dataset.class_names, train_settings.image_size,
                                     train_settings.device, evaluation, batch=train_settings.batch_size)
@@ -405,7 +413,9 @@ def evaluate_dataset(
             log(f"finetune {dataset.name}/{regime}: variant {variant} ({train_settings.epochs} epochs)")
             result = run_variant(dataset, regime, data_yaml, val_images, val_boxes, variant, initial[variant],
                                  train_settings, evaluation, run_root,
-                                 layout.path("runs", "finetune", dataset.name, regime, variant))
+                                 layout.path("runs", "finetune", dataset.name, regime, variant), log)
+            log(f"finetune {dataset.name}/{regime}/{variant}: mAP@0.5 {result.row['map50']:.3f}, "
+                f"mAP@0.5:0.95 {result.row['map50_95']:.3f} ({result.row['train_seconds']:.0f} s)")
             result.row["train_images"] = int(train_mask.sum())
             rows.append(result.row)
             per_class.append(result.per_class)
@@ -506,7 +516,7 @@ def train_settings_from(config) -> YoloTrainSettings:
         model=config.detector.model, epochs=finetune.epochs, image_size=finetune.image_size,
         batch_size=finetune.batch_size, device=finetune.device, seed=finetune.seed, workers=finetune.workers,
         # no per-epoch validation: we evaluate the last epoch, so ultralytics' epoch selection would only cost time
-        freeze_layers=None, val=False, extra_args=dict(finetune.train_args),
+        freeze_layers=None, val=False, plots=True, extra_args=dict(finetune.train_args),
     )
 
 
