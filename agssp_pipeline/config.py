@@ -5,7 +5,9 @@ Errors name the file and the offending field, because the people editing it run 
 
 from __future__ import annotations
 
+import difflib
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,6 +26,14 @@ SOURCE_FORMATS = ("image_folder", "voc", "yolo", "coco", "mask_folder", "severst
 
 class ConfigError(ValueError):
     """The config file is missing, unreadable or invalid; the message names file and field."""
+
+
+class SelectionError(KeyError):
+    """An asset selection or source name (``--select``, ``--partition``) that matches nothing; the message
+    names the closest ones. A KeyError, like a failed ``config.source`` lookup."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
 
 
 class SourceConfig(BaseModel):
@@ -164,3 +174,103 @@ def load_config(path: str | os.PathLike[str] | None = None) -> PipelineConfig:
 def dump_config(config: PipelineConfig, path: str | os.PathLike[str]) -> None:
     data = config.model_dump(mode="json", exclude_none=True)
     artifact_io.write_text(path, yaml.safe_dump(data, sort_keys=False))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Static checks: what ``agssp validate`` can know without running anything (names, sizes, devices, paths)
+
+STRIDE = 32  # YOLOv8's largest stride: ultralytics silently rounds other sizes up, so the config would lie
+
+
+@dataclass(frozen=True)
+class ConfigProblem:
+    """One problem of a loaded config; ``warning``s may still run (e.g. CUDA absent on this machine only)."""
+
+    field: str
+    message: str
+    severity: Literal["error", "warning"] = "error"
+
+    def __str__(self) -> str:
+        return f"field '{self.field}': {self.message}"
+
+
+def _unknown(kind: str, name: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(name, known, n=2, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(close)}?" if close else ""
+    return f"unknown {kind} '{name}' (registered: {', '.join(sorted(known))}){hint}"
+
+
+def _registry_problems(config: PipelineConfig) -> list[ConfigProblem]:
+    """Encoder, backbone and detector names against the registries that build them."""
+    from agssp_pipeline.kead.encoders import ENCODERS
+    from agssp_pipeline.training.backbones import BACKBONES
+    from agssp_pipeline.training.detector import YOLO_MODEL_CONFIGS
+
+    problems = []
+    if config.kead.encoder not in ENCODERS:
+        problems.append(ConfigProblem("kead.encoder", _unknown("encoder", config.kead.encoder, list(ENCODERS))))
+    for i, name in enumerate(config.backbone.backbones):
+        if name not in BACKBONES:
+            problems.append(ConfigProblem(f"backbone.backbones.{i}", _unknown("backbone", name, list(BACKBONES))))
+    if config.detector.backbone not in BACKBONES:
+        problems.append(ConfigProblem("detector.backbone",
+                                      _unknown("backbone", config.detector.backbone, list(BACKBONES))))
+    elif config.detector.backbone not in config.backbone.backbones:
+        problems.append(ConfigProblem("detector.backbone", f"'{config.detector.backbone}' is not in "
+                                      "backbone.backbones: no run trains it, so the detector needs an earlier "
+                                      "checkpoint of it", "warning"))
+    model = config.detector.model
+    if model not in YOLO_MODEL_CONFIGS and not (model.endswith((".yaml", ".yml")) and Path(model).is_file()):
+        problems.append(ConfigProblem("detector.model", _unknown("detector model", model, list(YOLO_MODEL_CONFIGS))
+                                      + " or a local .yaml file"))
+    return problems
+
+
+def _device_problems(config: PipelineConfig) -> list[ConfigProblem]:
+    """``cuda`` on a machine without CUDA is a warning: the config may be meant for another machine."""
+    sections = {"kead": config.kead, "backbone": config.backbone, "detector": config.detector,
+                "finetune": config.finetune}
+    wanted = {name: str(section.device) for name, section in sections.items() if str(section.device) != "auto"}
+    if not any(device.startswith("cuda") for device in wanted.values()):
+        return []
+    import torch
+
+    if torch.cuda.is_available():
+        return []
+    return [ConfigProblem(f"{name}.device", f"'{device}' but CUDA is not available on this machine "
+                          "(use 'auto' to fall back to the CPU)", "warning")
+            for name, device in wanted.items() if device.startswith("cuda")]
+
+
+def _size_problems(config: PipelineConfig) -> list[ConfigProblem]:
+    return [ConfigProblem(f"{name}.image_size", f"{size} is not a multiple of {STRIDE} (the detector's stride); "
+                          f"use {max(STRIDE, round(size / STRIDE) * STRIDE)}")
+            for name, size in (("detector", config.detector.image_size), ("finetune", config.finetune.image_size))
+            if size % STRIDE]
+
+
+def _path_problems(config: PipelineConfig) -> list[ConfigProblem]:
+    """A storage root that is a file (every artifact write would fail); source roots are the adapters' call."""
+    root = artifact_io.local_path(config.storage_root)
+    if root is not None and root.exists() and not root.is_dir():
+        return [ConfigProblem("storage_root", f"{root} is a file, not a folder")]
+    return []
+
+
+def _source_option_problems(config: PipelineConfig) -> list[ConfigProblem]:
+    from agssp_pipeline.sources.formats import check_options
+
+    problems = []
+    for i, source in enumerate(config.sources):
+        try:
+            check_options(source)
+        except ValueError as error:
+            problems.append(ConfigProblem(f"sources.{i}.options", str(error)))
+    return problems
+
+
+def static_problems(config: PipelineConfig) -> list[ConfigProblem]:
+    """Everything wrong with ``config`` that can be known before a run, errors first."""
+    problems = (_registry_problems(config) + _size_problems(config) + _path_problems(config)
+                + _source_option_problems(config) + _device_problems(config))
+    return sorted(problems, key=lambda p: p.severity != "error")

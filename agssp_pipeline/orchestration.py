@@ -18,7 +18,9 @@ come from ``assets/partitions.py``, the one place that says which keys each set 
 
 from __future__ import annotations
 
+import difflib
 import os
+import re
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -27,7 +29,8 @@ from pathlib import Path
 import dagster as dg
 from dagster._core.definitions.unresolved_asset_job_definition import UnresolvedAssetJobDefinition
 
-from agssp_pipeline.config import CONFIG_ENV_VAR, PipelineConfig, load_config
+from agssp_pipeline import artifact_io
+from agssp_pipeline.config import CONFIG_ENV_VAR, PipelineConfig, SelectionError, load_config
 from assets.partitions import (
     IMAGE_SOURCE_PARTITION,
     PRETRAIN_SOURCE_PARTITION,
@@ -59,6 +62,24 @@ class StepOutcome:
     def ok(self) -> bool:
         """Succeeded, with no ERROR check failed and no image lost: what a script may rely on."""
         return self.success and not self.checks_failed and not self.images_failed
+
+    @property
+    def skipped(self) -> bool:
+        """Not run because an upstream step failed (the runner's own error text says so)."""
+        return not self.success and (self.error or "").startswith("skipped:")
+
+    @property
+    def status(self) -> str:
+        """One word for tables: ok, FAILED, skipped, or what an ok run still lost."""
+        if self.skipped:
+            return "skipped"
+        if not self.success:
+            return "FAILED"
+        if self.checks_failed:
+            return "CHECK FAILED"
+        if self.images_failed:
+            return "IMAGES LOST"
+        return "warn" if self.checks_warned else "ok"
 
 
 @dataclass
@@ -105,27 +126,37 @@ class MaterializeReport:
         return lines
 
 
+INSTANCE_YAML = """\
+# Dagster instance of this agssp config, written by agssp (edit freely; it is not rewritten).
+# Storage defaults to SQLite files in this folder; see docker/dagster.yaml for PostgreSQL.
+telemetry:
+  enabled: false
+"""
+
+
+def instance_home(config_path: str | os.PathLike[str]) -> Path:
+    """``<config dir>/dagster_home``, created with a ``dagster.yaml`` (telemetry off) when it has none.
+
+    The CLI and ``make ui`` both use this folder, so the UI shows the runs the CLI made. Without a
+    ``dagster.yaml`` Dagster prints a banner on every run and asks about telemetry.
+    """
+    home = Path(config_path).resolve().parent / "dagster_home"
+    home.mkdir(parents=True, exist_ok=True)
+    settings = home / "dagster.yaml"
+    if not settings.exists() and not (home / "dagster.yml").exists():
+        settings.write_text(INSTANCE_YAML)
+    return home
+
+
 def prepare_instance(config: PipelineConfig, config_path: str) -> dg.DagsterInstance:
     """The persistent Dagster instance (DAGSTER_HOME, default ``<config dir>/dagster_home``)."""
     os.environ[CONFIG_ENV_VAR] = str(Path(config_path).resolve())
     if not os.environ.get("DAGSTER_HOME"):
-        home = Path(config_path).resolve().parent / "dagster_home"
-        home.mkdir(parents=True, exist_ok=True)
-        os.environ["DAGSTER_HOME"] = str(home)
+        os.environ["DAGSTER_HOME"] = str(instance_home(config_path))
     instance = dg.DagsterInstance.get()
     register_sources(instance, config)
     fail_orphaned_runs(instance)
     return instance
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def fail_orphaned_runs(instance: dg.DagsterInstance) -> list[str]:
@@ -141,7 +172,7 @@ def fail_orphaned_runs(instance: dg.DagsterInstance) -> list[str]:
     failed = []
     for run in instance.get_runs(dg.RunsFilter(statuses=active, tags={HOST_TAG: host})):
         pid = run.tags.get(PID_TAG, "")
-        if pid.isdigit() and int(pid) != os.getpid() and not _process_alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and not artifact_io.process_alive(int(pid)):
             instance.report_run_failed(run, f"process {pid} on {host} that ran it ended before the run finished "
                                             "(killed?); marked failed by the next agssp materialize")
             failed.append(run.run_id)
@@ -184,6 +215,78 @@ def _with_step_jobs(defs: dg.Definitions, keys: Iterable[dg.AssetKey]) -> dg.Def
     return dg.Definitions.merge(defs, dg.Definitions(jobs=extra))
 
 
+@dataclass(frozen=True)
+class PlannedStep:
+    """One (asset, partition) the runner will report an outcome for."""
+
+    asset: str
+    partition: str | None
+
+
+def _closest(word: str, known: Iterable[str]) -> str:
+    matches = difflib.get_close_matches(word, sorted(set(known)), n=3, cutoff=0.6)
+    return f"; did you mean {' or '.join(matches)}?" if matches else ""
+
+
+SELECTION_WORDS = {"and", "or", "not", "all", "sinks", "roots"}  # operators and functions, not names
+SELECTION_TOKEN = re.compile(r'(?:(\w+):)?"?([A-Za-z_][\w/.*=@\-]*)"?')
+
+
+def _unknown_names(selection: str, graph) -> str | None:
+    """A one-line message for the first asset key or group in ``selection`` that the graph lacks."""
+    keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
+    groups = {graph.get(k).group_name for k in graph.get_all_asset_keys()} - {None}
+    for attribute, value in SELECTION_TOKEN.findall(selection):
+        if "*" in value or (not attribute and value in SELECTION_WORDS):
+            continue
+        if attribute in ("", "key") and value not in keys:
+            return f"unknown asset '{value}' in --select '{selection}'{_closest(value, keys)}"
+        if attribute == "group" and value not in groups:
+            return f"unknown asset group '{value}' in --select '{selection}'{_closest(value, groups)}"
+    return None
+
+
+def selected_keys(graph, selection: str | None) -> list[dg.AssetKey]:
+    """Materialisable keys of ``selection`` in dependency order; a typo raises SelectionError."""
+    if selection:
+        unknown = _unknown_names(selection, graph)
+        if unknown:
+            raise SelectionError(unknown)
+        try:
+            selected = dg.AssetSelection.from_string(selection).resolve(graph)
+        except Exception as error:  # Dagster's parser errors are long; keep the first line
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise SelectionError(f"invalid asset selection '{selection}': {first}") from None
+    else:
+        selected = dg.AssetSelection.all().resolve(graph)
+    keys = [k for k in graph.toposorted_asset_keys if k in selected and graph.get(k).is_materializable]
+    if selection and not keys:
+        names = sorted(k.to_user_string() for k in graph.get_all_asset_keys() if graph.get(k).is_materializable)
+        raise SelectionError(f"--select '{selection}' matches no asset that can be materialised "
+                             f"(assets: {', '.join(names)})")
+    return keys
+
+
+def check_source(config: PipelineConfig, only_source: str | None) -> None:
+    """A ``--partition`` that names no configured source raises SelectionError with the closest names."""
+    if only_source is not None and only_source not in config.source_names:
+        raise SelectionError(f"unknown source '{only_source}'{_closest(only_source, config.source_names)} "
+                             f"(configured: {', '.join(config.source_names) or 'none'})")
+
+
+def plan_selection(defs: dg.Definitions, config: PipelineConfig, selection: str | None = None,
+                   only_source: str | None = None) -> list[PlannedStep]:
+    """The steps ``materialize_selection`` will report, in order, without running anything.
+
+    One per (asset, partition), skipped ones included, so a progress bar knows its total.
+    """
+    graph = defs.resolve_asset_graph()
+    check_source(config, only_source)
+    return [PlannedStep(key.to_user_string(), partition)
+            for key in selected_keys(graph, selection)
+            for partition in _partitions_for(graph.get(key).partitions_def, key, config, only_source)]
+
+
 def _partitions_for(
     partitions_def: dg.PartitionsDefinition | None, key: dg.AssetKey, config: PipelineConfig,
     only_source: str | None,
@@ -196,8 +299,7 @@ def _partitions_for(
         raise ValueError(f"asset {key.to_user_string()} has partitions the headless runner does not know")
     names = wanted[name]
     if only_source is not None and name in SOURCE_SETS:
-        if only_source not in config.source_names:
-            raise KeyError(f"unknown source '{only_source}' (configured: {', '.join(config.source_names)})")
+        check_source(config, only_source)
         names = [n for n in names if n == only_source]
     return list(names)
 
@@ -307,9 +409,8 @@ def materialize_selection(
     downstream steps are skipped, other sources go on, and unpartitioned consumers use what succeeded.
     """
     graph = defs.resolve_asset_graph()
-    asset_selection = dg.AssetSelection.from_string(selection) if selection else dg.AssetSelection.all()
-    selected = asset_selection.resolve(graph)
-    keys = [k for k in graph.toposorted_asset_keys if k in selected and graph.get(k).is_materializable]
+    check_source(config, only_source)
+    keys = selected_keys(graph, selection)
     defs = _with_step_jobs(defs, keys)
     report = MaterializeReport()
     failed: dict[dg.AssetKey, set[str | None]] = {}
