@@ -53,6 +53,23 @@ def _md_table(frame: pd.DataFrame, float_format: str = "{:.4f}") -> str:
     return header + "\n".join("| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False))
 
 
+def headline_figures(table: pd.DataFrame, regime: str = "full") -> dict[str, float]:
+    """mAP@0.5, mAP@0.5:0.95 and the mAP@0.5 change vs scratch of each AGSSP variant (mean over datasets, in
+    ``regime``) as floats: Dagster plots numeric metadata over materialisations, and these are the figures
+    worth following (not epochs or image size)."""
+    rows = table[table["regime"] == regime] if (table["regime"] == regime).any() else table
+    figures: dict[str, float] = {}
+    for variant in ("scratch", *AGSSP_VARIANTS):
+        mine = rows[rows["variant"] == variant]
+        if mine.empty:
+            continue
+        figures[f"{variant}_map50"] = float(mine["map50"].mean())
+        figures[f"{variant}_map50_95"] = float(mine["map50_95"].mean())
+        if variant != "scratch" and "delta_map50" in mine and mine["delta_map50"].notna().any():
+            figures[f"{variant}_delta_map50_vs_scratch"] = float(mine["delta_map50"].mean())
+    return figures
+
+
 def _upstream_records(context, asset: str, partitions: list[str]) -> list[dict]:
     """Latest Dagster materialization of each consumed upstream partition (run id, data version)."""
     records = []
@@ -82,8 +99,8 @@ def _upstream_records(context, asset: str, partitions: list[str]) -> list[dict]:
     description=(
         "AGDP: a single-class ('defect') YOLOv8 trained on the pseudo boxes of every pretraining source, images "
         "judged normal as negatives, backbone initialised from the AGBP checkpoint of detector.backbone (frozen "
-        "by default: ultralytics freeze=10). Writes checkpoints/detector/<model>/<run_id>/model.safetensors + "
-        "lineage.json (backbone lineage, pseudo-box table hashes) and keeps ultralytics' best.pt/last.pt."
+        "by default: ultralytics freeze=10). Writes `checkpoints/detector/<model>/<run_id>/model.safetensors` + "
+        "`lineage.json` (backbone lineage, pseudo-box table hashes) and keeps ultralytics' best.pt/last.pt."
     ),
 )
 def detector_checkpoint(
@@ -117,8 +134,10 @@ def detector_checkpoint(
             "consumed_materializations": dg.MetadataValue.md(_md_table(upstream)),
             "training_set": dg.MetadataValue.json(result.counts),
             "frozen_backbone_layers": lineage["settings"].get("freeze_layers") or 0,
-            "epochs": lineage["settings"]["epochs"],
-            "image_size": lineage["settings"]["image_size"],
+            "epochs": dg.MetadataValue.text(str(lineage["settings"]["epochs"])),  # settings: text, not plotted
+            "image_size": dg.MetadataValue.text(str(lineage["settings"]["image_size"])),
+            **({"pseudo_box_val_map50": float(lineage["ultralytics_metrics"]["metrics/mAP50(B)"])}
+               if "metrics/mAP50(B)" in lineage.get("ultralytics_metrics", {}) else {}),
             "tensors_loaded_from_backbone": (lineage.get("injection") or {}).get("loaded", 0),
             "pseudo_box_val_metrics": dg.MetadataValue.json(metrics),
             "ultralytics_best_pt": dg.MetadataValue.path(lineage.get("ultralytics_best_pt") or ""),
@@ -143,7 +162,8 @@ def detector_checkpoint(
         "from the AGBP backbone (agbp), from the AGDP detector (agssp) and from any finetune.extra_weights file, "
         "with the same recipe on a fixed stored stratified split; COCO mAP@0.5 / @0.5:0.95 (faster-coco-eval) and "
         "ultralytics' figures of the last-epoch weights on the val split. Refuses pretraining/downstream overlap. "
-        "Writes evaluations/finetune/<dataset>.parquet, <dataset>.per_class.parquet and <dataset>.md."
+        "Writes `evaluations/finetune/<dataset>.parquet`, `<dataset>.per_class.parquet` and `<dataset>.md`; "
+        "ultralytics' figures under `runs/finetune/<dataset>/<regime>/<variant>/`."
     ),
 )
 def finetune_evaluation(
@@ -185,11 +205,12 @@ def finetune_evaluation(
             "per_class_ap50_95": dg.MetadataValue.md(_md_table(per_class_wide)),
             "checkpoint_lineage": dg.MetadataValue.md(_md_table(lineage_rows)),
             "splits": dg.MetadataValue.md(_md_table(splits)),
-            "datasets": len(evaluations),
+            **headline_figures(table),  # the numbers Dagster plots over materialisations
+            "datasets": dg.MetadataValue.text(", ".join(e.dataset for e in evaluations)),
             "variants": ", ".join(dict.fromkeys(table["variant"])),
-            "epochs": int(first["epochs"]),
-            "image_size": int(first["imgsz"]),
-            "seed": int(first["seed"]),
+            "epochs": dg.MetadataValue.text(str(int(first["epochs"]))),  # settings: text, not plotted
+            "image_size": dg.MetadataValue.text(str(int(first["imgsz"]))),
+            "seed": dg.MetadataValue.text(str(int(first["seed"]))),
             "model": str(first["model"]),
             "agssp_rows_worse_than_scratch": len(worse),
             "tables": dg.MetadataValue.json({e.dataset: [e.table_path, e.per_class_path] for e in evaluations}),

@@ -140,9 +140,9 @@ def _last_code_version(context: dg.AssetExecutionContext, partition: str) -> str
     group_name="ingestion",
     kinds={"parquet"},
     description=(
-        "One source's image index (index/<source>.parquet: one row per image with image_id = sha256[:16], "
-        "size, split, mask, is_normal, duplicate_of), its boxes (<source>.annotations.parquet) and every "
-        "rejected, clipped, converted or flagged file with the reason (<source>.quarantine.parquet). "
+        "One source's image index (`index/<source>.parquet`: one row per image with image_id = sha256[:16], "
+        "size, split, mask, is_normal, duplicate_of), its boxes (`<source>.annotations.parquet`) and every "
+        "rejected, clipped, converted or flagged file with the reason (`<source>.quarantine.parquet`). "
         "Sources listed earlier in the config own shared images: later copies get duplicate_of set."
     ),
 )

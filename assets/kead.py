@@ -250,7 +250,7 @@ def _data_version(versions: dict[str, tuple[str, int]]) -> str:
     kinds={"pytorch", "zarr"},
     description=(
         "KeAD anomaly maps of one source: a (G x G) float16 map, image score and zero-shot score per indexed "
-        "image in maps.zarr/<source> (Zarr v3, versioned by encoder/weights/prompts/references/grid, "
+        "image in `maps.zarr/<source>` (Zarr v3, versioned by encoder/weights/prompts/references/grid, "
         "incremental: only images not yet in the current version are computed). References: kead."
         "reference_strategy, drawn from every source sharing the category."
     ),
@@ -379,7 +379,7 @@ def anomaly_maps_one_per_image(context: dg.AssetCheckExecutionContext,
     kinds={"parquet"},
     description=(
         "Image and pixel AUROC of one source's anomaly maps against its ground-truth masks, overall and per "
-        "defect class and category (evaluations/kead/<source>.parquet, one block of rows per map-store "
+        "defect class and category (`evaluations/kead/<source>.parquet`, one block of rows per map-store "
         "version, so encoders stay comparable). Sources without masks are skipped with a note."
     ),
 )

@@ -101,7 +101,7 @@ def _loss_table(history: list[dict]) -> str:
     description=(
         "AGBP-pretrained backbone (one partition per backbone): attention maps of the last stages distilled "
         "towards the KeAD anomaly maps of all pretraining sources, plus the base loss. Writes "
-        "checkpoints/backbone/<name>/<run_id>/model.safetensors + lineage.json (sources, index and map store "
+        "`checkpoints/backbone/<name>/<run_id>/model.safetensors` + `lineage.json` (sources, index and map store "
         "versions, code commit, losses) and moves latest.json. GPU pool; manual or scheduled, never eager."
     ),
 )
@@ -134,8 +134,8 @@ def backbone_checkpoint(
         "run_id": dg.MetadataValue.text(result.run_id),
         "device": dg.MetadataValue.text(lineage["device"]),
         "images_per_s": dg.MetadataValue.float(float(result.images_per_s)),
-        "epochs": dg.MetadataValue.int(int(lineage["epochs_completed"])),
-        "resumed_from_epoch": dg.MetadataValue.int(result.start_epoch - 1),
+        "epochs": dg.MetadataValue.text(str(int(lineage["epochs_completed"]))),  # text: not a figure to plot
+        "resumed_from_epoch": dg.MetadataValue.text(str(result.start_epoch - 1)),
         "final_distill_loss": dg.MetadataValue.float(float(final["distill_loss"])),
         "final_total_loss": dg.MetadataValue.float(float(final["total_loss"])),
         "distill_weight": dg.MetadataValue.float(float(lineage["distill_weight"])),

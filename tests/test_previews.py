@@ -127,3 +127,25 @@ def test_top_anomalous_tiles_carry_file_score_and_mask(tmp_path, score):
     tile = anomaly_tile(row, np.full((4, 4), 0.5, np.float32), score, rank=1)
     assert tile.caption[0] == "c1.jpg" and f"{score:.3f}" in tile.caption[2] and "mask" in tile.caption[3]
     assert tile.gt_mask is not None and tile.gt_mask.any() and tile.heat is not None
+
+
+def test_asset_descriptions_keep_their_placeholders_visible():
+    """Dagster renders descriptions as markdown, where a bare ``<source>`` is an HTML tag and vanishes
+    ("Writes evaluations/.parquet"): placeholders must sit in code spans."""
+    import re
+
+    import dagster as dg
+
+    from assets import ASSET_MODULES
+
+    texts = {}
+    for item in dg.load_assets_from_modules(ASSET_MODULES):
+        specs = getattr(item, "specs", None)
+        for spec in specs if specs is not None else [item]:
+            texts[str(getattr(spec, "key", item))] = getattr(spec, "description", None) or ""
+    for check in dg.load_asset_checks_from_modules(ASSET_MODULES):
+        for spec in check.check_specs:
+            texts[spec.name] = spec.description or ""
+    assert any("`index/<source>.parquet`" in text for text in texts.values())
+    bare = {key: re.findall(r"<[a-z_]+>", re.sub(r"`[^`]*`", "", text)) for key, text in texts.items()}
+    assert not {k: v for k, v in bare.items() if v}, "placeholders outside code spans"

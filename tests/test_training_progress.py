@@ -74,3 +74,20 @@ def test_tiny_finetune_logs_epochs_and_publishes_ultralytics_figures(tmp_path):
     assert any(name.startswith("val/val_batch") and name.endswith("_pred.jpg") for name in kept), sorted(kept)
     assert all((published / name).stat().st_size > 1000 for name in kept if name.endswith((".png", ".jpg")))
     assert Path(evaluation.table["evaluated_weights"].iloc[0]).is_file()
+
+
+def test_finetune_headline_figures_are_the_floats_worth_plotting():
+    import pandas as pd
+
+    from assets.detection import headline_figures
+
+    table = pd.DataFrame({
+        "dataset": ["a", "a", "b", "b", "a"], "regime": ["full", "full", "full", "full", "few8"],
+        "variant": ["scratch", "agssp", "scratch", "agssp", "agssp"],
+        "map50": [0.4, 0.5, 0.2, 0.4, 0.9], "map50_95": [0.2, 0.3, 0.1, 0.2, 0.5],
+        "delta_map50": [0.0, 0.1, 0.0, 0.2, 0.3],
+    })
+    figures = headline_figures(table)
+    assert figures == pytest.approx({"scratch_map50": 0.3, "scratch_map50_95": 0.15, "agssp_map50": 0.45,
+                                     "agssp_map50_95": 0.25, "agssp_delta_map50_vs_scratch": 0.15})
+    assert all(isinstance(v, float) for v in figures.values())
