@@ -35,9 +35,13 @@ system-deps:
 test: install system-deps
 	$(VENV)/bin/python -m pytest tests
 
+# The instance of the config it serves: DAGSTER_HOME defaults to <dir of AGSSP_CONFIG>/dagster_home, where
+# agssp materialize records its runs (created with a dagster.yaml, telemetry off, when missing).
 ui: install
-	DAGSTER_HOME=$${DAGSTER_HOME:-$(CURDIR)/$(DEMO_ROOT)/dagster_home} AGSSP_CONFIG=$${AGSSP_CONFIG:-$(CURDIR)/$(DEMO_ROOT)/agssp.yaml} \
-		$(VENV)/bin/dagster dev -h 127.0.0.1 -p $${PORT:-3000} -w workspace.yaml
+	@config=$$(realpath "$${AGSSP_CONFIG:-$(CURDIR)/$(DEMO_ROOT)/agssp.yaml}"); \
+	home=$${DAGSTER_HOME:-$$($(PY) -c 'import sys; from agssp_pipeline.orchestration import instance_home; print(instance_home(sys.argv[1]))' "$$config")}; \
+	echo "serving $$config (Dagster instance $$home) on http://127.0.0.1:$${PORT:-3000}"; \
+	DAGSTER_HOME="$$home" AGSSP_CONFIG="$$config" $(VENV)/bin/dagster dev -h 127.0.0.1 -p $${PORT:-3000} -w workspace.yaml
 
 lint: install
 	$(VENV)/bin/ruff check .
