@@ -37,7 +37,7 @@ import math
 import os
 import re
 import xml.etree.ElementTree as ET
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
 
 import yaml
@@ -65,12 +65,18 @@ def _subdir(root: Path, name: str | None, default: Path | None = None) -> Path:
     return (root / name) if name else (default if default is not None else root)
 
 
+def _images_dir(source: SourceConfig, root: Path, default: str | None = None) -> Path:
+    """The folder of a source's images (option ``images``, default the root); missing is a clear error."""
+    folder = _subdir(root, option(source, "images", default))
+    if not folder.is_dir():
+        raise FileNotFoundError(f"source '{source.name}': images folder {folder} does not exist")
+    return folder
+
+
 # --------------------------------------------------------------------------------------------- image_folder
 def scan_image_folder(source: SourceConfig, root: Path) -> Scan:
     scan = Scan()
-    base = _subdir(root, option(source, "images"))
-    if not base.is_dir():
-        raise FileNotFoundError(f"source '{source.name}': images folder {base} does not exist")
+    base = _images_dir(source, root)
     for path in list_images(base):
         make_entry(scan, source, root, base, path)
     return scan
@@ -411,9 +417,7 @@ def _coco_resolve(file_name: str, split: str | None, by_relative: dict[str, Path
 # -------------------------------------------------------------------------------------------- mask_folder
 def scan_mask_folder(source: SourceConfig, root: Path) -> Scan:
     scan = Scan()
-    images_dir = _subdir(root, option(source, "images"))
-    if not images_dir.is_dir():
-        raise FileNotFoundError(f"source '{source.name}': images folder {images_dir} does not exist")
+    images_dir = _images_dir(source, root)
     mask_dir_name, mask_subdir = option(source, "mask_dir"), option(source, "mask_subdir")
     mask_dir = root / mask_dir_name if mask_dir_name else None
     suffix, mask_ext = option(source, "mask_suffix", ""), option(source, "mask_ext", ".png")
@@ -472,9 +476,7 @@ def scan_mask_folder(source: SourceConfig, root: Path) -> Scan:
 def scan_severstal_rle(source: SourceConfig, root: Path) -> Scan:
     scan = Scan()
     csv_path = root / option(source, "csv", "train.csv")
-    images_dir = _subdir(root, option(source, "images", "train_images"))
-    if not images_dir.is_dir():
-        raise FileNotFoundError(f"source '{source.name}': images folder {images_dir} does not exist")
+    images_dir = _images_dir(source, root, "train_images")
     class_names = {str(k): str(v) for k, v in (option(source, "class_names") or {}).items()}
     images = list_images(images_dir)
     by_name = {p.name: p for p in images}
@@ -492,6 +494,18 @@ def scan_severstal_rle(source: SourceConfig, root: Path) -> Scan:
         make_entry(scan, source, root, images_dir, path, rle=entry_runs,
                    is_normal=(not entry_runs) if labelled else None)
     return scan
+
+
+def csv_rows(scan: Scan, csv_path: Path, lines: list[str]) -> Iterator[tuple[int, list[str]]]:
+    """(line number, fields) of each data line, parsed one line at a time: a line that does not parse
+    (e.g. an unterminated quote) gets a row and is skipped instead of swallowing the rest of the file."""
+    for number, line in enumerate(lines[1:], start=2):
+        if not line.strip():
+            continue
+        try:
+            yield number, next(csv.reader([line], strict=True))
+        except csv.Error as error:
+            scan.reject(csv_path, f"line {number}: {error}; line skipped")
 
 
 def _read_rle_rows(scan: Scan, csv_path: Path) -> list[tuple[str, str, str]] | None:
@@ -516,14 +530,7 @@ def _read_rle_rows(scan: Scan, csv_path: Path) -> list[tuple[str, str, str]] | N
     positions = [header.index(column) for column in wanted]
     rows: list[tuple[str, str, str]] = []
     seen: dict[tuple[str, str, str], int] = {}
-    for number, line in enumerate(lines[1:], start=2):
-        if not line.strip():
-            continue
-        try:
-            fields = next(csv.reader([line], strict=True))
-        except csv.Error as error:
-            scan.reject(csv_path, f"line {number}: {error}; line skipped")
-            continue
+    for number, fields in csv_rows(scan, csv_path, lines):
         if len(fields) != len(header):
             scan.reject(csv_path, f"line {number}: {len(fields)} fields, the header has {len(header)}; line skipped")
             continue
@@ -586,9 +593,7 @@ def _read_labelme(scan: Scan, json_path: Path) -> dict | None:
 def scan_labelme(source: SourceConfig, root: Path) -> Scan:
     """labelme JSON beside (or mirrored under ``annotations``) each image: polygons -> boxes and masks."""
     scan = Scan()
-    images_dir = _subdir(root, option(source, "images"))
-    if not images_dir.is_dir():
-        raise FileNotFoundError(f"source '{source.name}': images folder {images_dir} does not exist")
+    images_dir = _images_dir(source, root)
     annotations_dir = _subdir(root, option(source, "annotations"), images_dir)
     images = list_images(images_dir)
     by_location = {(p.relative_to(images_dir).parent, p.stem): p for p in images}
@@ -642,9 +647,7 @@ def is_normal_folder_name(name: str, normal_folders: list[str] | None = None) ->
 def scan_class_folders(source: SourceConfig, root: Path) -> Scan:
     """Folder name = image-level label (or category); split folders (train/test...) are read as the split."""
     scan = Scan()
-    base = _subdir(root, option(source, "images"))
-    if not base.is_dir():
-        raise FileNotFoundError(f"source '{source.name}': images folder {base} does not exist")
+    base = _images_dir(source, root)
     folder_is, normal_folders = option(source, "folder_is", "class"), option(source, "normal_folders")
     if folder_is not in ("class", "category"):
         raise ValueError(f"source '{source.name}': options.folder_is must be 'class' or 'category', got {folder_is!r}")
@@ -731,14 +734,7 @@ def scan_image_labels_csv(source: SourceConfig, root: Path) -> Scan:
     images = list_images(images_dir)
     by_relative = {p.relative_to(images_dir).as_posix(): p for p in images}
     verdicts: dict[Path, tuple[bool, int]] = {}
-    for number, line in enumerate(lines[1:], start=2):
-        if not line.strip():
-            continue
-        try:
-            fields = next(csv.reader([line], strict=True))
-        except csv.Error as error:
-            scan.reject(csv_path, f"line {number}: {error}; line skipped")
-            continue
+    for number, fields in csv_rows(scan, csv_path, lines):
         row = dict(zip(header, fields, strict=False))
         name = (row.get(path_col) or "").strip().replace("\\", "/")
         image = by_relative.get(name.removeprefix("./"))
@@ -832,9 +828,7 @@ def _pixel_box_line(scan: Scan, image: Path, txt: Path, number: int, line: str) 
 def scan_pixel_boxes(source: SourceConfig, root: Path) -> Scan:
     """Plain-text pixel boxes: ``<stem>.txt`` beside each image (or mirrored under ``labels``)."""
     scan = Scan()
-    images_dir = _subdir(root, option(source, "images"))
-    if not images_dir.is_dir():
-        raise FileNotFoundError(f"source '{source.name}': images folder {images_dir} does not exist")
+    images_dir = _images_dir(source, root)
     labels_dir = _subdir(root, option(source, "labels"), images_dir)
     ext = option(source, "label_ext", ".txt")
     used: set[Path] = set()
