@@ -84,3 +84,23 @@ def test_env_var_and_role_helpers(tmp_path, monkeypatch):
     assert [s.name for s in config.downstream_sources()] == ["down", "both"]
     with pytest.raises(KeyError, match="unknown source 'zzz'"):
         config.source("zzz")
+
+
+def test_static_problems_name_the_field_and_pass_a_sound_config(tmp_path):
+    from agssp_pipeline.config import static_problems
+
+    sound = load_config(write(tmp_path, {"sources": [
+        {"name": "a", "format": "voc", "root": "x", "category": "c"}]}))
+    assert [p for p in static_problems(sound) if p.severity == "error"] == []
+    path = write(tmp_path, {
+        "sources": [{"name": "a", "format": "voc", "root": "x", "category": "c", "options": {"imags": "I"}}],
+        "backbone": {"backbones": ["yolov8n", "swinb"]}, "detector": {"backbone": "resnet50", "model": "yolov9z"},
+        "finetune": {"image_size": 641},
+    })
+    problems = {p.field: p for p in static_problems(load_config(path))}
+    assert "swin_b" in problems["backbone.backbones.1"].message
+    assert problems["detector.backbone"].severity == "warning"  # registered, but no run trains it
+    assert "unknown detector model 'yolov9z'" in problems["detector.model"].message
+    assert "use 640" in problems["finetune.image_size"].message
+    assert "unknown option(s) ['imags']" in problems["sources.0.options"].message
+    assert list(problems.values())[-1].severity == "warning"  # errors first
