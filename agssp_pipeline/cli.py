@@ -188,6 +188,22 @@ def cmd_lineage(args: argparse.Namespace) -> int:
     return 1 if args.fail_on_stale and report.flags("STALE") else 0
 
 
+def cmd_init(args: argparse.Namespace) -> int:
+    """Recognise each folder's layout and write a commented config; exit 2 on a missing folder or file."""
+    from agssp_pipeline.init_config import write_init_config
+
+    try:
+        target, guesses = write_init_config(args.folders, args.out, force=args.force)
+    except (FileExistsError, ValueError) as error:
+        print(f"agssp init: {error}", file=sys.stderr)
+        return 2
+    for guess in guesses:
+        print(f"{guess.root}: {guess.claim.format} ({guess.claim.labels} labels) -> source '{guess.name}', "
+              f"role {guess.role} (guessed)")
+    print(f"wrote {target}: review the lines marked CONFIRM, then run agssp validate --config {target}")
+    return 0
+
+
 RAW = argparse.RawDescriptionHelpFormatter  # descriptions and examples keep their line breaks
 
 DEMO_HELP = """Writes a synthetic corpus (four sources in different native formats, a few deliberately bad
@@ -262,6 +278,17 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("file", help="the .pt file")
     conv.add_argument("--out", default=None, help="target (default: FILE with the suffix .safetensors)")
     conv.set_defaults(func=cmd_convert_weights)
+
+    init = sub.add_parser(
+        "init", help="write an agssp.yaml for your own folders (layouts recognised)",
+        description="Looks at each FOLDER, recognises its layout (VOC, YOLO, YOLO-seg, COCO, labelme, mask "
+                    "folders, class folders, CSV labels, instance masks, pixel boxes, split folders...) and writes a "
+                    "commented config with production-sized settings; guessed roles are marked CONFIRM. "
+                    "Example: agssp init /data/line1 /data/neu_det --out agssp.yaml")
+    init.add_argument("folders", nargs="+", metavar="FOLDER", help="one dataset folder per source")
+    init.add_argument("--out", default="agssp.yaml", help="config file to write (default: agssp.yaml)")
+    init.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    init.set_defaults(func=cmd_init)
 
     val = sub.add_parser("validate", help="check a config file before running it",
                          description=VALIDATE_HELP, epilog=VALIDATE_EXAMPLES, formatter_class=RAW)
