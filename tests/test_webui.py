@@ -3,7 +3,7 @@ headless Chromium, a materialisation of one demo partition through the UI's Grap
 demo chain (what ``make demo`` runs) and what the UI shows of it: no asset misses a partition, and every
 run is named after the asset it ran.
 
-Leaves test-artifacts/webui_asset_graph.png (gitignored) for a human to look at.
+Leaves test-artifacts/webui_asset_graph.png and webui_contact_sheet.png (gitignored) for a human to look at.
 """
 
 from __future__ import annotations
@@ -91,6 +91,40 @@ def _wait_for_text(driver, texts: list[str], timeout_s: float = 60) -> str:
     raise AssertionError(f"page {driver.current_url} never showed {missing}; it shows:\n{body[:2000]}")
 
 
+FIND_PREVIEW = """
+const img = [...document.querySelectorAll('img')].find(i => i.src.startsWith('data:image/jpeg'));
+if (!img || !img.complete) return null;
+const box = img.closest('[role=dialog]') || img.closest('.bp5-dialog') || document.body;
+return [img.naturalWidth, img.naturalHeight, img.alt, box.innerText];
+"""
+
+
+def _assert_labelled_preview_renders(driver, url: str) -> None:
+    """The image_index page shows the ingestion contact sheet: a decoded JPEG grid (256 px tiles with their
+    captions) behind the contact_sheet entry, with its colour legend; saved as webui_contact_sheet.png."""
+    driver.get(f"{url}/assets/image_index?view=events&partition={SOURCE}")
+    _wait_for_text(driver, ["contact_sheet", "[Show Markdown]"])
+    links = driver.find_elements(
+        "xpath", "//*[text()='contact_sheet']/ancestor::tr[1]//*[text()='[Show Markdown]']"
+    ) or driver.find_elements("xpath", "//*[text()='[Show Markdown]']")
+    found = None
+    for link in links:
+        driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", link)
+        link.click()
+        deadline = time.monotonic() + 10
+        while found is None and time.monotonic() < deadline:
+            found = driver.execute_script(FIND_PREVIEW)
+            time.sleep(0.3)
+        if found is not None:
+            break
+        driver.find_element("tag name", "body").send_keys("\ue00c")  # Escape: not this entry's dialog
+    assert found is not None, "no inline JPEG preview rendered on the image_index page"
+    width, height, alt, text = found
+    assert width >= 256 and height >= 256 + 3 * 15, (width, height)  # a tile and its caption band at least
+    assert alt == SOURCE and "green: ground-truth boxes and mask outlines" in text, (alt, text[:500])
+    assert driver.save_screenshot(str(ARTIFACTS / "webui_contact_sheet.png"))
+
+
 def _assert_demo_chain_complete_in_the_ui(url: str, config_path: Path, ui_run_id: str) -> None:
     """Run the demo chain headless on the webserver's instance; the UI then shows every partition of every
     asset materialised (pretraining assets hold no downstream key) and runs named after their asset."""
@@ -172,6 +206,7 @@ def test_asset_graph_renders_and_a_partition_materialises_from_the_ui(demo_corpu
         # the run page shows the success, the asset graph the materialised partition
         browser.get(f"{url}/runs/{run_id}")
         _wait_for_text(browser, ["Success", "image_index"])
+        _assert_labelled_preview_renders(browser, url)
         browser.get(f"{url}/assets/image_index?view=partitions")
         _wait_for_text(browser, ["Materialized (1)", "Missing (0)", SOURCE])
         # a wide window: at small zoom the graph draws names only, without the partition status rows
