@@ -153,23 +153,30 @@ def pseudo_boxes(
     return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(stage.table_fingerprint(table)))
 
 
-def _read_partition_boxes(context: dg.AssetCheckExecutionContext, pipeline_config: PipelineConfigResource):
-    return stage.read_pseudo_boxes(pipeline_config.layout(), context.partition_key)
-
-
 MISSING_TABLE = dg.AssetCheckResult(passed=False, metadata={"reason": "pseudo-box table missing"})
 
 
-@dg.asset_check(
-    asset=pseudo_boxes, partitions_def=pretrain_source_partitions, blocking=True,
-    description="Every box lies inside its image and has positive size.",
-)
-def pseudo_boxes_inside_images(
-    context: dg.AssetCheckExecutionContext, pipeline_config: PipelineConfigResource
-) -> dg.AssetCheckResult:
-    table = _read_partition_boxes(context, pipeline_config)
-    if table is None:
-        return MISSING_TABLE
+def pseudo_box_check(description: str, blocking: bool = False):
+    """An asset check of one partition's pseudo-box table: ``rule(table, config) -> AssetCheckResult``.
+
+    The decorated rule gets the table as written (a missing table fails the check) and the pipeline config.
+    """
+
+    def decorate(rule):
+        @dg.asset_check(asset=pseudo_boxes, name=rule.__name__, partitions_def=pretrain_source_partitions,
+                        blocking=blocking, description=description)
+        def check(context: dg.AssetCheckExecutionContext,
+                  pipeline_config: PipelineConfigResource) -> dg.AssetCheckResult:
+            table = stage.read_pseudo_boxes(pipeline_config.layout(), context.partition_key)
+            return MISSING_TABLE if table is None else rule(table, pipeline_config.load())
+
+        return check
+
+    return decorate
+
+
+@pseudo_box_check("Every box lies inside its image and has positive size.", blocking=True)
+def pseudo_boxes_inside_images(table, config) -> dg.AssetCheckResult:
     boxes = boxes_only(table)
     outside = (
         (boxes["x1"] < 0) | (boxes["y1"] < 0) | (boxes["x2"] > boxes["width"]) | (boxes["y2"] > boxes["height"])
@@ -182,37 +189,21 @@ def pseudo_boxes_inside_images(
     )
 
 
-@dg.asset_check(
-    asset=pseudo_boxes, partitions_def=pretrain_source_partitions, blocking=True,
-    description="No image has more boxes than boxes.top_k.",
-)
-def pseudo_boxes_at_most_top_k(
-    context: dg.AssetCheckExecutionContext, pipeline_config: PipelineConfigResource
-) -> dg.AssetCheckResult:
-    table = _read_partition_boxes(context, pipeline_config)
-    if table is None:
-        return MISSING_TABLE
+@pseudo_box_check("No image has more boxes than boxes.top_k.", blocking=True)
+def pseudo_boxes_at_most_top_k(table, config) -> dg.AssetCheckResult:
     summary = image_summary(table)
-    top_k = settings_of(table, pipeline_config.load().boxes).top_k
+    top_k = settings_of(table, config.boxes).top_k
     most = int(summary["n_boxes"].max()) if len(summary) else 0
     return dg.AssetCheckResult(passed=most <= top_k, metadata={"max_boxes_per_image": most, "top_k": top_k})
 
 
-@dg.asset_check(
-    asset=pseudo_boxes, partitions_def=pretrain_source_partitions,
-    description=(
-        "The fraction of images with boxes lies inside boxes.flagged_fraction_band; outside it the maps look "
-        "degenerate (everything or nothing flagged)."
-    ),
+@pseudo_box_check(
+    "The fraction of images with boxes lies inside boxes.flagged_fraction_band; outside it the maps look "
+    "degenerate (everything or nothing flagged)."
 )
-def pseudo_boxes_flagged_fraction(
-    context: dg.AssetCheckExecutionContext, pipeline_config: PipelineConfigResource
-) -> dg.AssetCheckResult:
-    table = _read_partition_boxes(context, pipeline_config)
-    if table is None:
-        return MISSING_TABLE
+def pseudo_boxes_flagged_fraction(table, config) -> dg.AssetCheckResult:
     summary = image_summary(table)
-    low, high = settings_of(table, pipeline_config.load().boxes).flagged_fraction_band
+    low, high = settings_of(table, config.boxes).flagged_fraction_band
     fraction = float((summary["n_boxes"] > 0).mean()) if len(summary) else 0.0
     return dg.AssetCheckResult(
         passed=low <= fraction <= high,
