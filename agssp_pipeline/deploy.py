@@ -51,6 +51,7 @@ ASSET_POD_RESOURCES: dict[str, PodResources] = {
     "image_index": PodResources(cpu="2", memory="4Gi"),
     "anomaly_maps": PodResources(cpu="8", memory="32Gi", gpus=1, shm="8Gi"),
     "kead_evaluation": PodResources(cpu="2", memory="8Gi"),
+    "feature_adaptor": PodResources(cpu="4", memory="16Gi", gpus=1, shm="4Gi"),
     "category_thresholds": PodResources(cpu="2", memory="8Gi"),
     "pseudo_boxes": PodResources(cpu="4", memory="8Gi"),
     "pseudo_box_quality": PodResources(cpu="2", memory="4Gi"),

@@ -20,8 +20,16 @@ import pandas as pd
 from pydantic import PrivateAttr
 
 from agssp_pipeline import artifact_io
+from agssp_pipeline.boxes.stage import read_annotations
+from agssp_pipeline.kead.adaptor import resolve_adaptor_setting, train_and_save_adaptor
 from agssp_pipeline.kead.base import AnomalyEncoder
-from agssp_pipeline.kead.evaluation import evaluate_maps, has_masks, with_run_columns, write_evaluation
+from agssp_pipeline.kead.evaluation import (
+    evaluate_maps,
+    has_boxes,
+    has_masks,
+    with_run_columns,
+    write_evaluation,
+)
 from agssp_pipeline.kead.maps import upsample_map
 from agssp_pipeline.kead.references import REFERENCE_COLUMNS, select_references
 from agssp_pipeline.kead.runner import Progress, RunStats, compute_anomaly_maps, mappable_rows, read_rgb
@@ -260,7 +268,7 @@ def anomaly_maps(
 ) -> dg.MaterializeResult:
     config = pipeline_config.load()
     layout = config.layout()
-    settings = kead_model.settings(config.kead)
+    settings = resolve_adaptor_setting(kead_model.settings(config.kead), layout)  # kead.adaptor: latest -> run
     encoder = kead_model.encoder_for(settings)  # once for every partition of this run
     context.log.info(f"encoder {encoder.identity.as_dict()} on {encoder.device}")
     summary_rows, versions = [], {}
@@ -381,25 +389,27 @@ def anomaly_maps_one_per_image(context: dg.AssetCheckExecutionContext,
     group_name="kead",
     kinds={"parquet"},
     description=(
-        "Image and pixel AUROC of one source's anomaly maps against its ground-truth masks, overall and per "
-        "defect class and category (`evaluations/kead/<source>.parquet`, one block of rows per map-store "
-        "version, so encoders stay comparable). Sources without masks are skipped with a note."
+        "Image and pixel AUROC of one source's anomaly maps against its ground-truth masks (or, without masks, "
+        "its boxes: box-interior pixels), overall and per defect class and category, the few-shot references "
+        "left out (`evaluations/kead/<source>.parquet`, one block of rows per map-store version, so encoders and "
+        "plain vs adapted features stay comparable). Sources without masks or boxes are skipped with a note."
     ),
 )
 def kead_evaluation(context: dg.AssetExecutionContext, pipeline_config: PipelineConfigResource) -> dg.MaterializeResult:
     layout = pipeline_config.layout()
     source = context.partition_key
     index = _index(layout, source)
-    if not has_masks(index):
-        context.log.info(f"source '{source}' has no ground-truth masks: nothing to evaluate")
+    annotations = read_annotations(layout, source)
+    if not has_masks(index) and not has_boxes(annotations):
+        context.log.info(f"source '{source}' has no ground-truth masks or boxes: nothing to evaluate")
         return dg.MaterializeResult(metadata={"evaluated": False,
-                                              "reason": f"source '{source}' has no ground-truth masks"})
+                                              "reason": f"source '{source}' has no ground-truth masks or boxes"})
     table = read_map_table(layout.maps_store(source))
-    frame = with_run_columns(evaluate_maps(index, table), table)
+    frame = with_run_columns(evaluate_maps(index, table, annotations=annotations), table)
     uri = layout.evaluations("kead", source)
     history = write_evaluation(frame, uri)
     overall = frame[frame["level"] == "overall"].iloc[0]
-    history_columns = ["store_version", "encoder", "weights", "n_images", "image_auroc", "pixel_auroc",
+    history_columns = ["store_version", "encoder", "weights", "adaptor", "n_images", "image_auroc", "pixel_auroc",
                        "evaluated_at"]
     overall_history = history[history["level"] == "overall"].reindex(columns=history_columns)
     return dg.MaterializeResult(
@@ -411,11 +421,48 @@ def kead_evaluation(context: dg.AssetExecutionContext, pipeline_config: Pipeline
             "n_images": int(overall["n_images"]),
             "image_auroc": float(overall["image_auroc"]),
             "pixel_auroc": float(overall["pixel_auroc"]),
+            "ground_truth": str(overall["ground_truth"]),
+            "references_excluded": int(overall["references_excluded"]),
             "table": dg.MetadataValue.md(_md_table(frame.drop(columns=["encoder", "store_version", "weights",
-                                                                     "evaluated_at"]))),
+                                                                     "adaptor", "evaluated_at"]))),
             "history": dg.MetadataValue.md(_md_table(overall_history)),
             "versions_evaluated": int(overall_history["store_version"].nunique()),
         },
         data_version=dg.DataVersion(f"{table.attrs.get('version')}:{len(table)}"),
     )
 
+
+ADAPTOR_CODE_VERSION = "feature-adaptor-1"
+
+
+@dg.asset(
+    key="feature_adaptor",
+    deps=[dg.AssetDep("image_index", partition_mapping=dg.AllPartitionMapping())],
+    pool="gpu",
+    code_version=ADAPTOR_CODE_VERSION,
+    group_name="kead",
+    kinds={"pytorch", "safetensors"},
+    description=(
+        "ADPretrain feature adaptor for the cnn_fewshot encoder: a projector of residual features (patch minus "
+        "nearest normal reference patch) trained with the angle- and norm-oriented losses on real masks and "
+        "synthetic anomalies of the pretraining-only sources. Writes `checkpoints/adaptor/<encoder>/<run_id>` "
+        "(weights, lineage: sources, references, synthetic recipe) and moves latest.json; `kead.adaptor: latest` "
+        "makes anomaly_maps score with it (a new map-store version)."
+    ),
+)
+def feature_adaptor(context: dg.AssetExecutionContext, pipeline_config: PipelineConfigResource,
+                    kead_model: KeadModelResource) -> dg.MaterializeResult:
+    config = pipeline_config.load()
+    layout = config.layout()
+    settings = kead_model.settings(config.kead)
+    summary = train_and_save_adaptor(config, layout, settings, log=context.log.info)
+    return dg.MaterializeResult(metadata={
+        "run_dir": dg.MetadataValue.path(summary["run_dir"]),
+        "sources": dg.MetadataValue.json(summary["sources"]),
+        "training_seconds": float(summary["seconds"]),
+        "normal_patches": int(summary["patches"]["normal"]),
+        "abnormal_patches": int(summary["patches"]["abnormal"]),
+        "images": dg.MetadataValue.json(summary["images"]),
+        "final_angle_loss": float(summary["final"]["angle"]),
+        "final_norm_loss": float(summary["final"]["norm"]),
+    })

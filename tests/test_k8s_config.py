@@ -30,7 +30,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 VALUES_FILE = REPO_ROOT / "docker" / "k8s" / "values.yaml"
 PIPELINE_ASSETS = {
     "image_index", "anomaly_maps", "kead_evaluation", "category_thresholds", "pseudo_boxes",
-    "pseudo_box_quality", "backbone_checkpoint", "detector_checkpoint", "finetune_evaluation",
+    "pseudo_box_quality", "backbone_checkpoint", "detector_checkpoint", "finetune_evaluation", "feature_adaptor",
 }
 
 

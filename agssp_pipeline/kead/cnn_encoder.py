@@ -263,11 +263,41 @@ class CnnFewShotEncoder:
         self._std = torch.tensor(LITE_STD).view(3, 1, 1)
         self.memories: dict[str, torch.Tensor] = {}
         self.normalisation: dict[str, tuple[float, float]] = {}
+        self.adaptor: nn.Module | None = None  # set_adaptor: ADPretrain projector of residual features
 
     @classmethod
     def from_settings(cls, settings: Any, device: str | torch.device = "cpu") -> CnnFewShotEncoder:
         layers = tuple(getattr(settings, "cnn_layers", None) or DEFAULT_LAYERS)
-        return cls(weights=settings.weights, image_size=settings.image_size or 320, layers=layers, device=device)
+        encoder = cls(weights=settings.weights, image_size=settings.image_size or 320, layers=layers, device=device)
+        adaptor = getattr(settings, "adaptor", None)
+        if adaptor == "latest":
+            raise ValueError("kead.adaptor 'latest' needs the storage layout: resolve it with "
+                             "agssp_pipeline.kead.adaptor.resolve_adaptor_setting first")
+        if adaptor:
+            from agssp_pipeline.kead.adaptor import load_adaptor
+
+            encoder.set_adaptor(*load_adaptor(adaptor))
+        return encoder
+
+    def set_adaptor(self, projector: nn.Module | None, lineage: dict[str, Any] | None = None) -> None:
+        """Score with the norm of projected residuals (ADPretrain, kead/adaptor.py); None: plain distances.
+
+        The adaptor's run and digest join the identity (so the map-store version changes), and the
+        memories are dropped: their normalisation was measured on the other score scale.
+        """
+        from agssp_pipeline.kead.adaptor import adaptor_tag, compatible_identity
+
+        self.identity.extra.pop("adaptor", None)
+        if projector is not None:
+            lineage = lineage or {}
+            trained_for, mine = lineage.get("encoder_identity"), compatible_identity(self.identity.as_dict())
+            if trained_for is not None and compatible_identity(trained_for) != mine:
+                raise ValueError(f"feature adaptor {lineage.get('run_id')} was trained for encoder features "
+                                 f"{compatible_identity(trained_for)}, this encoder has {mine}")
+            self.identity.extra["adaptor"] = adaptor_tag(lineage)
+            projector = projector.to(self.device).eval()
+        self.adaptor = projector
+        self.clear_references()
 
     # -- preprocessing -------------------------------------------------------------------------------
     def preprocess(self, image_rgb_uint8: np.ndarray) -> torch.Tensor:
@@ -297,22 +327,44 @@ class CnnFewShotEncoder:
         features = torch.cat(parts, dim=1) / len(parts) ** 0.5
         return features.permute(0, 2, 3, 1).contiguous()
 
-    def _nearest_distance(self, queries: torch.Tensor, memory: torch.Tensor,
-                          exclude_self: bool = False) -> torch.Tensor:
-        """Cosine distance of each unit query (Q, D) to its nearest unit memory row (M, D).
+    def _nearest(self, queries: torch.Tensor, memory: torch.Tensor,
+                 exclude_self: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cosine distance of each unit query (Q, D) to its nearest unit memory row (M, D), and that row.
 
         For unit vectors ||q - m||^2 = 2 - 2 q.m, so a chunked matmul gives the same nearest neighbour
         as ``torch.cdist`` at a fraction of the memory traffic.
         """
         best = torch.empty(queries.shape[0], device=queries.device)
+        where = torch.empty(queries.shape[0], dtype=torch.long, device=queries.device)
         rows = max(64, self.similarity_budget // max(1, memory.shape[0]))
         for start in range(0, queries.shape[0], rows):
             chunk = queries[start : start + rows]
             similarity = chunk @ memory.T
             if exclude_self:  # drop exact matches (a query that is itself in the memory)
                 similarity = similarity.masked_fill(similarity > 1.0 - 1e-6, -1.0)
-            best[start : start + chunk.shape[0]] = similarity.amax(dim=1)
-        return (1.0 - best).clamp_min(0.0)
+            top = similarity.max(dim=1)
+            best[start : start + chunk.shape[0]] = top.values
+            where[start : start + chunk.shape[0]] = top.indices
+        return (1.0 - best).clamp_min(0.0), where
+
+    def _nearest_distance(self, queries: torch.Tensor, memory: torch.Tensor,
+                          exclude_self: bool = False) -> torch.Tensor:
+        """Plain score: cosine distance to the nearest memory row, or, with an adaptor, the norm of the
+        projected residual (query minus that row)."""
+        distance, where = self._nearest(queries, memory, exclude_self)
+        if self.adaptor is None:
+            return distance
+        return self.adaptor(queries - memory[where]).norm(dim=1)
+
+    @torch.no_grad()
+    def residuals(self, images: torch.Tensor, category: str) -> torch.Tensor:
+        """(B, G, G, D) patch features of ``images`` minus their nearest reference patch of ``category``."""
+        if category not in self.memories:
+            raise KeyError(f"no references set for category '{category}' (call set_references first)")
+        features = self.patch_features(images)
+        flat = features.reshape(-1, features.shape[-1])
+        _, where = self._nearest(flat, self.memories[category])
+        return (flat - self.memories[category][where]).view(features.shape)
 
     def _blur(self, maps: torch.Tensor) -> torch.Tensor:
         if self.blur_sigma <= 0:

@@ -4,8 +4,13 @@ Rows: ``overall``, one per defect ``class`` and one per ``category``. The defect
 index column ``defect_class`` when present, else the name of the folder holding the image, skipping
 generic folder names (``MT_Crack/Imgs/x.jpg`` -> ``MT_Crack``), which is how mask datasets are laid out.
 
-- image label: mask has any pixel > 127 (anomalous) / empty mask or ``is_normal`` (normal); images with
-  neither mask nor normal flag are left out;
+- image label: mask has any pixel > 127, or (sources with boxes but no masks) the image has annotated
+  boxes (anomalous) / empty mask or ``is_normal`` (normal); images with none of these are left out;
+- ground truth pixels: the mask where there is one, else the interiors of the image's boxes (the
+  ``ground_truth`` column says which: box-interior pixel AUROC counts the background inside a box as
+  defect, so it is a lower bound of the mask AUROC);
+- the few-shot references of the map store (its ``references`` attribute) are left out: they are scored
+  against a memory built from themselves (``references_excluded`` counts them);
 - image AUROC of a class: its images against all normal images (of the evaluated set);
 - pixel AUROC: maps upsampled to image size (``upsample_map``), pixels of all images of the row's set
   (overall: every labelled image, normals included); at most ``max_pixels`` pixels in all, sampled
@@ -29,7 +34,8 @@ from agssp_pipeline.sources.regions import read_mask as read_binary_mask
 
 GENERIC_FOLDERS = {"imgs", "images", "img", "image", "jpegimages", "train", "test", "val", "good", "data"}
 EVALUATION_COLUMNS = ["level", "name", "encoder", "n_images", "n_anomalous", "n_normal", "image_auroc",
-                      "pixel_auroc", "n_pixels"]
+                      "pixel_auroc", "n_pixels", "ground_truth", "references_excluded"]
+BOX_COLUMNS = ["x1", "y1", "x2", "y2"]
 
 
 def defect_class_of(row: pd.Series) -> str:
@@ -59,49 +65,103 @@ def has_masks(index: pd.DataFrame) -> bool:
     return "mask_path" in index and index["mask_path"].notna().any()
 
 
+def has_boxes(annotations: pd.DataFrame | None) -> bool:
+    """Whether an annotation table (``layout.annotations``: image_id, x1..y2) has any box."""
+    return annotations is not None and len(annotations) > 0 and set(BOX_COLUMNS) <= set(annotations.columns)
+
+
+def box_mask(boxes: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Union of the boxes' interiors (pixel-edge coordinates, clipped to the image) as a boolean mask."""
+    mask = np.zeros((height, width), dtype=bool)
+    for x1, y1, x2, y2 in np.asarray(boxes, dtype=np.float64).reshape(-1, 4):
+        left, top = max(0, int(np.floor(x1))), max(0, int(np.floor(y1)))
+        right, bottom = min(width, int(np.ceil(x2))), min(height, int(np.ceil(y2)))
+        mask[top:bottom, left:right] = True
+    return mask
+
+
+def reference_ids(table: MapTable) -> set[str]:
+    """Image ids the store's few-shot memory was built from (its ``references`` attribute)."""
+    return {str(i) for ids in (table.attrs.get("references") or {}).values() for i in ids}
+
+
+def _image_size(row: pd.Series) -> tuple[int, int]:
+    height, width = row.get("height"), row.get("width")
+    if height is None or width is None or pd.isna(height) or pd.isna(width):
+        return _read_mask(str(row["path"])).shape
+    return int(height), int(width)
+
+
+def _ground_truth(row: pd.Series, boxes: dict[str, np.ndarray]) -> tuple[np.ndarray | None, str]:
+    """(pixel mask, "masks" | "boxes" | "normal") of one labelled image; (None, "") when it has no label."""
+    mask_path = row.get("mask_path")
+    mask = _read_mask(mask_path) if isinstance(mask_path, str) else None
+    if mask is not None:
+        return mask, "masks"
+    if str(row["image_id"]) in boxes:
+        return box_mask(boxes[str(row["image_id"])], *_image_size(row)), "boxes"
+    normal = row.get("is_normal")
+    if normal is not None and not pd.isna(normal) and bool(normal):
+        return np.zeros(_image_size(row), dtype=bool), "normal"
+    return None, ""
+
+
+def _pixel_sample(mask: np.ndarray, pixel_map: np.ndarray, budget: int, key: str) -> tuple[np.ndarray, np.ndarray]:
+    flat_mask, flat_map = mask.ravel(), pixel_map.ravel()
+    if flat_mask.size > budget:
+        rng = np.random.default_rng(int(hashlib.sha256(key.encode()).hexdigest()[:8], 16))
+        keep = rng.choice(flat_mask.size, budget, replace=False)
+        flat_mask, flat_map = flat_mask[keep], flat_map[keep]
+    return flat_mask, flat_map
+
+
+def _image_records(rows: pd.DataFrame, table: MapTable, boxes: dict[str, np.ndarray], max_pixels: int,
+                   seed: int) -> pd.DataFrame:
+    """One record per labelled image: label, image score, sampled pixel labels and scores."""
+    maps_row = {image_id: row for row, image_id in enumerate(table.image_id.tolist())}
+    labelled = []
+    for _, row in rows.iterrows():
+        mask, truth = _ground_truth(row, boxes)
+        if mask is not None:
+            labelled.append((row, mask, truth))
+    if not labelled:
+        return pd.DataFrame()
+    per_image_budget = max(256, max_pixels // len(labelled))
+    records = []
+    for row, mask, truth in labelled:
+        position = maps_row[row["image_id"]]
+        pixel_map = upsample_map(table.maps[position], *mask.shape)
+        labels, scores = _pixel_sample(mask, pixel_map, per_image_budget, f"{seed}:{row['image_id']}")
+        records.append({"image_id": row["image_id"], "category": str(row["category"]),
+                        "defect_class": defect_class_of(row), "anomalous": bool(mask.any()), "truth": truth,
+                        "image_score": float(table.image_score[position]),
+                        "pixel_labels": labels, "pixel_scores": scores})
+    return pd.DataFrame(records)
+
+
 def evaluate_maps(
     index: pd.DataFrame,
     table: MapTable,
     max_pixels: int = 4_000_000,
     seed: int = 0,
+    annotations: pd.DataFrame | None = None,
+    exclude_references: bool = True,
 ) -> pd.DataFrame:
-    """AUROC rows for the images of ``index`` that have a map and a label; see the module docstring."""
-    maps_row = {image_id: row for row, image_id in enumerate(table.image_id.tolist())}
+    """AUROC rows for the images of ``index`` that have a map and a label; see the module docstring.
+
+    ``annotations``: the source's box table (image_id, x1, y1, x2, y2), the ground truth of images
+    without a mask.
+    """
+    in_store = set(table.image_id.tolist())
     rows = index.drop_duplicates("image_id")
-    rows = rows[rows["image_id"].isin(maps_row)]
-    mask_paths = rows["mask_path"] if "mask_path" in rows else pd.Series(None, index=rows.index)
-    normal_flags = rows["is_normal"] if "is_normal" in rows else pd.Series(None, index=rows.index)
-    labelled = rows[mask_paths.notna() | normal_flags.fillna(False).astype(bool)]
-    if labelled.empty:
+    rows = rows[rows["image_id"].isin(in_store)]
+    excluded = reference_ids(table) & set(rows["image_id"].astype(str)) if exclude_references else set()
+    rows = rows[~rows["image_id"].astype(str).isin(excluded)]
+    boxes = ({str(k): g[BOX_COLUMNS].to_numpy(np.float64) for k, g in annotations.groupby("image_id")}
+             if has_boxes(annotations) else {})
+    images = _image_records(rows, table, boxes, max_pixels, seed)
+    if images.empty:
         return pd.DataFrame(columns=EVALUATION_COLUMNS)
-    per_image_budget = max(256, max_pixels // len(labelled))
-    records = []
-    for row in labelled.itertuples(index=False):
-        row_series = pd.Series(row._asdict())
-        mask_path = row_series.get("mask_path")
-        mask = _read_mask(mask_path) if isinstance(mask_path, str) else None
-        patch_map = table.maps[maps_row[row.image_id]]
-        if mask is None:  # a normal image: empty mask of the image's size
-            height, width = row_series.get("height"), row_series.get("width")
-            if pd.isna(height) or pd.isna(width):
-                height, width = _read_mask(str(row.path)).shape
-            mask = np.zeros((int(height), int(width)), dtype=bool)
-        pixel_map = upsample_map(patch_map, *mask.shape)
-        flat_mask, flat_map = mask.ravel(), pixel_map.ravel()
-        if flat_mask.size > per_image_budget:
-            rng = np.random.default_rng(int(hashlib.sha256(f"{seed}:{row.image_id}".encode()).hexdigest()[:8], 16))
-            keep = rng.choice(flat_mask.size, per_image_budget, replace=False)
-            flat_mask, flat_map = flat_mask[keep], flat_map[keep]
-        records.append({
-            "image_id": row.image_id,
-            "category": str(row.category),
-            "defect_class": defect_class_of(row_series),
-            "anomalous": bool(mask.any()),
-            "image_score": float(table.image_score[maps_row[row.image_id]]),
-            "pixel_labels": flat_mask,
-            "pixel_scores": flat_map,
-        })
-    images = pd.DataFrame(records)
     encoder = str(table.attrs.get("encoder", table.attrs.get("identity", {}).get("encoder", "unknown")))
     normals = images[~images["anomalous"]]
 
@@ -109,6 +169,7 @@ def evaluate_maps(
         image_set = pd.concat([subset, normals]).drop_duplicates("image_id") if with_normals else subset
         labels = np.concatenate(list(subset["pixel_labels"])) if len(subset) else np.array([])
         scores = np.concatenate(list(subset["pixel_scores"])) if len(subset) else np.array([])
+        truths = sorted(set(image_set["truth"]) - {"normal"})
         return {
             "level": level, "name": name, "encoder": encoder,
             "n_images": int(len(image_set)),
@@ -117,6 +178,8 @@ def evaluate_maps(
             "image_auroc": _auroc(image_set["anomalous"].to_numpy(int), image_set["image_score"].to_numpy()),
             "pixel_auroc": _auroc(labels, scores),
             "n_pixels": int(labels.size),
+            "ground_truth": "+".join(truths) if truths else "normal",
+            "references_excluded": len(excluded),
         }
 
     out = [summarise("overall", "all", images, with_normals=False)]
@@ -130,11 +193,12 @@ def evaluate_maps(
 
 
 def with_run_columns(frame: pd.DataFrame, table: MapTable) -> pd.DataFrame:
-    """Name the map-store version (encoder, weights, prompts, references) and the time of an evaluation."""
+    """Name the map-store version (encoder, weights, adaptor run, references) and the time of an evaluation."""
     identity = table.attrs.get("identity", {})
     return frame.assign(
         store_version=str(table.attrs.get("version", "")),
         weights=str(table.attrs.get("weights", identity.get("weights", ""))),
+        adaptor=str((identity.get("adaptor") or {}).get("run_id") or ""),  # "" = plain features
         evaluated_at=pd.Timestamp.now(tz="UTC").isoformat(timespec="seconds"),
     )
 

@@ -7,6 +7,26 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 
+class AdaptorTrainingSettings(BaseModel):
+    """How ``feature_adaptor`` trains the ADPretrain projector (agssp_pipeline/kead/adaptor.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    steps: int = Field(300, ge=1)
+    batch_size: int = Field(512, ge=2)  # residual patches per step, half normal, half abnormal
+    lr: float = Field(1e-3, gt=0)
+    hidden: int = Field(256, ge=1)
+    out_dim: int = Field(128, ge=1)
+    temperature: float = Field(0.15, gt=0)  # InfoNCE temperature of the angle-oriented loss
+    radius: float = Field(1.0, gt=0)  # normal residual norms kept inside it
+    margin: float = Field(1.0, ge=0)  # abnormal ones pushed beyond radius + margin
+    norm_weight: float = Field(1.0, ge=0)
+    max_images_per_category: int = Field(32, ge=1)  # normal images (and as many real-mask images) per category
+    synthetic_per_image: int = Field(2, ge=0)  # synthetic anomalous copies of each normal image
+    normal_cells_per_image: int = Field(64, ge=1)  # normal patches sampled per image (all abnormal ones kept)
+    seed: int = 0
+
+
 class KeadSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -40,3 +60,7 @@ class KeadSettings(BaseModel):
     # CNN few-shot encoder (cnn_encoder.py): timm EfficientNet-Lite0 stages (2 = stride 8, 3 = 16, 4 = 32);
     # None = (2, 3, 4); (2, 3) favours small defects on low-resolution inputs
     cnn_layers: list[int] | None = None
+    # ADPretrain feature adaptor (cnn_fewshot): None = plain features; "latest" = the last feature_adaptor
+    # run for this encoder; or a checkpoint path. Its run and digest enter the map-store version.
+    adaptor: str | None = None
+    adaptor_training: AdaptorTrainingSettings = Field(default_factory=AdaptorTrainingSettings)
