@@ -37,7 +37,7 @@ STAGES: list[tuple[str, str]] = [
     ("evaluations", "finetune evaluations (and KeAD / box-quality evaluations)"),
 ]
 LAYOUT_FOLDERS = ("evaluations", "pseudo_boxes", "index", "maps.zarr", "checkpoints")
-NOT_ARTIFACTS = (".annotations.parquet", ".quarantine.parquet", ".per_class.parquet", ".lock")  # beside them
+NOT_ARTIFACTS = (".annotations.parquet", ".quarantine.parquet", ".per_class.parquet", ".summary.parquet", ".lock")  # beside them
 MEASURES = {"T_c": "T_c used", "map_rows": "map rows (count:digest of image ids)"}  # besides "version"
 DAGSTER_RECORDS_SCANNED = 200
 
@@ -363,7 +363,7 @@ def resolve_path(target: str) -> ResolvedTarget:
         raise LineageTargetError(f"{target}: no such file or folder")
     root = infer_storage_root(uri)
     if root is not None and (uri.endswith(".parquet") or aio.name(aio.parent(uri)) == "maps.zarr"):
-        base = re.sub(r"\.(annotations|quarantine|per_class)(?=\.parquet$)", "", uri)  # the table they sit beside
+        base = re.sub(r"\.(annotations|quarantine|per_class|summary)(?=\.parquet$)", "", uri)  # the table they sit beside
         for kind, spec in KINDS.items():
             if kind not in ckpt.SUMMARIES and fnmatch.fnmatchcase(base, spec.locate(StorageLayout(root), "*")) \
                     and (kind != "maps" or aio.exists(aio.join(uri, "zarr.json"))):

@@ -33,10 +33,11 @@ def test_assets_materialize_and_publish_lineage_and_comparison(tmp_path):
         assert metadata["frozen_backbone_layers"].value == 10
         [evaluation_event] = result.asset_materializations_for_node("finetune_evaluation")
         figures = {k: v.value for k, v in evaluation_event.metadata.items() if isinstance(v, dg.FloatMetadataValue)}
-        assert {"scratch_map50", "agssp_map50", "agssp_delta_map50_vs_scratch"} <= set(figures), figures
+        assert {"scratch_map50_pct", "agssp_map50_pct", "agssp_delta_map50_pct_vs_scratch"} <= set(figures), figures
         assert isinstance(evaluation_event.metadata["epochs"], dg.TextMetadataValue)
         comparison = evaluation_event.metadata["comparison"].value
-        assert "| labelled | full | scratch |" in comparison and "| labelled | full | agssp |" in comparison
+        assert "**labelled**, regime full" in comparison and "| scratch | - |" in comparison
+        assert "| agssp | 4 |" in comparison
         assert metadata["run_id"].value in evaluation_event.metadata["checkpoint_lineage"].value
         [check] = result.get_asset_check_evaluations()
         assert check.severity == dg.AssetCheckSeverity.WARN

@@ -68,7 +68,9 @@ def test_whole_chain_on_the_demo_corpus(tmp_path, dagster_home):
     assert len(boxes) > 0
     evaluation = pd.read_parquet(layout.evaluations("finetune", "demo_downstream"))
     assert {"scratch", "agbp", "agssp"} <= set(evaluation["variant"])
-    assert evaluation[["map50", "map50_95"]].notna().all().all()
+    ran_ok = evaluation[evaluation["status"] == "ok"]
+    assert {"scratch", "agbp", "agssp"} <= set(ran_ok["variant"])
+    assert ran_ok[["map50_pct", "map50_95_pct"]].notna().all().all()
     # every materialisation is recorded in the instance, with lineage metadata on the checkpoints
     record = instance.get_latest_materialization_event(__import__("dagster").AssetKey("detector_checkpoint"))
     assert record is not None

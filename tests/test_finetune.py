@@ -55,14 +55,19 @@ def test_finetune_evaluation_runs_every_variant_with_its_weights(tmp_path):
     config.finetune.extra_weights = {"user_coco": str(user_pt)}
     [evaluation] = run_finetune_evaluation(config)
 
-    table = evaluation.table
-    assert table["variant"].tolist() == ["scratch", "agbp", "agssp", "user_coco"]
+    everything = evaluation.table
+    # CSPDarknet has no offline ImageNet weights: the imagenet row says so instead of vanishing
+    assert everything["variant"].tolist() == ["scratch", "imagenet", "agbp", "agssp", "user_coco"]
+    [missing] = everything[everything["status"] == "not applicable"].to_dict("records")
+    assert missing["variant"] == "imagenet" and "no ImageNet weights" in missing["note"]
+    table = everything[everything["status"] == "ok"]
     assert (table["regime"] == "full").all() and (table["train_images"] == 12).all() and (table["val_images"] == 4).all()
-    for column in ("map50", "map50_95", "ultralytics_map50", "ultralytics_map50_95"):
-        assert table[column].between(0.0, 1.0).all(), column
-    assert (table["map50"] >= table["map50_95"]).all()
-    assert table.loc[table.variant == "scratch", "delta_map50"].iloc[0] == 0.0
+    for column in ("map50_pct", "map50_95_pct", "ultralytics_map50_pct", "ultralytics_map50_95_pct"):
+        assert table[column].between(0.0, 100.0).all(), column
+    assert (table["map50_pct"] >= table["map50_95_pct"]).all()
+    assert table.loc[table.variant == "scratch", "delta_map50_pct"].iloc[0] == 0.0
     assert (table[["epochs", "imgsz", "seed", "batch"]].nunique() == 1).all()  # same recipe for every variant
+    assert (table["seed"] == config.finetune.seed).all()
     by_variant = table.set_index("variant")
     assert by_variant.loc["agssp", "initial_digest"] == detector_digest
     assert by_variant.loc["agbp", "tensors_loaded"] > 0 and by_variant.loc["scratch", "tensors_loaded"] == 0
@@ -71,22 +76,39 @@ def test_finetune_evaluation_runs_every_variant_with_its_weights(tmp_path):
     assert by_variant.loc["user_coco", "checkpoint"] == str(user_pt)
     assert Path(evaluation.table_path).is_file() and Path(evaluation.per_class_path).is_file()
     stored = pd.read_parquet(evaluation.table_path)
-    assert len(stored) == 4 and "delta_map50_95" in stored
+    assert len(stored) == 5 and "delta_map50_95_pct" in stored
+    summary = pd.read_parquet(evaluation.summary_path)
+    assert summary["variant"].tolist() == everything["variant"].tolist()
+    agbp = summary.set_index("variant").loc["agbp"]
+    assert agbp["map50_pct_vs_scratch_low"] <= agbp["map50_pct_vs_scratch"] <= agbp["map50_pct_vs_scratch_high"]
+    assert agbp["map50_pct_vs_scratch"] == pytest.approx(  # the numpy mAP of the interval is COCO's figure
+        by_variant.loc["agbp", "map50_pct"] - by_variant.loc["scratch", "map50_pct"], abs=1e-6)
     assert set(evaluation.per_class["class_name"]) == {"dark", "bright"} and len(evaluation.per_class) == 8
+    assert (evaluation.per_class["seed"] == config.finetune.seed).all()
     assert Path(config.layout().path("splits", "labelled.parquet")).is_file()
     assert all(Path(p).is_file() for p in table["coco_results"])
-    markdown = comparison_markdown(table)
-    assert markdown.count("\n") == 5 and "| labelled | full | agssp |" in markdown
+    markdown = Path(config.layout().evaluations("finetune", "labelled", ".md")).read_text()
+    assert markdown == comparison_markdown(evaluation.summary, everything, config.finetune.bootstrap_replicates) + "\n"
+    assert "yolov8n on backbone yolov8n, 1 epochs, image size 64" in markdown and "12 train / 4 val images" in markdown
+    assert "| imagenet | 1 | not applicable: backbone 'yolov8n' has no ImageNet weights" in markdown
+    assert "| agssp | 4 | AGDP detector (AGBP backbone + pseudo-box pretraining), run run-det |" in markdown
+    assert "| scratch | - | random init |" in markdown
+    assert markdown.count("\n| ") == 6  # the header and one row per variant
 
 
 def test_deltas_and_worse_than_scratch_flags():
     table = pd.DataFrame({
-        "dataset": ["d"] * 3, "regime": ["full"] * 3, "variant": ["scratch", "agbp", "agssp"],
-        "map50": [0.5, 0.6, 0.4], "map50_95": [0.3, 0.35, 0.2],
+        "dataset": ["d"] * 6, "regime": ["full"] * 6, "variant": ["scratch", "agbp", "agssp"] * 2,
+        "seed": [0, 0, 0, 1, 1, 1],
+        "map50_pct": [50.0, 60, 40, 52, 58, 49], "map50_95_pct": [30.0, 35, 20, 31, 30, 29],
     })
-    table = add_deltas(table)
-    assert table["delta_map50_95"].round(6).tolist() == [0.0, 0.05, -0.1]
-    assert worse_than_scratch(table)["variant"].tolist() == ["agssp"]
+    table = add_deltas(table)  # against scratch of the same seed
+    assert table["delta_map50_95_pct"].round(6).tolist() == [0.0, 5.0, -10.0, 0.0, -1.0, -2.0]
+    # the check reads intervals: agssp's whole interval is below 0, agbp's straddles 0 (noise, not worse)
+    summary = pd.DataFrame({"variant": ["scratch", "agbp", "agssp"], "status": "ok",
+                            "map50_pct_vs_scratch_high": [0.0, 4.0, -0.5],
+                            "map50_95_pct_vs_scratch_high": [0.0, 1.0, 2.0]})
+    assert worse_than_scratch(summary, ("agbp", "agssp"))["variant"].tolist() == ["agssp"]
 
 
 def test_regimes_and_weight_files(tmp_path):

@@ -84,10 +84,10 @@ def test_finetune_headline_figures_are_the_floats_worth_plotting():
     table = pd.DataFrame({
         "dataset": ["a", "a", "b", "b", "a"], "regime": ["full", "full", "full", "full", "few8"],
         "variant": ["scratch", "agssp", "scratch", "agssp", "agssp"],
-        "map50": [0.4, 0.5, 0.2, 0.4, 0.9], "map50_95": [0.2, 0.3, 0.1, 0.2, 0.5],
-        "delta_map50": [0.0, 0.1, 0.0, 0.2, 0.3],
+        "map50_pct": [40.0, 50, 20, 40, 90], "map50_95_pct": [20.0, 30, 10, 20, 50],
+        "delta_map50_pct": [0.0, 10, 0, 20, 30],
     })
     figures = headline_figures(table)
-    assert figures == pytest.approx({"scratch_map50": 0.3, "scratch_map50_95": 0.15, "agssp_map50": 0.45,
-                                     "agssp_map50_95": 0.25, "agssp_delta_map50_vs_scratch": 0.15})
+    assert figures == pytest.approx({"scratch_map50_pct": 30, "scratch_map50_95_pct": 15, "agssp_map50_pct": 45,
+                                     "agssp_map50_95_pct": 25, "agssp_delta_map50_pct_vs_scratch": 15})
     assert all(isinstance(v, float) for v in figures.values())

@@ -352,12 +352,11 @@ def backbone_initial_weights(checkpoint: str | Path) -> InitialWeights:
 
 def detector_initial_weights(checkpoint: str | Path) -> InitialWeights:
     """An AGDP detector checkpoint as initial weights (fp32); its backbone layers must all load."""
-    from agssp_pipeline.training.yolo_backbones import required_prefixes
+    from agssp_pipeline.training.yolo_backbones import HYBRID_BACKBONE_PREFIX
 
     state, lineage = ckpt.load_checkpoint(checkpoint, float32=True)
-    backbone = ((lineage.get("backbone") or {}).get("lineage") or {}).get("backbone")
-    hybrid = any(k.startswith("model.0.backbone.native.") for k in state)
-    prefixes = required_prefixes(str(backbone)) if hybrid and backbone else BACKBONE_PREFIXES
+    hybrid = any(k.startswith(HYBRID_BACKBONE_PREFIX) for k in state)  # a non-CSPDarknet backbone's detector
+    prefixes = (HYBRID_BACKBONE_PREFIX,) if hybrid else BACKBONE_PREFIXES
     return InitialWeights("agssp", state, prefixes, {**lineage, "checkpoint": str(checkpoint)})
 
 

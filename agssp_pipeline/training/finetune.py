@@ -24,10 +24,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -37,18 +36,23 @@ import pandas as pd
 
 from agssp_pipeline import artifact_io
 from agssp_pipeline.eval.coco_map import evaluate_detections, write_coco_files
+from agssp_pipeline.eval.intervals import match_run
 from agssp_pipeline.records import STALE, Input, Record, plain
 from agssp_pipeline.storage import StorageLayout
 from agssp_pipeline.training.checkpoint import BACKBONE, DETECTOR, checkpoint_kind
 from agssp_pipeline.training.detector import (
     InitialWeights,
     YoloTrainSettings,
-    backbone_initial_weights,
-    detector_initial_weights,
     export_splits,
-    load_weight_file,
     resolve_device,
     train_yolo,
+)
+from agssp_pipeline.training.finetune_table import (  # noqa: F401  (re-exported)
+    add_deltas,
+    comparison_markdown,
+    not_applicable_row,
+    summarise,
+    worse_than_scratch,
 )
 from agssp_pipeline.training.splits import (
     SplitParams,
@@ -58,6 +62,14 @@ from agssp_pipeline.training.splits import (
     read_split,
     split_path,
     split_summary,
+)
+from agssp_pipeline.training.variants import (  # noqa: F401  (re-exported: the variant API of this stage)
+    VARIANTS,
+    VariantContext,
+    VariantNotApplicable,
+    describe,
+    initial_weights_for,
+    latest_backbone_runs,
 )
 
 LOGGER = logging.getLogger(__name__)
@@ -162,50 +174,7 @@ def load_labelled_dataset(layout: StorageLayout, source: str, classes: Sequence[
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# variants: a registry of named ways to get initial weights
-
-
-@dataclass
-class VariantContext:
-    """What the variant builders may use: checkpoint locations and the user's extra files."""
-
-    backbone_checkpoint: str | None = None
-    detector_checkpoint: str | None = None
-    extra_weights: dict[str, str] = field(default_factory=dict)
-
-
-def _scratch(context: VariantContext) -> InitialWeights | None:
-    return None
-
-
-def _agbp(context: VariantContext) -> InitialWeights:
-    if not context.backbone_checkpoint:
-        raise FileNotFoundError("variant 'agbp' needs a backbone checkpoint (materialize backbone_checkpoint)")
-    return backbone_initial_weights(context.backbone_checkpoint)
-
-
-def _agssp(context: VariantContext) -> InitialWeights:
-    if not context.detector_checkpoint:
-        raise FileNotFoundError("variant 'agssp' needs a detector checkpoint (materialize detector_checkpoint)")
-    return detector_initial_weights(context.detector_checkpoint)
-
-
-VARIANT_BUILDERS: dict[str, Callable[[VariantContext], InitialWeights | None]] = {
-    "scratch": _scratch,
-    "agbp": _agbp,
-    "agssp": _agssp,
-}
-
-
-def initial_weights_for(variant: str, context: VariantContext) -> InitialWeights | None:
-    if variant in VARIANT_BUILDERS:
-        return VARIANT_BUILDERS[variant](context)
-    if variant in context.extra_weights:
-        uri = os.path.expanduser(context.extra_weights[variant])  # a local path or an object-store URL
-        return InitialWeights(variant, load_weight_file(uri), (), {"checkpoint": uri, "kind": "user file"})
-    raise ValueError(f"unknown finetune variant '{variant}' (built in: {sorted(VARIANT_BUILDERS)}; "
-                     f"extra_weights: {sorted(context.extra_weights)})")
-
+# variants: the one registry lives in ``variants.py`` (re-exported here for callers of this module)
 
 # ---------------------------------------------------------------------------------------------------------------
 # one variant: train, predict, score
@@ -261,11 +230,21 @@ def ultralytics_val(weights: Path, data_yaml: Path, image_size: int, batch: int,
     return {"map50": float(metrics.box.map50), "map50_95": float(metrics.box.map)}
 
 
+def starts_from(variant: str, lineage: dict[str, Any]) -> str:
+    """What a variant's run started from, in words: the mode's description and the run or file behind it."""
+    description = describe(variant)[1]
+    if lineage.get("run_id"):
+        return f"{description}, run {lineage['run_id']}"
+    source = lineage.get("checkpoint")
+    return f"{description} {artifact_io.name(str(source))}" if source else description
+
+
 @dataclass
 class VariantResult:
     row: dict[str, Any]
     per_class: pd.DataFrame
     lineage: dict[str, Any]
+    detections: pd.DataFrame | None = None  # the val predictions scored (for the bootstrap intervals)
 
 
 def publish_run(run_dir: Path, uri: str) -> dict[str, str]:
@@ -295,13 +274,14 @@ def run_variant(
     run_root: Path,
     publish_uri: str,
     log: Callable[[str], None] | None = None,
+    run_name: str | None = None,
 ) -> VariantResult:
-    """Train one variant in ``run_root/regime/variant`` (local), score it, publish its kept files to ``publish_uri``.
-
-    ``log`` gets one line per epoch (epoch/total, losses, ETA)."""
+    """Train one variant in ``run_root/regime/<run_name or variant>`` (local), score it, publish its kept files to
+    ``publish_uri``. ``log`` gets one line per epoch (epoch/total, losses, ETA)."""
     started = time.perf_counter()
-    result = train_yolo(data_yaml, train_settings, run_root / regime, variant, initial=initial, log=log,
-                        log_label=f"finetune {dataset.name}/{regime}/{variant}")
+    run_name = run_name or variant
+    result = train_yolo(data_yaml, train_settings, run_root / regime, run_name, initial=initial, log=log,
+                        log_label=f"finetune {dataset.name}/{regime}/{run_name}")
     train_seconds = time.perf_counter() - started
     detections = predict_detections(result.last_pt, val_images, dataset.class_names, train_settings.image_size,
                                     train_settings.device, evaluation, batch=train_settings.batch_size)
@@ -316,19 +296,24 @@ def run_variant(
         "dataset": dataset.name,
         "regime": regime,
         "variant": variant,
-        "map50": metrics.map50,
-        "map50_95": metrics.map50_95,
-        "ultralytics_map50": ultra["map50"],
-        "ultralytics_map50_95": ultra["map50_95"],
+        "mode": describe(variant)[0],
+        "status": "ok",
+        "note": "",
+        "map50_pct": 100 * metrics.map50,
+        "map50_95_pct": 100 * metrics.map50_95,
+        "ultralytics_map50_pct": 100 * ultra["map50"],
+        "ultralytics_map50_95_pct": 100 * ultra["map50_95"],
         "model": train_settings.model,
+        "backbone": train_settings.backbone or train_settings.model,
         "epochs": train_settings.epochs,
         "imgsz": train_settings.image_size,
         "batch": train_settings.batch_size,
-        "seed": train_settings.seed,
+        "seed": int(result.train_args.get("seed", train_settings.seed)),  # what ultralytics trained with
         "val_images": len(val_images),
         "val_boxes": len(val_boxes),
         "detections": metrics.num_detections,
         "initial_weights": initial.name if initial is not None else "random init",
+        "starts_from": starts_from(variant, lineage),
         "initial_digest": result.initial_digest,
         "tensors_loaded": len(result.injection.loaded) if result.injection else 0,
         "checkpoint": lineage.get("checkpoint"),
@@ -340,11 +325,12 @@ def run_variant(
         "train_seconds": round(train_seconds, 1),
     }
     per_class = pd.DataFrame({
-        "dataset": dataset.name, "regime": regime, "variant": variant, "class_name": dataset.class_names,
+        "dataset": dataset.name, "regime": regime, "variant": variant, "seed": row["seed"],
+        "class_name": dataset.class_names,
         "ap50": [metrics.per_class_ap50.get(n, np.nan) for n in dataset.class_names],
         "ap50_95": [metrics.per_class_ap50_95.get(n, np.nan) for n in dataset.class_names],
     })
-    return VariantResult(row, per_class, lineage)
+    return VariantResult(row, per_class, lineage, detections)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -361,16 +347,8 @@ class DatasetEvaluation:
     lineage: dict[str, dict[str, Any]]  # variant -> checkpoint lineage
     table_path: str
     per_class_path: str
-
-
-def add_deltas(table: pd.DataFrame, baseline: str = BASELINE_VARIANT) -> pd.DataFrame:
-    """delta_* columns: each variant minus the baseline of the same dataset and regime (NaN without one)."""
-    table = table.copy()
-    for metric in ("map50", "map50_95"):
-        base = table[table["variant"] == baseline].set_index(["dataset", "regime"])[metric]
-        keys = pd.MultiIndex.from_frame(table[["dataset", "regime"]])
-        table[f"delta_{metric}"] = table[metric].to_numpy() - base.reindex(keys).to_numpy()
-    return table
+    summary: pd.DataFrame = field(default_factory=pd.DataFrame)  # per variant: mean/std over seeds, intervals
+    summary_path: str | None = None
 
 
 def _regimes(split: pd.DataFrame, few_shot: int | None) -> dict[str, pd.Series]:
@@ -378,6 +356,17 @@ def _regimes(split: pd.DataFrame, few_shot: int | None) -> dict[str, pd.Series]:
     if few_shot is not None:
         regimes[f"few{few_shot}"] = split["few_shot"].astype(bool)
     return regimes
+
+
+def _initial_or_reason(variants: Sequence[str], context: VariantContext) -> dict[str, InitialWeights | str | None]:
+    """Initial weights per variant, or the reason it is not applicable; other errors raise before any training."""
+    initial: dict[str, InitialWeights | str | None] = {}
+    for variant in variants:
+        try:
+            initial[variant] = initial_weights_for(variant, context)
+        except VariantNotApplicable as reason:
+            initial[variant] = str(reason)
+    return initial
 
 
 def evaluate_dataset(
@@ -390,8 +379,10 @@ def evaluate_dataset(
     evaluation: EvalSettings,
     log: Callable[[str], None] = LOGGER.info,
     pretrain_sources: Sequence[str] = (),
+    seeds: Sequence[int] | None = None,
+    replicates: int = 500,
 ) -> DatasetEvaluation:
-    """Split (stored), export, and run every variant on every regime of one downstream dataset."""
+    """Split (stored, one split for every seed), export, and run every variant x seed on every regime."""
     split, split_meta = load_or_create_split(layout, dataset.name, dataset.images, dataset.annotations, split_params)
     references = kead_reference_overlap(layout, pretrain_sources, set(dataset.images["image_id"]))
     if references:
@@ -400,8 +391,9 @@ def evaluate_dataset(
     images = dataset.images.merge(split[["image_id", "split", "few_shot"]], on="image_id", validate="one_to_one")
     val_images = images[images["split"] == "val"].reset_index(drop=True)
     val_boxes = dataset.annotations[dataset.annotations["image_id"].isin(set(val_images["image_id"]))]
-    initial = {variant: initial_weights_for(variant, context) for variant in variants}  # fail before training
-    rows, per_class, lineage = [], [], {}
+    initial = _initial_or_reason(variants, context)  # fail before training
+    seeds = list(seeds) if seeds else [train_settings.seed]
+    rows, per_class, lineage, matches = [], [], {}, {}
     run_root = layout.scratch("runs", "finetune", dataset.name)
     for regime, train_mask in _regimes(images, split_params.few_shot_train_images).items():
         export_dir = layout.export_dir("finetune", dataset.name, regime)
@@ -409,31 +401,46 @@ def evaluate_dataset(
             {"train": images[train_mask.to_numpy()], "val": val_images}, dataset.annotations,
             dataset.class_names, export_dir,
         )
+        counts = {"train_images": int(train_mask.sum()), "val_images": len(val_images)}
         for variant in variants:
-            log(f"finetune {dataset.name}/{regime}: variant {variant} ({train_settings.epochs} epochs)")
-            result = run_variant(dataset, regime, data_yaml, val_images, val_boxes, variant, initial[variant],
-                                 train_settings, evaluation, run_root,
-                                 layout.path("runs", "finetune", dataset.name, regime, variant), log)
-            log(f"finetune {dataset.name}/{regime}/{variant}: mAP@0.5 {result.row['map50']:.3f}, "
-                f"mAP@0.5:0.95 {result.row['map50_95']:.3f} ({result.row['train_seconds']:.0f} s)")
-            result.row["train_images"] = int(train_mask.sum())
-            rows.append(result.row)
-            per_class.append(result.per_class)
-            lineage[variant] = result.lineage
+            if isinstance(initial[variant], str):
+                log(f"finetune {dataset.name}/{regime}/{variant}: not applicable ({initial[variant]})")
+                rows.append(not_applicable_row(dataset.name, regime, variant, describe(variant)[0], initial[variant],
+                                               {"model": train_settings.model, **counts}))
+                continue
+            for seed in seeds:
+                name = variant if len(seeds) == 1 else f"{variant}_seed{seed}"
+                settings = replace(train_settings, seed=seed)
+                log(f"finetune {dataset.name}/{regime}: variant {variant}, seed {seed} ({settings.epochs} epochs)")
+                result = run_variant(dataset, regime, data_yaml, val_images, val_boxes, variant, initial[variant],
+                                     settings, evaluation, run_root,
+                                     layout.path("runs", "finetune", dataset.name, regime, name), log, name)
+                log(f"finetune {dataset.name}/{regime}/{name}: mAP@0.5 {result.row['map50_pct']:.1f} %, "
+                    f"mAP@0.5:0.95 {result.row['map50_95_pct']:.1f} % ({result.row['train_seconds']:.0f} s)")
+                result.row.update(counts)
+                rows.append(result.row)
+                per_class.append(result.per_class)
+                lineage[variant] = result.lineage
+                matches[(regime, variant, result.row["seed"])] = match_run(
+                    val_images["image_id"].tolist(), val_boxes, result.detections, dataset.class_names)
     table = add_deltas(pd.DataFrame(rows))
-    per_class_table = pd.concat(per_class, ignore_index=True)
-    table_path, per_class_path = write_evaluation_tables(layout, dataset.name, table, per_class_table)
+    summary = summarise(table, matches, replicates)
+    per_class_table = pd.concat(per_class, ignore_index=True) if per_class else pd.DataFrame()
+    table_path, per_class_path, summary_path = write_evaluation_tables(layout, dataset.name, table,
+                                                                       per_class_table, summary, replicates)
     return DatasetEvaluation(dataset.name, table, per_class_table, split_meta, split_summary(split), lineage,
-                             table_path, per_class_path)
+                             table_path, per_class_path, summary, summary_path)
 
 
-def write_evaluation_tables(layout: StorageLayout, dataset: str, table: pd.DataFrame,
-                            per_class: pd.DataFrame) -> tuple[str, str]:
-    """The one writer of ``evaluations/finetune/<dataset>{.parquet,.per_class.parquet,.md}`` (atomic each)."""
+def write_evaluation_tables(layout: StorageLayout, dataset: str, table: pd.DataFrame, per_class: pd.DataFrame,
+                            summary: pd.DataFrame, replicates: int | None = None) -> tuple[str, str, str]:
+    """The one writer of ``evaluations/finetune/<dataset>{.parquet,.per_class.parquet,.summary.parquet,.md}``."""
     table_path = artifact_io.write_parquet(layout.evaluations("finetune", dataset), table)
     per_class_path = artifact_io.write_parquet(layout.evaluations("finetune", f"{dataset}.per_class"), per_class)
-    artifact_io.write_text(layout.evaluations("finetune", dataset, ".md"), comparison_markdown(table) + "\n")
-    return table_path, per_class_path
+    summary_path = artifact_io.write_parquet(layout.evaluations("finetune", f"{dataset}.summary"), summary)
+    artifact_io.write_text(layout.evaluations("finetune", dataset, ".md"),
+                           comparison_markdown(summary, table, replicates) + "\n")
+    return table_path, per_class_path, summary_path
 
 
 def evaluation_record(uri: str, layout: StorageLayout) -> Record:
@@ -445,10 +452,12 @@ def evaluation_record(uri: str, layout: StorageLayout) -> Record:
     table = artifact_io.read_parquet(uri)
     dataset = str(table["dataset"].iloc[0]) if "dataset" in table and len(table) else artifact_io.name(uri)
     record = Record(f"evaluation {dataset}", label=f"dataset {dataset}")
-    columns = [c for c in ("regime", "variant", "map50", "map50_95", "delta_map50_95", "checkpoint_run_id")
-               if c in table]
-    record.fields["rows"] = {f"{r.get('regime', '-')}/{r.get('variant', '-')}": {
-        k: plain(r[k]) for k in columns[2:] if not pd.isna(r[k])} for r in table[columns].to_dict("records")}
+    columns = [c for c in ("regime", "variant", "seed", "map50_pct", "map50_95_pct", "delta_map50_95_pct",
+                           "status", "checkpoint_run_id") if c in table]
+    record.fields["rows"] = {
+        f"{r.get('regime', '-')}/{r.get('variant', '-')}" + (f"/seed {plain(r['seed'])}" if not pd.isna(
+            r.get("seed", np.nan)) else ""): {k: plain(r[k]) for k in columns[3:] if not pd.isna(r[k])}
+        for r in table[columns].to_dict("records")}
     record.fields.update({k: plain(table[k].iloc[0]) for k in ("model", "epochs", "imgsz", "seed")
                           if k in table and len(table)})
     written = datetime.fromtimestamp(artifact_io.modified_time(uri) or 0, UTC)
@@ -511,9 +520,14 @@ def _check_split(record: Record, layout: StorageLayout, dataset: str) -> None:
 
 
 def train_settings_from(config) -> YoloTrainSettings:
+    """The recipe every variant and seed shares; the detector's backbone is ``detector.backbone``."""
     finetune = config.finetune
+    if "seed" in finetune.train_args:
+        raise ValueError("finetune.train_args.seed would override the seed of every run (and the table would not "
+                         "know it): set finetune.seed (first seed) and finetune.seeds (how many) instead")
     return YoloTrainSettings(
-        model=config.detector.model, epochs=finetune.epochs, image_size=finetune.image_size,
+        model=config.detector.model, backbone=config.detector.backbone, epochs=finetune.epochs,
+        image_size=finetune.image_size,
         batch_size=finetune.batch_size, device=finetune.device, seed=finetune.seed, workers=finetune.workers,
         # no per-epoch validation: we evaluate the last epoch, so ultralytics' epoch selection would only cost time
         freeze_layers=None, val=False, plots=True, extra_args=dict(finetune.train_args),
@@ -522,16 +536,20 @@ def train_settings_from(config) -> YoloTrainSettings:
 
 def variant_context_from(config, backbone_checkpoint: str | None = None,
                          detector_checkpoint: str | None = None) -> VariantContext:
-    """Checkpoints to use: the given ones, else the latest completed runs of the configured names."""
+    """Checkpoints to use: the given ones, else the latest completed runs of the configured names (for
+    ``domain`` and ``agbp``: the newest backbone runs with distillation off / on, told apart by their lineage)."""
     from agssp_pipeline.training.checkpoint import DETECTOR, latest_checkpoint_dir
 
     layout = config.layout()
     variants = set(config.finetune.variants)
+    backbone = config.detector.backbone
+    agbp_run, domain_run = latest_backbone_runs(layout, backbone) if variants & {"agbp", "domain"} else (None, None)
     if backbone_checkpoint is None and "agbp" in variants:
-        backbone_checkpoint = latest_checkpoint_dir(layout, config.detector.backbone)
+        backbone_checkpoint = agbp_run or latest_checkpoint_dir(layout, backbone)
     if detector_checkpoint is None and "agssp" in variants:
         detector_checkpoint = latest_checkpoint_dir(layout, config.detector.model, kind=DETECTOR)
-    return VariantContext(backbone_checkpoint, detector_checkpoint, dict(config.finetune.extra_weights))
+    return VariantContext(backbone_checkpoint, detector_checkpoint, dict(config.finetune.extra_weights),
+                          domain_run, backbone, config.finetune.image_size)
 
 
 def run_finetune_evaluation(
@@ -556,32 +574,8 @@ def run_finetune_evaluation(
     settings = train_settings_from(config)
     return [
         evaluate_dataset(layout, load_labelled_dataset(layout, source.name, source.classes), variants, context,
-                         settings, split_params, evaluation, log, pretrain)
+                         settings, split_params, evaluation, log, pretrain,
+                         seeds=[finetune.seed + k for k in range(finetune.seeds)],
+                         replicates=finetune.bootstrap_replicates)
         for source in downstream
     ]
-
-
-def comparison_markdown(table: pd.DataFrame) -> str:
-    """A Table-2-style comparison: mAP per variant with the change vs scratch, in points."""
-    lines = ["| dataset | regime | variant | mAP@0.5 | Δ vs scratch | mAP@0.5:0.95 | Δ vs scratch | "
-             "ultralytics mAP@0.5 | ultralytics mAP@0.5:0.95 |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
-
-    def points(value: float) -> str:
-        return "—" if pd.isna(value) else f"{100 * value:.1f}"
-
-    def delta(value: float) -> str:
-        return "—" if pd.isna(value) else f"{100 * value:+.1f}"
-
-    for row in table.itertuples(index=False):
-        lines.append(
-            f"| {row.dataset} | {row.regime} | {row.variant} | {points(row.map50)} | {delta(row.delta_map50)} | "
-            f"{points(row.map50_95)} | {delta(row.delta_map50_95)} | {points(row.ultralytics_map50)} | "
-            f"{points(row.ultralytics_map50_95)} |"
-        )
-    return "\n".join(lines)
-
-
-def worse_than_scratch(table: pd.DataFrame, variants: Sequence[str] = ("agssp",)) -> pd.DataFrame:
-    """Rows of the given variants whose mAP@0.5:0.95 is below scratch on the same dataset and regime."""
-    return table[table["variant"].isin(variants) & (table["delta_map50_95"] < 0)]

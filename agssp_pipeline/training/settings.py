@@ -73,10 +73,13 @@ class FinetuneSettings(BaseModel):
     few_shot_train_images: int | None = None
     extra_weights: dict[str, str] = Field(default_factory=dict)  # variant name -> local weights file
     device: str = "auto"
-    seed: int = 0
+    seed: int = 0  # the split's seed and the first training seed
+    seeds: int = Field(1, ge=1)  # training seeds per variant: seed, seed+1, ... (the benchmark uses 3)
+    bootstrap_replicates: int = Field(500, ge=50)  # of the paired 95 % intervals over seeds and val images
     workers: int = Field(2, ge=0)
-    # built-in variants to run (extra_weights add theirs): scratch, agbp (backbone only), agssp (AGDP detector)
-    variants: list[str] = Field(default_factory=lambda: ["scratch", "agbp", "agssp"])
+    # built-in variants (training/variants.py; extra_weights add theirs): scratch, imagenet (mode 1), domain
+    # (mode 2: a backbone run with distill_weight 0), agbp (mode 3), agssp (mode 4: the AGDP detector)
+    variants: list[str] = Field(default_factory=lambda: ["scratch", "imagenet", "agbp", "agssp"])
     # prediction settings for the COCO evaluation (COCO protocol: low confidence, 100 detections per image)
     conf: float = Field(0.001, gt=0.0, lt=1.0)
     iou: float = Field(0.7, gt=0.0, le=1.0)
