@@ -217,14 +217,14 @@ def predict_detections(weights: Path, images: pd.DataFrame, class_names: Sequenc
 
 
 def ultralytics_val(weights: Path, data_yaml: Path, image_size: int, batch: int, device: str,
-                    evaluation: EvalSettings, project: Path) -> dict[str, float]:
+                    evaluation: EvalSettings, project: Path, plots: bool = True) -> dict[str, float]:
     """ultralytics' own mAP on the same val split (its matching and 101-point interpolation); its figures
     (PR curve, confusion matrix, val batch predictions) land in ``project/val``."""
     from ultralytics import YOLO
 
     metrics = YOLO(str(weights), task="detect").val(
         data=str(data_yaml), split="val", imgsz=image_size, batch=batch, conf=evaluation.conf, iou=evaluation.iou,
-        max_det=evaluation.max_det, device=resolve_device(device), plots=True, verbose=False,
+        max_det=evaluation.max_det, device=resolve_device(device), plots=plots, verbose=False,
         project=str(project), name="val", exist_ok=True, workers=0,
     )
     return {"map50": float(metrics.box.map50), "map50_95": float(metrics.box.map)}
@@ -289,7 +289,7 @@ def run_variant(
                                   backend=evaluation.coco_backend)
     write_coco_files(val_images, val_boxes, detections, dataset.class_names, str(result.run_dir / "coco"))
     ultra = ultralytics_val(result.last_pt, data_yaml, train_settings.image_size, train_settings.batch_size,
-                            train_settings.device, evaluation, result.run_dir)
+                            train_settings.device, evaluation, result.run_dir, train_settings.plots)
     published = publish_run(result.run_dir, publish_uri)
     lineage = dict(initial.lineage) if initial is not None else {}
     row = {
@@ -530,7 +530,7 @@ def train_settings_from(config) -> YoloTrainSettings:
         image_size=finetune.image_size,
         batch_size=finetune.batch_size, device=finetune.device, seed=finetune.seed, workers=finetune.workers,
         # no per-epoch validation: we evaluate the last epoch, so ultralytics' epoch selection would only cost time
-        freeze_layers=None, val=False, plots=True, extra_args=dict(finetune.train_args),
+        freeze_layers=None, val=False, plots=finetune.plots, extra_args=dict(finetune.train_args),
     )
 
 
@@ -567,11 +567,11 @@ def run_finetune_evaluation(
     pretrain = [s.name for s in config.pretrain_sources()]
     check_no_overlap(layout, pretrain, [s.name for s in downstream])
     finetune = config.finetune
+    settings = train_settings_from(config)  # refuses a recipe it cannot report before looking for checkpoints
     variants = list(dict.fromkeys([*finetune.variants, *finetune.extra_weights]))
     context = variant_context_from(config, backbone_checkpoint, detector_checkpoint)
     split_params = SplitParams(finetune.val_fraction, finetune.seed, finetune.few_shot_train_images)
     evaluation = EvalSettings(finetune.conf, finetune.iou, finetune.max_det, finetune.coco_backend)
-    settings = train_settings_from(config)
     return [
         evaluate_dataset(layout, load_labelled_dataset(layout, source.name, source.classes), variants, context,
                          settings, split_params, evaluation, log, pretrain,

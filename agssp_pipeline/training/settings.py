@@ -76,6 +76,7 @@ class FinetuneSettings(BaseModel):
     seed: int = 0  # the split's seed and the first training seed
     seeds: int = Field(1, ge=1)  # training seeds per variant: seed, seed+1, ... (the benchmark uses 3)
     bootstrap_replicates: int = Field(500, ge=50)  # of the paired 95 % intervals over seeds and val images
+    plots: bool = True  # ultralytics' figures per run (about half of a tiny run's time on CPU)
     workers: int = Field(2, ge=0)
     # built-in variants (training/variants.py; extra_weights add theirs): scratch, imagenet (mode 1), domain
     # (mode 2: a backbone run with distill_weight 0), agbp (mode 3), agssp (mode 4: the AGDP detector)
