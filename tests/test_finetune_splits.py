@@ -77,3 +77,23 @@ def test_split_is_stored_reused_and_rebuilt_when_index_changes(tmp_path):
     assert not meta3["reused"] and len(third) == len(first) + 1
     _, meta4 = load_or_create_split(layout, "plates", grown, annotations, SplitParams(0.3, 0))
     assert not meta4["reused"]
+
+
+def test_several_few_shot_sizes_are_nested_stratified_subsets_of_train():
+    from agssp_pipeline.training.finetune import _regimes
+
+    images, annotations = _labelled_set()
+    single = make_split(images, annotations, SplitParams(0.2, 0, few_shot_train_images=14))
+    split = make_split(images, annotations, SplitParams(0.2, 0, few_shot_train_images=[14, 28]))
+    assert list(single.columns) == ["image_id", "split", "dominant_class", "few_shot"]  # single N: as before
+    small, large = split["few_shot_14"], split["few_shot_28"]
+    assert small.sum() == 14 and large.sum() == 28 and not (small & ~large).any()  # 14 within 28
+    assert (split.loc[large, "split"] == "train").all() and split["few_shot"].equals(small)
+    assert split.loc[large, "dominant_class"].value_counts()["class0"] == 16  # 40 : 20 : 10 of 28 (+ remainders)
+    assert split["split"].equals(single["split"])  # same val images for every regime
+    regimes = _regimes(split, [28, 14])
+    assert list(regimes) == ["full", "few14", "few28"] and regimes["few28"].equals(large)
+    assert SplitParams(0.2, 0, [28, 14]).as_dict()["few_shot_train_images"] == [14, 28]
+    assert SplitParams(0.2, 0, 14).as_dict()["few_shot_train_images"] == 14
+    with pytest.raises(ValueError, match="few-shot asks for 500 training images, the train split has"):
+        make_split(images, annotations, SplitParams(0.2, 0, few_shot_train_images=[10, 500]))

@@ -106,3 +106,17 @@ def test_two_seeds_on_efficientnet_from_imagenet_give_mean_std_and_paired_interv
     assert pd.isna(summary.loc["scratch", "map50_pct_vs_scratch"])  # no difference of a baseline with itself
     published = config.layout().path("runs", "finetune", "labelled", "full", "imagenet_seed4", "weights", "last.pt")
     assert (tmp_path / published).is_file() or __import__("os").path.isfile(published)
+
+
+def test_few_shot_regimes_train_on_their_subsets_and_score_the_same_val_images(tmp_path):
+    config = make_pipeline_storage(tmp_path)
+    config.finetune.variants, config.finetune.plots = ["scratch"], False
+    config.finetune.few_shot_train_images = [4, 8]
+    [evaluation] = run_finetune_evaluation(config)
+    table = evaluation.table.set_index("regime")
+    assert table["train_images"].to_dict() == {"full": 12, "few4": 4, "few8": 8}
+    assert (table["val_images"] == 4).all()
+    split = pd.read_parquet(config.layout().path("splits", "labelled.parquet"))
+    assert split["few_shot_4"].sum() == 4 and not (split["few_shot_4"] & ~split["few_shot_8"]).any()
+    markdown = open(config.layout().evaluations("finetune", "labelled", ".md")).read()
+    assert "regime few4:" in markdown and "4 train / 4 val images" in markdown

@@ -56,6 +56,7 @@ from agssp_pipeline.training.finetune_table import (  # noqa: F401  (re-exported
 )
 from agssp_pipeline.training.splits import (
     SplitParams,
+    few_shot_column,
     first_copies,
     labelled_set_fingerprint,
     load_or_create_split,
@@ -351,10 +352,12 @@ class DatasetEvaluation:
     summary_path: str | None = None
 
 
-def _regimes(split: pd.DataFrame, few_shot: int | None) -> dict[str, pd.Series]:
+def _regimes(split: pd.DataFrame, few_shot: int | Sequence[int] | None) -> dict[str, pd.Series]:
+    """full (the train split) and ``few<N>`` per few-shot size, each evaluated on the same val images."""
     regimes = {FULL_REGIME: split["split"] == "train"}
-    if few_shot is not None:
-        regimes[f"few{few_shot}"] = split["few_shot"].astype(bool)
+    for size in SplitParams(0.5, 0, few_shot).few_shot_sizes():
+        column = few_shot_column(size) if few_shot_column(size) in split else "few_shot"
+        regimes[f"few{size}"] = split[column].astype(bool)
     return regimes
 
 
@@ -388,7 +391,8 @@ def evaluate_dataset(
     if references:
         log(f"WARNING: images of {dataset.name} served as KeAD normal references for pretraining maps: {references}")
     split_meta = {**split_meta, "kead_reference_overlap": references}
-    images = dataset.images.merge(split[["image_id", "split", "few_shot"]], on="image_id", validate="one_to_one")
+    few_columns = [c for c in split.columns if c.startswith("few_shot")]
+    images = dataset.images.merge(split[["image_id", "split", *few_columns]], on="image_id", validate="one_to_one")
     val_images = images[images["split"] == "val"].reset_index(drop=True)
     val_boxes = dataset.annotations[dataset.annotations["image_id"].isin(set(val_images["image_id"]))]
     initial = _initial_or_reason(variants, context)  # fail before training

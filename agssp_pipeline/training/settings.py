@@ -70,7 +70,8 @@ class FinetuneSettings(BaseModel):
     image_size: int = Field(160, ge=32)
     batch_size: int = Field(16, ge=1)
     val_fraction: float = Field(0.2, gt=0.0, lt=1.0)
-    few_shot_train_images: int | None = None
+    # few-shot regimes (the paper's Table 3): N labelled training images, one N or several (nested subsets)
+    few_shot_train_images: int | list[int] | None = None
     extra_weights: dict[str, str] = Field(default_factory=dict)  # variant name -> local weights file
     device: str = "auto"
     seed: int = 0  # the split's seed and the first training seed

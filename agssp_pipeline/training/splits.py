@@ -31,11 +31,24 @@ SPLIT_COLUMNS = ["image_id", "split", "dominant_class", "few_shot"]
 class SplitParams:
     val_fraction: float
     seed: int
-    few_shot_train_images: int | None = None
+    # one N or several (the paper's Table 3: e.g. 50 and 100); several subsets are nested (50 within 100)
+    few_shot_train_images: int | tuple[int, ...] | list[int] | None = None
+
+    def few_shot_sizes(self) -> tuple[int, ...]:
+        value = self.few_shot_train_images
+        if value is None:
+            return ()
+        return (int(value),) if isinstance(value, int) else tuple(sorted({int(v) for v in value}))
 
     def as_dict(self) -> dict:
-        return {"val_fraction": self.val_fraction, "seed": self.seed,
-                "few_shot_train_images": self.few_shot_train_images}
+        sizes = self.few_shot_sizes()
+        few = None if not sizes else sizes[0] if isinstance(self.few_shot_train_images, int) else list(sizes)
+        return {"val_fraction": self.val_fraction, "seed": self.seed, "few_shot_train_images": few}
+
+
+def few_shot_column(size: int) -> str:
+    """Split column of the few-shot subset of ``size`` training images."""
+    return f"few_shot_{int(size)}"
 
 
 def split_path(layout: StorageLayout, dataset: str) -> str:
@@ -86,14 +99,20 @@ def make_split(images: pd.DataFrame, annotations: pd.DataFrame, params: SplitPar
         raise ValueError(f"val_fraction {params.val_fraction} leaves an empty train or val split of {len(ids)} images")
     table = pd.DataFrame({"image_id": ids, "split": np.where(is_val, "val", "train"), "dominant_class": strata})
     table["few_shot"] = False
-    if params.few_shot_train_images is not None:
-        train_rows = np.flatnonzero(~is_val)
-        if params.few_shot_train_images > len(train_rows):
-            raise ValueError(f"few-shot asks for {params.few_shot_train_images} training images, "
-                             f"the train split has {len(train_rows)}")
-        few = _allocate(strata.iloc[train_rows].reset_index(drop=True), int(params.few_shot_train_images), rng)
-        table.loc[train_rows[few], "few_shot"] = True
-    return table[SPLIT_COLUMNS]
+    pool = np.flatnonzero(~is_val)  # largest subset first, each smaller one drawn inside the previous: nested
+    extra = []
+    for size in sorted(params.few_shot_sizes(), reverse=True):
+        if size > len(pool):
+            raise ValueError(f"few-shot asks for {size} training images, the "
+                             + ("train split" if len(extra) == 0 else f"{few_shot_column(len(pool))} subset")
+                             + f" has {len(pool)}")
+        pool = pool[_allocate(strata.iloc[pool].reset_index(drop=True), int(size), rng)]
+        table[few_shot_column(size)] = False
+        table.loc[pool, few_shot_column(size)] = True
+        extra.insert(0, few_shot_column(size))
+    if extra:
+        table["few_shot"] = table[extra[0]]  # the smallest subset (the one column of single-N splits)
+    return table[SPLIT_COLUMNS + (extra if len(extra) > 1 else [])]
 
 
 def index_fingerprint(images: pd.DataFrame, annotations: pd.DataFrame) -> str:
