@@ -16,6 +16,7 @@ that class's images; the ``all`` row pools every test image (normals included).
 
     .venv/bin/python benchmarks/bench_kead_eval.py                        # full classes, ~10-20 min on 2 CPU cores
     .venv/bin/python benchmarks/bench_kead_eval.py --max-per-class 20     # quick look
+    .venv/bin/python benchmarks/bench_kead_eval.py --adaptor --encoders cnn_fewshot   # plain vs adapted
 """
 
 from __future__ import annotations
@@ -93,6 +94,32 @@ def encoders(names: list[str], image_size: int | None, cnn_kwargs: dict) -> dict
     return {name: table[name] for name in names}
 
 
+def adapted_encoder(root: Path, index: pd.DataFrame, references: pd.DataFrame, image_size: int | None,
+                    cnn_kwargs: dict, overrides: dict, normals: int, seed: int) -> tuple[CnnFewShotEncoder, dict]:
+    """The cnn_fewshot encoder with an ADPretrain adaptor trained here (product defaults + ``overrides``).
+
+    Training data: ``normals`` MT_Free images that are neither references nor test images, with synthetic
+    anomalies only: the real MT masks belong to the test images, learning from them would leak.
+    """
+    from agssp_pipeline.kead.adaptor import fit_adaptor
+
+    encoder = CnnFewShotEncoder(**{"image_size": image_size or 320, **cnn_kwargs})
+    used = set(index["path"]) | set(references["path"])
+    free = [p for p in sorted((root / "MT_Free" / "Imgs").glob("*.jpg")) if str(p) not in used]
+    pool = pd.DataFrame([{"image_id": hashlib.sha256(p.read_bytes()).hexdigest()[:16], "path": str(p),
+                          "category": "magnetic_tile", "is_normal": True, "mask_path": None, "duplicate_of": None}
+                         for p in _seeded(free, normals, seed + 1)])
+    training = KeadSettings().adaptor_training.model_copy(update={"max_images_per_category": normals, **overrides})
+    started = time.perf_counter()
+    projector, report = fit_adaptor(encoder, pool, references, training)
+    report["training_seconds"] = time.perf_counter() - started
+    encoder.set_adaptor(projector, {"run_id": "bench", "encoder_identity": report["encoder_identity"]})
+    print(f"adaptor: {report['patches']} patches from {report['images']} images, "
+          f"{report['steps']} steps, trained in {report['training_seconds']:.0f} s "
+          f"(final {report['history'][-1]})", flush=True)
+    return encoder, report
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", type=Path, default=DEFAULT_ROOT)
@@ -107,6 +134,12 @@ def main() -> None:
     parser.add_argument("--cnn-kwargs", type=json.loads, default={},
                         help='overrides of CnnFewShotEncoder arguments, e.g. \'{"layers": [2, 3, 4]}\'')
     parser.add_argument("--out", type=Path, default=None, help="write the table as CSV here")
+    parser.add_argument("--adaptor", action="store_true",
+                        help="add cnn_fewshot+adaptor: an ADPretrain adaptor trained on other MT_Free images with "
+                             "synthetic anomalies (no MT masks), settings = the product's kead.adaptor_training")
+    parser.add_argument("--adaptor-normals", type=int, default=32, help="MT_Free images the adaptor trains on")
+    parser.add_argument("--adaptor-kwargs", type=json.loads, default={},
+                        help='overrides of AdaptorTrainingSettings, e.g. \'{"steps": 100}\'')
     args = parser.parse_args()
     if not args.root.is_dir():
         sys.exit(f"magnetic tile dataset not found at {args.root} (expected ../shared/data/magnetic_tile)")
@@ -118,7 +151,17 @@ def main() -> None:
           f"references: {len(references)} from MT_Free, torch threads {torch.get_num_threads()}")
     frames = []
     with tempfile.TemporaryDirectory() as scratch:
-        for name, make in encoders(names, args.image_size, args.cnn_kwargs).items():
+        makers = encoders(names, args.image_size, args.cnn_kwargs)
+        adaptor_report: dict = {}
+        if args.adaptor:
+            def make_adapted() -> CnnFewShotEncoder:
+                encoder, report = adapted_encoder(args.root, index, references, args.image_size, args.cnn_kwargs,
+                                                  args.adaptor_kwargs, args.adaptor_normals, args.seed)
+                adaptor_report.update(report)
+                return encoder
+
+            makers["cnn_fewshot+adaptor"] = make_adapted
+        for name, make in makers.items():
             encoder = make()
             store = str(Path(scratch) / name)
             started = time.perf_counter()
@@ -143,6 +186,9 @@ def main() -> None:
     if args.out:
         result.to_csv(args.out, index=False)
         print(f"\nwritten {args.out}")
+    if adaptor_report:
+        print(f"\nadaptor training time: {adaptor_report['training_seconds']:.1f} s "
+              f"({adaptor_report['steps']} steps, {torch.get_num_threads()} threads)")
     print("\nmedian images/s: " + ", ".join(
         f"{v}={np.median(g['images_per_s']):.2f}" for v, g in result.groupby("variant")))
 

@@ -299,3 +299,33 @@ def test_feature_adaptor_asset_then_adapted_maps_in_a_new_store_version(tmp_path
     assert set(overall.index) == {plain, adapted}
     assert overall.loc[adapted, "adaptor"] == lineage["run_id"] and overall.loc[plain, "adaptor"] == ""
     assert (overall["references_excluded"] == 2).all()
+
+
+def test_untrained_skip_adaptor_ranks_patches_like_the_plain_encoder(tmp_path, small_encoder):
+    """With the skip connection an adaptor starts as the plain score (a monotonic function of it), so
+    training starts from the plain ranking; a projector without skip does not."""
+    from scipy.stats import spearmanr
+
+    from agssp_pipeline.kead.references import select_references
+    from agssp_pipeline.kead.runner import load_reference_images
+    from agssp_pipeline.sources.decode import read_rgb
+
+    pool = _corpus(tmp_path / "tiles", n_normal=4, n_defect=2)
+    references = select_references(pool, k=2, strategy="normal")
+    batch = torch.stack([small_encoder.preprocess(read_rgb(p)) for p in pool["path"].iloc[-2:]])
+
+    def raw(projector) -> np.ndarray:
+        small_encoder.set_adaptor(projector, None)
+        small_encoder.set_references("tile", load_reference_images(small_encoder, references))
+        return small_encoder._raw_maps(small_encoder.patch_features(batch), small_encoder.memories["tile"]).numpy()
+
+    blur = small_encoder.blur_sigma
+    small_encoder.blur_sigma = 0.0  # the blur averages sqrt(2 d) instead of d: close, not rank-identical
+    try:
+        plain = raw(None).ravel()
+        skip = raw(ResidualProjector(472, hidden=16, skip=True)).ravel()
+        assert spearmanr(plain, skip)[0] > 0.9999 and np.allclose(skip, np.sqrt(2 * plain), atol=1e-3)
+        assert spearmanr(plain, raw(ResidualProjector(472, hidden=16, out_dim=8)).ravel())[0] < 0.99
+    finally:
+        small_encoder.blur_sigma = blur
+        small_encoder.set_adaptor(None)

@@ -44,15 +44,26 @@ ABNORMAL_FRACTION = 0.5  # a grid cell is abnormal when at least half its pixels
 
 
 class ResidualProjector(nn.Module):
-    """Two-layer MLP on residual features: (N, in_dim) -> (N, out_dim)."""
+    """Two-layer MLP on residual features: (N, in_dim) -> (N, out_dim).
 
-    def __init__(self, in_dim: int, hidden: int = 256, out_dim: int = 128) -> None:
+    ``skip``: output = residual + MLP(residual) (out_dim = in_dim) with the MLP's last layer starting at
+    zero, so an untrained adaptor scores exactly like the plain encoder (the norm of the residual is a
+    monotonic function of the cosine distance) and training can only move away from that on evidence.
+    """
+
+    def __init__(self, in_dim: int, hidden: int = 256, out_dim: int = 128, skip: bool = False) -> None:
         super().__init__()
-        self.config = {"in_dim": int(in_dim), "hidden": int(hidden), "out_dim": int(out_dim)}
+        out_dim = in_dim if skip else out_dim
+        self.config = {"in_dim": int(in_dim), "hidden": int(hidden), "out_dim": int(out_dim), "skip": bool(skip)}
+        self.skip = bool(skip)
         self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, out_dim))
+        if self.skip:
+            nn.init.zeros_(self.net[-1].weight)
+            nn.init.zeros_(self.net[-1].bias)
 
     def forward(self, residuals: torch.Tensor) -> torch.Tensor:
-        return self.net(residuals)
+        out = self.net(residuals)
+        return residuals + out if self.skip else out
 
 
 @dataclass
@@ -204,7 +215,8 @@ def _balanced_batch(labels: torch.Tensor, size: int, generator: torch.Generator)
 
 
 def train_projector(bank: ResidualBank, steps: int = 300, batch_size: int = 512, lr: float = 1e-3,
-                    hidden: int = 256, out_dim: int = 128, temperature: float = 0.15, radius: float = 1.0,
+                    hidden: int = 256, out_dim: int = 128, skip: bool = True, temperature: float = 0.15,
+                    radius: float = 1.0,
                     margin: float = 1.0, norm_weight: float = 1.0, seed: int = 0,
                     device: str | torch.device = "cpu",
                     log: Callable[[str], None] | None = None) -> tuple[ResidualProjector, dict[str, Any]]:
@@ -213,7 +225,7 @@ def train_projector(bank: ResidualBank, steps: int = 300, batch_size: int = 512,
         raise ValueError("adaptor: the residual bank needs both normal and abnormal patches")
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    projector = ResidualProjector(bank.view_a.shape[1], hidden, out_dim).to(device)
+    projector = ResidualProjector(bank.view_a.shape[1], hidden, out_dim, skip).to(device)
     optimiser = torch.optim.Adam(projector.parameters(), lr=lr)
     started, history = time.perf_counter(), []
     for step in range(steps):
@@ -225,13 +237,14 @@ def train_projector(bank: ResidualBank, steps: int = 300, batch_size: int = 512,
         losses["total"].backward()
         optimiser.step()
         if step == 0 or step == steps - 1 or (step + 1) % max(1, steps // 10) == 0:
-            history.append({"step": step + 1, **{k: float(v) for k, v in losses.items()}})
+            history.append({"step": step + 1, **{k: float(v.detach()) for k, v in losses.items()}})
             if log is not None:
-                log(f"adaptor step {step + 1}/{steps}: " + ", ".join(f"{k} {float(v):.4f}" for k, v in losses.items()))
+                log(f"adaptor step {step + 1}/{steps}: " + ", ".join(f"{k} {v:.4f}" for k, v in history[-1].items()
+                                                                      if k != "step"))
     report = {"steps": steps, "seconds": round(time.perf_counter() - started, 2), "history": history,
               "patches": {"normal": int((bank.labels == 0).sum()), "abnormal": int((bank.labels == 1).sum())},
               "images": dict(bank.counts),
-              "hyper": {"batch_size": batch_size, "lr": lr, "temperature": temperature, "radius": radius,
+              "hyper": {"batch_size": batch_size, "lr": lr, "skip": skip, "temperature": temperature, "radius": radius,
                         "margin": margin, "norm_weight": norm_weight, "seed": seed}}
     return projector.cpu().eval(), report
 
@@ -255,7 +268,7 @@ def fit_adaptor(encoder: Any, pool: pd.DataFrame, references: pd.DataFrame, trai
     bank = residual_bank(encoder, images, reference_images, training.normal_cells_per_image, training.seed)
     projector, report = train_projector(
         bank, steps=training.steps, batch_size=training.batch_size, lr=training.lr, hidden=training.hidden,
-        out_dim=training.out_dim, temperature=training.temperature, radius=training.radius,
+        out_dim=training.out_dim, skip=training.skip, temperature=training.temperature, radius=training.radius,
         margin=training.margin, norm_weight=training.norm_weight, seed=training.seed, device=encoder.device,
         log=log)
     report["total_seconds"] = round(time.perf_counter() - started, 2)

@@ -25,6 +25,10 @@ Method (all general, nothing fitted to a dataset):
   different categories thus live on one [0, 1) scale, which the per-category thresholds (mean of image
   maxima minus 0.1) need; the transform is monotonic, so AUROCs within a category are unchanged.
 
+- adaptor (``kead.adaptor``, ``set_adaptor``): an ADPretrain projector (kead/adaptor.py) of the residual
+  "patch minus its nearest memory patch"; the raw score becomes the norm of the projected residual, and
+  the adaptor's run and digest join the identity, so adapted and plain maps live in different store versions.
+
 Measured (benchmarks/bench_kead_eval.py, magnetic tile, 4 MT_Free references, all 392 defect images):
 pixel AUROC mean over the five classes 0.826 (Blowhole 0.93, Break 0.92, Crack 0.78, Fray 0.93,
 Uneven 0.56) against 0.775 for a plain PatchCore-style map with the same weights; see the benchmark.
@@ -295,7 +299,7 @@ class CnnFewShotEncoder:
                 raise ValueError(f"feature adaptor {lineage.get('run_id')} was trained for encoder features "
                                  f"{compatible_identity(trained_for)}, this encoder has {mine}")
             self.identity.extra["adaptor"] = adaptor_tag(lineage)
-            projector = projector.to(self.device).eval()
+            projector = projector.to(self.device).eval().requires_grad_(False)  # inference only
         self.adaptor = projector
         self.clear_references()
 

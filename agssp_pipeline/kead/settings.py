@@ -16,7 +16,8 @@ class AdaptorTrainingSettings(BaseModel):
     batch_size: int = Field(512, ge=2)  # residual patches per step, half normal, half abnormal
     lr: float = Field(1e-3, gt=0)
     hidden: int = Field(256, ge=1)
-    out_dim: int = Field(128, ge=1)
+    out_dim: int = Field(128, ge=1)  # ignored with skip (the output keeps the feature's size)
+    skip: bool = True  # residual + MLP(residual), starting as the plain score (adaptor.ResidualProjector)
     temperature: float = Field(0.15, gt=0)  # InfoNCE temperature of the angle-oriented loss
     radius: float = Field(1.0, gt=0)  # normal residual norms kept inside it
     margin: float = Field(1.0, ge=0)  # abnormal ones pushed beyond radius + margin
