@@ -329,3 +329,28 @@ def test_untrained_skip_adaptor_ranks_patches_like_the_plain_encoder(tmp_path, s
     finally:
         small_encoder.blur_sigma = blur
         small_encoder.set_adaptor(None)
+
+
+def test_collect_training_images_skips_unreadable_files_and_keeps_references_out(tmp_path):
+    from agssp_pipeline.kead.adaptor import collect_training_images
+    from agssp_pipeline.kead.references import select_references
+
+    pool = _corpus(tmp_path / "tiles", n_normal=4, n_defect=1)
+    references = select_references(pool, k=2, strategy="normal")
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    pool = pd.concat([pool, pool.iloc[[0]].assign(image_id="free999", path=str(broken))], ignore_index=True)
+    messages: list[str] = []
+    images = collect_training_images(pool, references, SyntheticRecipe(), max_images=8, synthetic_per_image=1,
+                                     log=messages.append)
+    assert any("broken.png" in m for m in messages)
+    origins = [i.origin.split(":")[0] for i in images]
+    assert origins.count("normal") == 2 and origins.count("synthetic") == 2 and origins.count("real_mask") == 1
+    reference_pixels = {tuple(np.asarray(_read_rgb(p)).ravel()[:32]) for p in references["path"]}
+    assert not any(tuple(i.image.ravel()[:32]) in reference_pixels for i in images if i.origin == "normal")
+
+
+def _read_rgb(path: str) -> np.ndarray:
+    from agssp_pipeline.sources.decode import read_rgb
+
+    return read_rgb(path)

@@ -167,11 +167,16 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 
 def _sample_cells(labels: np.ndarray, normal_cells: int, rng: np.random.Generator) -> np.ndarray:
-    """Flat indices of every abnormal cell and up to ``normal_cells`` normal ones."""
+    """Flat indices of up to ``normal_cells`` normal cells and up to four times as many abnormal ones.
+
+    The caps bound the bank's memory (a large defect on a 40x40 grid is ~1,000 cells of ~500 floats).
+    """
     flat = labels.ravel()
     abnormal, normal = np.flatnonzero(flat == 1), np.flatnonzero(flat == 0)
     if len(normal) > normal_cells:
         normal = rng.choice(normal, normal_cells, replace=False)
+    if len(abnormal) > 4 * normal_cells:
+        abnormal = rng.choice(abnormal, 4 * normal_cells, replace=False)
     return np.concatenate([abnormal, normal])
 
 
