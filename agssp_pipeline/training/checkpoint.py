@@ -356,11 +356,14 @@ def latest_run_of_any(layout, kind: str) -> str | None:
 
 
 def _backbone_digest(run_dir_uri: str) -> str | None:
-    """Digest of the YOLOv8 backbone tensors of a backbone checkpoint, as detector and finetune record it."""
+    """Digest of a backbone checkpoint's tensors keyed for its detector, as detector and finetune record it
+    (``model.0..9`` for CSPDarknet, layer 0 of the hybrid detector for other backbones)."""
+    from agssp_pipeline.training.yolo_backbones import detector_backbone_state
+
     try:
-        state, _ = load_checkpoint(run_dir_uri)
-        return state_dict_digest(backbone_state_for_detector(state))
-    except (FileNotFoundError, ValueError):
+        state, lineage = load_checkpoint(run_dir_uri)
+        return state_dict_digest(detector_backbone_state(state, str(lineage.get("backbone") or "yolov8n")))
+    except (FileNotFoundError, ValueError, KeyError):  # KeyError: a backbone this code no longer registers
         return None
 
 
