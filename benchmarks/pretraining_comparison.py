@@ -4,7 +4,7 @@ few-shot regimes) on a labelled downstream set, several seeds, with paired 95 % 
     .venv/bin/python benchmarks/pretraining_comparison.py [--downstream neu_det] [--backbone efficientnet_lite0]
         [--seeds 3] [--few-shot 50 100] [--finetune-epochs 8] [--workdir DIR] [--report-only]
 
-Generalises ``neu_det_comparison.py``. Pretraining corpus: the synthetic demo sources plus the real shared sets
+It replaces the former NEU-DET-only script. Pretraining corpus: the synthetic demo sources plus the real shared sets
 (``../shared/data``: magnetic tile with MT_Free as normal references, X-SDD, casting; ``--pretrain-sets``
 chooses). Downstream: NEU-DET by default, or any labelled shared set (``--downstream magnetic_tile``), or a
 source of your own (``--downstream-source name:format:root``); it never enters pretraining (the finetune stage
