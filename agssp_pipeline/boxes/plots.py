@@ -18,7 +18,6 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from agssp_pipeline.sources import preview  # noqa: E402
-from agssp_pipeline.sources.decode import read_bgr  # noqa: E402
 
 
 def _png(figure) -> bytes:
@@ -63,11 +62,7 @@ def box_preview(rows: pd.DataFrame, boxes: pd.DataFrame, ground_truth: pd.DataFr
     and, where the source has them, ground-truth boxes and mask outlines in green; unreadable images are
     skipped. Captions: file name, category, best box score and count, ground truth."""
     tiles = []
-    for row in rows.itertuples(index=False):
-        try:
-            image = read_bgr(row.path)
-        except OSError:
-            continue
+    for row, image in preview.readable_rows(rows):
         mine = boxes[boxes["image_id"] == row.image_id]
         gt = ground_truth[ground_truth["path"] == row.path] if ground_truth is not None else None
         mask = preview.ground_truth_mask(getattr(row, "mask_path", None))

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import base64
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import cv2
 import numpy as np
@@ -127,6 +128,15 @@ def jpeg_markdown(data: bytes, alt: str, legend: str = LEGEND) -> str:
     return f"![{alt}](data:image/jpeg;base64,{base64.b64encode(data).decode('ascii')})\n\n{legend}"
 
 
+def readable_rows(rows: pd.DataFrame) -> Iterator[tuple[Any, np.ndarray]]:
+    """(row, BGR image) of the index rows whose file decodes; a preview skips the others."""
+    for row in rows.itertuples(index=False):
+        try:
+            yield row, read_bgr(row.path)
+        except OSError:
+            continue
+
+
 def ground_truth_mask(mask_path: object) -> np.ndarray | None:
     """The image's GT mask as bool, or None when it has none or it cannot be read (a preview never fails)."""
     if not isinstance(mask_path, str) or not mask_path:
@@ -156,11 +166,7 @@ def contact_sheet(images: pd.DataFrame, annotations: pd.DataFrame, count: int = 
     pool = boxed if len(boxed) >= count else unique
     picks = pool.iloc[np.unique(np.linspace(0, len(pool) - 1, num=min(count, len(pool))).round().astype(int))]
     tiles = []
-    for row in picks.itertuples(index=False):
-        try:
-            image = read_bgr(row.path)
-        except OSError:
-            continue
+    for row, image in readable_rows(picks):
         boxes = annotations[annotations["path"] == row.path]
         classes = ", ".join(sorted(set(boxes["class_name"].astype(str)))) or "no boxes"
         caption = [os.path.basename(row.path), f"{row.category} | {normal_state(getattr(row, 'is_normal', None))}",
