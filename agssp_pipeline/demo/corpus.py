@@ -394,6 +394,10 @@ kead:
   batch_size: 16
   num_workers: 0
   device: auto
+  adaptor_training:         # feature_adaptor (ADPretrain projector): a few steps, enough to show the stage
+    steps: 30
+    batch_size: 256
+    max_images_per_category: 8
 
 boxes:
   delta: 0.1
