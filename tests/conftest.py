@@ -89,3 +89,30 @@ def moto_s3_server():
     yield s3
     s3fs.S3FileSystem.clear_instance_cache()
     server.stop()
+
+
+@pytest.fixture()
+def dagster_home(tmp_path, monkeypatch):
+    """A fresh persistent Dagster instance folder for the test (DAGSTER_HOME)."""
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    return home
+
+
+@pytest.fixture()
+def lineage_writes(monkeypatch) -> list[str]:
+    """Every lineage.json write through artifact_io during the test (to assert one writer, once)."""
+    from agssp_pipeline import artifact_io
+    from agssp_pipeline.training import checkpoint as ckpt
+
+    writes: list[str] = []
+    original = artifact_io.write_bytes
+
+    def recording(uri, data):
+        if str(uri).endswith(ckpt.LINEAGE_FILE):
+            writes.append(str(uri))
+        return original(uri, data)
+
+    monkeypatch.setattr(artifact_io, "write_bytes", recording)
+    return writes

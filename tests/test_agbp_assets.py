@@ -9,7 +9,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from agssp_pipeline import artifact_io
 from agssp_pipeline.config import PipelineConfig, SourceConfig, dump_config
 from agssp_pipeline.training import checkpoint as ckpt
 from agssp_pipeline.training import data as agbp_data
@@ -66,17 +65,8 @@ def pipeline(tmp_path, monkeypatch):
     return config_path, layout, opened
 
 
-def test_materialise_records_consumed_partitions_versions_and_curves(pipeline, monkeypatch):
+def test_materialise_records_consumed_partitions_versions_and_curves(pipeline, lineage_writes):
     config_path, layout, opened = pipeline
-    lineage_writes: list[str] = []
-    write_bytes = artifact_io.write_bytes
-
-    def recording(uri, data):
-        if str(uri).endswith(ckpt.LINEAGE_FILE):
-            lineage_writes.append(str(uri))
-        return write_bytes(uri, data)
-
-    monkeypatch.setattr(artifact_io, "write_bytes", recording)
     instance = dg.DagsterInstance.ephemeral()
     instance.add_dynamic_partitions(BACKBONE_PARTITION, ["yolov8n"])
     instance.report_runless_asset_event(

@@ -199,19 +199,11 @@ def test_checkpoint_round_trip_on_object_storage(moto_endpoint, moto_s3_server, 
     assert not list(tmp_path.iterdir())
 
 
-def test_the_trainer_writes_the_lineage_once_with_what_the_caller_adds(tmp_path, monkeypatch):
+def test_the_trainer_writes_the_lineage_once_with_what_the_caller_adds(tmp_path, lineage_writes):
     """One writer of lineage.json: extra keys go through train_backbone, nobody rewrites the file afterwards."""
     table = make_synthetic_pretrain_table(str(tmp_path / "images"), images=4, size=64)
     config = PipelineConfig(storage_root=str(tmp_path / "storage"))
-    writes: list[str] = []
-    original = artifact_io.write_bytes
-
-    def counting(uri, data):
-        if str(uri).endswith(ckpt.LINEAGE_FILE):
-            writes.append(str(uri))
-        return original(uri, data)
-
-    monkeypatch.setattr(artifact_io, "write_bytes", counting)
+    writes = lineage_writes
     settings = BackboneSettings(epochs=1, batch_size=4, image_size=64, num_workers=0, max_steps_per_epoch=1)
     extra = {"dagster_upstream_data_versions": {"anomaly_maps": {"synthetic": "dv-1"}}}
     result = train_backbone(config, "yolov8n", settings=settings, table=table, extra_lineage=extra)

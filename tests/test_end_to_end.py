@@ -15,14 +15,6 @@ from agssp_pipeline.demo import generate_demo
 from agssp_pipeline.orchestration import materialize_selection, prepare_instance
 
 
-@pytest.fixture()
-def dagster_home(tmp_path, monkeypatch):
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    monkeypatch.setenv("DAGSTER_HOME", str(home))
-    return home
-
-
 def test_partial_failure_is_confined_to_its_source(tmp_path, dagster_home, monkeypatch):
     corpus = generate_demo(tmp_path / "demo", seed=1, scale=0.2)
     data = yaml.safe_load(corpus.config_path.read_text())

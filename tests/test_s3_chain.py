@@ -24,14 +24,6 @@ PRETRAIN = ("demo_plant_line1", "demo_rolled_voc", "demo_billet_masks")
 DOWNSTREAM = "demo_downstream"
 
 
-@pytest.fixture()
-def dagster_home(tmp_path, monkeypatch):
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    monkeypatch.setenv("DAGSTER_HOME", str(home))
-    return home
-
-
 def _demo_config(tmp_path: Path, storage_root: str | None) -> Path:
     """A small demo corpus whose config points at ``storage_root`` (None: the corpus' own storage/)."""
     corpus = generate_demo(tmp_path / "demo", seed=0, scale=0.3)
