@@ -198,3 +198,52 @@ def backbone_checkpoint_loads(
             "lineage": json.dumps(lineage.get("data", {}))[:2000],
         },
     )
+
+
+# ---------------------------------------------------------------- attention probe (issue 11, item 6)
+
+ATTENTION_CODE_VERSION = "attention-probe-1"
+
+
+class AttentionProbeConfig(dg.Config):
+    """How many labelled images per source the probe scores (fixed order: the first by image id)."""
+
+    max_images: int = 64
+
+
+@dg.asset(
+    partitions_def=backbone_partitions,
+    deps=[dg.AssetDep("backbone_checkpoint"), dg.AssetDep("image_index", partition_mapping=dg.AllPartitionMapping())],
+    code_version=ATTENTION_CODE_VERSION,
+    group_name="training",
+    kinds={"pytorch", "parquet"},
+    description=(
+        "Does the backbone look at defects? Pixel AUROC of the distilled stages' attention (AGBP's sum over "
+        "channels of F^2, upsampled, min-max normalised, averaged) against the masks or box interiors of every "
+        "labelled source, for the scratch start, the ImageNet start (where the backbone has one) and every "
+        "checkpoint run. Writes `evaluations/attention/<backbone>.parquet`. Seconds, not finetune hours."
+    ),
+)
+def backbone_attention_evaluation(
+    context: dg.AssetExecutionContext, config: AttentionProbeConfig, pipeline_config: PipelineConfigResource
+) -> dg.MaterializeResult:
+    from agssp_pipeline.eval import attention_probe
+
+    pipeline = pipeline_config.load()
+    name = context.partition_key
+    settings = pipeline.backbone
+    frame = attention_probe.evaluate_attention(
+        pipeline.layout(), name, list(pipeline.source_names), settings.image_size,
+        stages=settings.distill_stages, max_images=config.max_images, seed=settings.seed,
+    )
+    uri = attention_probe.write_attention_evaluation(frame, pipeline.layout(), name)
+    context.log.info(f"attention probe {name}: {len(frame)} rows -> {uri}")
+    return dg.MaterializeResult(metadata={
+        "table": dg.MetadataValue.md(attention_probe.markdown_table(frame)),
+        "pixel_auroc": dg.MetadataValue.json(json.loads(attention_probe.summary_json(frame))),
+        "path": dg.MetadataValue.path(uri),
+        "sources": dg.MetadataValue.text(", ".join(sorted(set(frame["source"]))) or "-"),
+        "image_size": dg.MetadataValue.text(str(settings.image_size)),
+        "max_images": dg.MetadataValue.text(str(config.max_images)),
+        "rows": dg.MetadataValue.int(len(frame)),
+    })
