@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from datetime import UTC, datetime
 
 import cv2
@@ -175,3 +176,11 @@ def test_probe_is_deterministic_and_scores_the_imagenet_start(pipeline):
     assert first["note"].iloc[1].startswith("imagenet:")
     np.testing.assert_allclose(first["pixel_auroc"], second["pixel_auroc"])
     assert first["pixel_auroc"].notna().all()
+
+
+def test_a_checkpoint_that_does_not_fit_is_an_error_naming_the_run(pipeline):
+    _, layout = pipeline
+    run_id = _save_backbone_run(layout, "yolov8n", 1.0, seed=2)
+    shutil.copytree(ckpt.run_dir(layout, "yolov8n", run_id), ckpt.run_dir(layout, "yolov8s", run_id))
+    with pytest.raises(ValueError, match=f"{run_id}.*does not fit backbone 'yolov8s'"):
+        list(probe.backbone_starts(layout, "yolov8s", 64))

@@ -187,7 +187,10 @@ def backbone_starts(layout, backbone_name: str, image_size: int, stages: Sequenc
         state, lineage = ckpt.load_checkpoint(run, float32=True)
         model = build_backbone(backbone_name, image_size=int(lineage.get("image_size") or image_size),
                                pretrained=False).backbone
-        model.native.load_state_dict(state)  # strict: a checkpoint that does not fit is an error naming it
+        try:  # strict: weights that do not fit this backbone are an error naming the run, not a silent re-init
+            model.native.load_state_dict(state)
+        except RuntimeError as error:
+            raise ValueError(f"checkpoint {run} does not fit backbone '{backbone_name}': {error}") from None
         run_stages = tuple((lineage.get("resolved") or {}).get("distill_stages") or default_stages)
         weight = lineage.get("distill_weight")
         yield Start(run_id, model, run_stages, run_id=run_id,
