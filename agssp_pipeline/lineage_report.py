@@ -242,6 +242,7 @@ KINDS: dict[str, Kind] = {
                                    args=lambda layout, uri, _: (uri, layout)),
     "kead_evaluation": _evaluation_kind("kead", "kead.evaluation:evaluation_record"),
     "box_quality": _evaluation_kind("box_quality", "boxes.stage:quality_record"),
+    "attention": _evaluation_kind("attention", "eval.attention_probe:attention_record"),
 }
 PER_SOURCE = ("index", "maps", "pseudo_boxes")  # kinds keyed by source name (checkpoints, evaluations: address)
 

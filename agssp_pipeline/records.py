@@ -20,6 +20,7 @@ ASSETS: dict[str, str] = {
     "index": "image_index", "maps": "anomaly_maps", "thresholds": "category_thresholds",
     "pseudo_boxes": "pseudo_boxes", "backbone": "backbone_checkpoint", "detector": "detector_checkpoint",
     "evaluation": "finetune_evaluation", "kead_evaluation": "kead_evaluation", "box_quality": "pseudo_box_quality",
+    "attention": "backbone_attention_evaluation",
 }
 KIND_OF_ASSET: dict[str, str] = {asset: kind for kind, asset in ASSETS.items()}
 

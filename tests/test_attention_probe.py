@@ -167,6 +167,14 @@ def test_asset_materialises_one_row_per_source_and_start(pipeline):
     backbone_inputs = [i for i in record.inputs if i.kind == ckpt.BACKBONE]
     assert len(backbone_inputs) == 1 and backbone_inputs[0].version == run["weights_digest"]
 
+    from agssp_pipeline.lineage_report import build_lineage_report
+
+    report = build_lineage_report(layout.evaluations("attention", "yolov8n"), use_dagster=False)
+    assert report.target_kind == "attention"
+    assert [e.label for e in report.stage("evaluations").entries] == ["attention evaluation yolov8n"]
+    assert len(report.stage("backbone").entries) == 1 and report.stage("sources").entries
+    assert not report.flags("STALE")
+
 
 def test_probe_is_deterministic_and_scores_the_imagenet_start(pipeline):
     _, layout = pipeline
