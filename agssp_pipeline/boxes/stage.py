@@ -265,21 +265,22 @@ def compute_quality(config: PipelineConfig, source: str, settings: BoxesSettings
     if pseudo is None:
         raise FileNotFoundError(f"no pseudo boxes for '{source}' at {layout.pseudo_boxes(source)}: "
                                 "materialize pseudo_boxes first")
-    maps = load_maps(layout, source)
+    index = read_index(layout, source)
+    maps = load_maps(layout, source, index)
+    rows = map_rows_id(maps.image_id)
     versions = set(pseudo["map_store_version"].dropna().unique())
     recorded_rows = pseudo.attrs.get("map_rows")
-    if (versions and versions != {str(maps.attrs.get("version"))}) or (
-            recorded_rows and recorded_rows != map_rows_id(maps.image_id)):
+    if (versions and versions != {str(maps.attrs.get("version"))}) or (recorded_rows and recorded_rows != rows):
         raise ValueError(
             f"pseudo boxes of '{source}' were built from map store version(s) {sorted(versions)} "
             f"(rows {recorded_rows}) but the store is at {maps.attrs.get('version')} "
-            f"(rows {map_rows_id(maps.image_id)}): rematerialize pseudo_boxes"
+            f"(rows {rows}): rematerialize pseudo_boxes"
         )
     table = evaluate_source(
         source,
         maps.image_id,
         maps.maps,
-        read_index(layout, source),
+        index,
         read_annotations(layout, source),
         pseudo,
         read_thresholds(layout),
