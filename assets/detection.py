@@ -19,6 +19,7 @@ import dagster as dg
 import pandas as pd
 
 from agssp_pipeline import artifact_io
+from agssp_pipeline.boxes import plots
 from assets.resources import PipelineConfigResource
 
 DETECTOR_CODE_VERSION = "agdp-1"
@@ -200,9 +201,14 @@ def finetune_evaluation(
     ])
     worse = worse_than_scratch(summary, AGSSP_VARIANTS)
     first = table[table["status"] == "ok"].iloc[0]
+    charts = {e.dataset: pipeline.layout().evaluations("finetune", e.dataset, ".png") for e in evaluations}
     return dg.MaterializeResult(
         metadata={
             "comparison": dg.MetadataValue.md(markdown),
+            "comparison_chart": dg.MetadataValue.md("\n\n".join(
+                plots.png_markdown(artifact_io.read_bytes(uri), f"{name}: variants with 95 % intervals")
+                for name, uri in charts.items() if artifact_io.exists(uri))),
+            "comparison_chart_files": dg.MetadataValue.json(charts),
             "per_class_ap50_95": dg.MetadataValue.md(_md_table(per_class_wide)),
             "checkpoint_lineage": dg.MetadataValue.md(_md_table(lineage_rows)),
             "splits": dg.MetadataValue.md(_md_table(splits)),

@@ -36,6 +36,7 @@ import pandas as pd
 
 from agssp_pipeline import artifact_io
 from agssp_pipeline.eval.coco_map import evaluate_detections, write_coco_files
+from agssp_pipeline.eval.comparison_chart import variant_chart
 from agssp_pipeline.eval.intervals import match_run
 from agssp_pipeline.records import STALE, Input, Record, plain
 from agssp_pipeline.storage import StorageLayout
@@ -438,12 +439,14 @@ def evaluate_dataset(
 
 def write_evaluation_tables(layout: StorageLayout, dataset: str, table: pd.DataFrame, per_class: pd.DataFrame,
                             summary: pd.DataFrame, replicates: int | None = None) -> tuple[str, str, str]:
-    """The one writer of ``evaluations/finetune/<dataset>{.parquet,.per_class.parquet,.summary.parquet,.md}``."""
+    """The one writer of ``evaluations/finetune/<dataset>{.parquet,.per_class.parquet,.summary.parquet,.md,.png}``."""
     table_path = artifact_io.write_parquet(layout.evaluations("finetune", dataset), table)
     per_class_path = artifact_io.write_parquet(layout.evaluations("finetune", f"{dataset}.per_class"), per_class)
     summary_path = artifact_io.write_parquet(layout.evaluations("finetune", f"{dataset}.summary"), summary)
     artifact_io.write_text(layout.evaluations("finetune", dataset, ".md"),
                            comparison_markdown(summary, table, replicates) + "\n")
+    if not summary.empty:
+        artifact_io.write_bytes(layout.evaluations("finetune", dataset, ".png"), variant_chart(summary, dataset))
     return table_path, per_class_path, summary_path
 
 
