@@ -18,14 +18,14 @@ import dagster as dg
 
 from agssp_pipeline import artifact_io
 from agssp_pipeline.training import checkpoint as ckpt
-from agssp_pipeline.training.agbp import plot_loss_curves, train_backbone
+from agssp_pipeline.training.agbp import plot_loss_curves, train_backbone, train_domain_baseline
 from agssp_pipeline.training.lineage import file_hash
 from agssp_pipeline.training.settings import BackboneSettings
 from assets.partitions import backbone_partitions
 from assets.resources import PipelineConfigResource
 
 # bump when a change in agssp_pipeline.training changes what a run with the same inputs produces
-AGBP_CODE_VERSION = "agbp-1"
+AGBP_CODE_VERSION = "agbp-2"  # 2: also trains the mode 2 (domain) baseline when finetuned
 UPSTREAM_ASSETS = ("anomaly_maps", "image_index")
 
 
@@ -102,7 +102,9 @@ def _loss_table(history: list[dict]) -> str:
         "AGBP-pretrained backbone (one partition per backbone): attention maps of the last stages distilled "
         "towards the KeAD anomaly maps of all pretraining sources, plus the base loss. Writes "
         "`checkpoints/backbone/<name>/<run_id>/model.safetensors` + `lineage.json` (sources, index and map store "
-        "versions, code commit, losses) and moves latest.json. GPU pool; manual or scheduled, never eager."
+        "versions, code commit, losses) and moves latest.json. When `finetune.variants` holds `domain`, also the "
+        "paper's mode 2 baseline: the same recipe with the distillation weight at 0 (never latest.json). "
+        "GPU pool; manual or scheduled, never eager."
     ),
 )
 def backbone_checkpoint(
@@ -152,6 +154,13 @@ def backbone_checkpoint(
     }
     if final["base_loss"] is not None:
         metadata["final_base_loss"] = dg.MetadataValue.float(float(final["base_loss"]))
+    if "domain" in pipeline.finetune.variants:  # the paper's mode 2 baseline; latest.json stays on AGBP
+        domain = train_domain_baseline(pipeline, name, settings=settings,
+                                       extra_lineage={"dagster_upstream_data_versions": upstream},
+                                       log=context.log.info)
+        metadata["domain_run_id"] = dg.MetadataValue.text(domain.run_id)
+        metadata["domain_checkpoint_path"] = dg.MetadataValue.path(domain.model_path)
+        metadata["domain_final_total_loss"] = dg.MetadataValue.float(float(domain.lineage["final_losses"]["total_loss"]))
     return dg.MaterializeResult(
         metadata=metadata, data_version=dg.DataVersion(file_hash(result.model_path) or result.run_id)
     )

@@ -9,7 +9,7 @@ It replaces the former NEU-DET-only script. Pretraining corpus: the synthetic de
 chooses). Downstream: NEU-DET by default, or any labelled shared set (``--downstream magnetic_tile``), or a
 source of your own (``--downstream-source name:format:root``); it never enters pretraining (the finetune stage
 refuses overlapping image ids). Modes (``training/variants.py``): scratch, imagenet (1), domain (2: the same
-AGBP recipe with ``distill_weight: 0``, trained here as a second backbone run), agbp (3), agssp (4); a mode
+AGBP recipe with ``distill_weight: 0``, trained by the backbone_checkpoint asset beside AGBP), agbp (3), agssp (4); a mode
 that cannot exist for the backbone is printed as not applicable.
 
 Runtime: the defaults (image size 128, AGBP 1 epoch capped at ``--backbone-steps`` steps, AGDP 3 epochs,
@@ -151,22 +151,6 @@ def materialise(config_path: Path, selection: str | None) -> bool:
     return not report.failed
 
 
-def train_domain_backbone(config_path: Path) -> str:
-    """Mode 2: the AGBP run's recipe with distillation off, on the same corpus; latest.json stays on AGBP."""
-    from agssp_pipeline.config import load_config
-    from agssp_pipeline.training import checkpoint as ckpt
-    from agssp_pipeline.training.agbp import train_backbone
-
-    config = load_config(config_path)
-    layout, backbone = config.layout(), config.detector.backbone
-    pointer = ckpt.read_latest_pointer(layout, backbone)
-    settings = config.backbone.model_copy(update={"distill_weight": 0.0})
-    result = train_backbone(config, backbone, settings=settings, log=print)
-    if pointer is not None:  # AGDP and anyone else asking for "the latest backbone" keep getting AGBP
-        ckpt.write_latest_pointer(layout, backbone, pointer["run_id"])
-    return str(getattr(result, "run_dir", result))
-
-
 def report(config_path: Path, wall_seconds: float | None) -> int:
     import pandas as pd
 
@@ -201,9 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     config_path = build_config(args)
     print(f"config: {config_path}", flush=True)
-    ok = materialise(config_path, "*detector_checkpoint")  # everything up to the detector
-    if ok and "domain" in args.modes:
-        print(f"domain backbone (distill_weight 0): {train_domain_backbone(config_path)}", flush=True)
+    # everything up to the detector; backbone_checkpoint also trains the mode 2 (domain) baseline when listed
+    ok = materialise(config_path, "*detector_checkpoint")
     ok = ok and materialise(config_path, "finetune_evaluation")
     code = report(config_path, time.perf_counter() - started)
     return code if ok else 1

@@ -105,8 +105,18 @@ def test_materialise_records_consumed_partitions_versions_and_curves(pipeline, l
     checkpoint_path = metadata["checkpoint_path"].value
     state, lineage = ckpt.load_checkpoint(checkpoint_path)
     assert lineage["dagster_upstream_data_versions"]["anomaly_maps"]["synth"] == "maps-dv-1"
-    # one writer: the trainer wrote the sidecar once (one epoch), with what the asset added; nobody rewrote it
-    assert lineage_writes == [metadata["lineage_path"].value]
+    # one writer: the trainer wrote each sidecar once (one epoch), with what the asset added; nobody rewrote it.
+    # The default finetune variants hold "domain": the mode 2 baseline run (distill weight 0) is trained too,
+    # and latest.json stays on the AGBP run
+    domain_dir = metadata["domain_checkpoint_path"].value.rsplit("/", 1)[0]
+    assert lineage_writes == [metadata["lineage_path"].value, f"{domain_dir}/{ckpt.LINEAGE_FILE}"]
+    _, domain_lineage = ckpt.load_checkpoint(domain_dir)
+    assert domain_lineage["distill_weight"] == 0 and lineage["distill_weight"] != 0
+    assert domain_lineage["final_losses"]["distill_loss"] is not None  # measured, not optimised
+    assert metadata["domain_run_id"].value != metadata["run_id"].value
+    from agssp_pipeline.training.variants import latest_backbone_runs
+
+    assert latest_backbone_runs(layout, "yolov8n") == (ckpt.latest_checkpoint_dir(layout, "yolov8n"), domain_dir)
     assert lineage["data"]["sources"]["synth"]["encoder"]["encoder"] == "kead_clip"
     assert (
         json.loads(json.dumps(metadata["consumed_inputs_json"].value))["sources"]["synth"][

@@ -659,13 +659,15 @@ def _save_checkpoint(run: _Run, parts: _Parts, progress: _Progress, epoch: int, 
     progress.saved_lineage = lineage
 
 
-def _complete(run: _Run, progress: _Progress, base: dict[str, Any]) -> dict[str, Any]:
-    """Move ``latest.json`` to this run (rank 0) and return its lineage as written by the last checkpoint."""
+def _complete(run: _Run, progress: _Progress, base: dict[str, Any], make_latest: bool = True) -> dict[str, Any]:
+    """Move ``latest.json`` to this run (rank 0, unless ``make_latest`` is off) and return its lineage as
+    written by the last checkpoint."""
     lineage = _snapshot_lineage(base, progress, "complete", run.settings.epochs)
     if run.ctx.is_main:
         # a resumed run whose last epoch was already saved wrote its lineage in the earlier process
         lineage = progress.saved_lineage or ckpt.read_lineage(run.run_dir)
-        ckpt.write_latest_pointer(run.layout, run.backbone, run.run_id, {"updated_at": lineage["updated_at"]})
+        if make_latest:
+            ckpt.write_latest_pointer(run.layout, run.backbone, run.run_id, {"updated_at": lineage["updated_at"]})
     barrier(run.ctx)
     return lineage
 
@@ -697,6 +699,7 @@ def train_backbone(
     dist_ctx: DistContext | None = None,
     extra_lineage: dict[str, Any] | None = None,
     log: Callable[[str], None] | None = None,
+    make_latest: bool = True,
 ) -> TrainResult:
     """Pretrain ``backbone`` on the config's pretraining sources; write checkpoint + lineage.
 
@@ -706,7 +709,8 @@ def train_backbone(
     ``config``: a ``PipelineConfig`` (storage layout, sources). ``settings`` defaults to
     ``config.backbone``. ``table`` overrides the image/map table (tests, notebooks). ``extra_lineage``
     (new keys only) goes into ``lineage.json``, which only this function writes. Returns on rank 0 and
-    on other ranks alike (others get the same paths; only rank 0 wrote them).
+    on other ranks alike (others get the same paths; only rank 0 wrote them). ``make_latest: False``
+    leaves ``latest.json`` where it is (a baseline run that AGDP must not pick up).
     """
     run = _plan_run(config, backbone, settings or config.backbone, table, run_id, dist_ctx)
     parts = _build_parts(run)
@@ -727,7 +731,7 @@ def train_backbone(
         for callback in callbacks:
             callback.on_epoch_end(summary)
         barrier(run.ctx)
-    lineage = _complete(run, progress, base)
+    lineage = _complete(run, progress, base, make_latest)
     result = TrainResult(
         backbone=backbone,
         run_id=run.run_id,
@@ -743,6 +747,26 @@ def train_backbone(
     for callback in callbacks:
         callback.on_train_end(result)
     return result
+
+
+def train_domain_baseline(
+    config,
+    backbone: str,
+    *,
+    settings: BackboneSettings | None = None,
+    table: PretrainTable | None = None,
+    extra_lineage: dict[str, Any] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> TrainResult:
+    """The paper's mode 2: the same recipe on the same corpus with the distillation weight at 0.
+
+    It isolates what anomaly guidance adds over plain in-domain pretraining (finetune variant ``domain``).
+    Never ``latest.json``: AGDP and every other consumer of "the backbone" keep getting the AGBP run; the
+    finetune finds this run by the ``distill_weight: 0`` its lineage records.
+    """
+    baseline = (settings or config.backbone).model_copy(update={"distill_weight": 0.0})
+    return train_backbone(config, backbone, settings=baseline, table=table, extra_lineage=extra_lineage, log=log,
+                          make_latest=False)
 
 
 def plot_loss_curves(step_history: dict[str, list[float]], title: str = "AGBP losses") -> bytes:

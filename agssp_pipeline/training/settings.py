@@ -80,8 +80,9 @@ class FinetuneSettings(BaseModel):
     plots: bool = True  # ultralytics' figures per run (about half of a tiny run's time on CPU)
     workers: int = Field(2, ge=0)
     # built-in variants (training/variants.py; extra_weights add theirs): scratch, imagenet (mode 1), domain
-    # (mode 2: a backbone run with distill_weight 0), agbp (mode 3), agssp (mode 4: the AGDP detector)
-    variants: list[str] = Field(default_factory=lambda: ["scratch", "imagenet", "agbp", "agssp"])
+    # (mode 2: a backbone run with distill_weight 0, trained by backbone_checkpoint beside AGBP when listed
+    # here), agbp (mode 3), agssp (mode 4: the AGDP detector). All four modes of the paper's Table 2 by default.
+    variants: list[str] = Field(default_factory=lambda: ["scratch", "imagenet", "domain", "agbp", "agssp"])
     # prediction settings for the COCO evaluation (COCO protocol: low confidence, 100 detections per image)
     conf: float = Field(0.001, gt=0.0, lt=1.0)
     iou: float = Field(0.7, gt=0.0, le=1.0)
