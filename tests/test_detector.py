@@ -102,3 +102,52 @@ def test_same_seed_same_weights_and_metrics(tiny_data, tmp_path):
     other = train_yolo(tiny_data, YoloTrainSettings(**{**TINY.__dict__, "seed": 1}), tmp_path, "c")
     assert any(not torch.equal(first.final_state_dict[k], other.final_state_dict[k])
                for k in first.final_state_dict)
+
+
+def _random_bn_stats(model: torch.nn.Module) -> torch.nn.Module:
+    """Non-trivial BN statistics (a fresh model has mean 0 / var 1, which would hide a wrong fold)."""
+    generator = torch.Generator().manual_seed(5)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.copy_(torch.rand(module.running_mean.shape, generator=generator) * 2 - 1)
+            module.running_var.copy_(torch.rand(module.running_var.shape, generator=generator) + 0.5)
+    return model.eval()
+
+
+def test_input_normalisation_is_folded_into_layer_0_exactly():
+    """AGBP trained on (x - mean) / std; ultralytics feeds x: the folded backbone computes what AGBP's did."""
+    from agssp_pipeline.training.backbones import backbone_spec
+    from agssp_pipeline.training.detector import fold_input_normalisation
+
+    spec = backbone_spec("yolov8n")
+    agbp = _random_bn_stats(build_detection_model("yolov8n", num_classes=1))
+    state = {k: v for k, v in agbp.state_dict().items() if k.startswith(BACKBONE_PREFIXES)}
+    folded = fold_input_normalisation(state, spec.input_mean, spec.input_std)
+    assert [k for k in state if not torch.equal(state[k], folded[k])] == ["model.0.conv.weight",
+                                                                          "model.0.bn.running_mean"]
+    detector = _random_bn_stats(build_detection_model("yolov8n", num_classes=1))
+    inject_weights(detector, InitialWeights("agbp", folded, BACKBONE_PREFIXES))
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    mean, std = torch.tensor(spec.input_mean).view(1, 3, 1, 1), torch.tensor(spec.input_std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        expected, got = agbp.model[0]((x - mean) / std), detector.model[0](x)
+        unfolded = agbp.model[0](x)
+    inner = (..., slice(1, -1), slice(1, -1))  # the zero-padded border is the one place the fold cannot match
+    assert torch.allclose(got[inner], expected[inner], atol=1e-5)
+    assert (unfolded - expected)[inner].abs().mean() > 0.05  # what the detector computed before the fold
+
+
+def test_backbone_checkpoints_enter_the_detector_folded_and_digested_alike(tmp_path):
+    from agssp_pipeline.training.checkpoint import _backbone_digest, save_checkpoint
+    from agssp_pipeline.training.detector import backbone_initial_weights
+
+    raw = _backbone_checkpoint()
+    run_dir = str(tmp_path / "run")
+    save_checkpoint(run_dir, raw, {"kind": "backbone", "backbone": "yolov8n", "run_id": "r"})
+    initial = backbone_initial_weights(run_dir)
+    std = torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1)
+    assert torch.allclose(initial.state_dict["model.0.conv.weight"], raw["model.0.conv.weight"] / std)
+    assert torch.equal(initial.state_dict["model.9.cv2.conv.weight"], raw["model.9.cv2.conv.weight"])
+    assert "folded into model.0" in initial.lineage["input_normalisation"]
+    # lineage compares the backbone's digest now with what detector and finetune recorded: the same tensors
+    assert _backbone_digest(run_dir) == initial.digest

@@ -20,6 +20,7 @@ from agssp_pipeline.training.detector import (
     collect_pretrain_set,
     pretrain_detector,
 )
+from agssp_pipeline.training.yolo_backbones import detector_backbone_state
 
 
 def test_pretrain_set_positives_negatives_and_cap(tmp_path):
@@ -48,10 +49,14 @@ def test_pretrain_detector_writes_checkpoint_with_lineage(tmp_path):
     assert Path(lineage["ultralytics_last_pt"]).is_file()
     assert str(lineage["ultralytics_last_pt"]).startswith(str(result.run_dir))
     assert state["model.22.cv3.0.2.weight"].shape[0] == 1  # single class "defect"
-    # frozen backbone: the detector carries the AGBP weights unchanged
-    backbone = backbone_state_for_detector(load_checkpoint(backbone_dir)[0])
+    # frozen backbone: the detector carries the AGBP weights unchanged, but for the input normalisation that
+    # AGBP's ImageNet-normalised inputs need folded into layer 0 (ultralytics feeds [0, 1] pixels)
+    raw = backbone_state_for_detector(load_checkpoint(backbone_dir)[0])
+    backbone = detector_backbone_state(load_checkpoint(backbone_dir)[0], "yolov8n")
     for key, value in backbone.items():
         assert torch.allclose(state[key], value.float(), atol=1e-5), key
+    assert not torch.allclose(state["model.0.conv.weight"], raw["model.0.conv.weight"].float(), atol=1e-3)
+    assert "folded into model.0" in lineage["backbone"]["lineage"]["input_normalisation"]
     assert json.loads((Path(result.run_dir) / "lineage.json").read_text())["weights_digest"]
     # ultralytics trained in scratch; its run files were published beside the weights, the scratch copy removed
     assert Path(lineage["ultralytics_best_pt"] or lineage["ultralytics_last_pt"]).is_file()

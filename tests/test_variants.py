@@ -120,3 +120,57 @@ def test_few_shot_regimes_train_on_their_subsets_and_score_the_same_val_images(t
     assert split["few_shot_4"].sum() == 4 and not (split["few_shot_4"] & ~split["few_shot_8"]).any()
     markdown = open(config.layout().evaluations("finetune", "labelled", ".md")).read()
     assert "regime few4:" in markdown and "4 train / 4 val images" in markdown
+
+
+def _agdp_checkpoint(config) -> dict[str, torch.Tensor]:
+    """A one-class AGDP detector with unmistakable values (every float tensor shifted), as the latest run."""
+    from agssp_pipeline.training.checkpoint import write_latest_pointer
+    from agssp_pipeline.training.detector import DETECTOR_KIND, build_detection_model
+
+    torch.manual_seed(11)
+    state = {k: (v + 0.5 if v.is_floating_point() else v)
+             for k, v in build_detection_model("yolov8n", num_classes=1).state_dict().items()}
+    save_checkpoint(config.layout().checkpoints(DETECTOR_KIND, "yolov8n", "agdp"), state,
+                    {"kind": DETECTOR_KIND, "run_id": "agdp", "status": "complete"})
+    write_latest_pointer(config.layout(), "yolov8n", "agdp", kind=DETECTOR_KIND)
+    return state
+
+
+@pytest.mark.parametrize("init", ["detector", "backbone_neck", "backbone"])
+def test_agssp_init_loads_the_layers_it_names_and_reinitialises_the_rest(tmp_path, init):
+    """finetune.agssp_init reaches the model: compare the built 6-class detector's tensors with the checkpoint's."""
+    from agssp_pipeline.training.detector import build_detection_model
+
+    config = make_pipeline_storage(tmp_path)
+    agdp = _agdp_checkpoint(config)
+    config.finetune.variants, config.finetune.agssp_init = ["agssp"], init
+    initial = initial_weights_for("agssp", variant_context_from(config))
+    assert initial.lineage["agssp_init"] == init
+    torch.manual_seed(0)
+    model = build_detection_model("yolov8n", num_classes=6)
+    inject_weights(model, initial)
+    built = model.state_dict()
+
+    def from_checkpoint(prefix: str) -> bool:
+        keys = [k for k in agdp if k.startswith(prefix) and built[k].is_floating_point() and "dfl" not in k
+                and built[k].shape == agdp[k].shape]
+        loaded = [torch.equal(built[k], agdp[k]) for k in keys]
+        assert keys and (all(loaded) or not any(loaded)), f"{prefix}: partly loaded"
+        return all(loaded)
+
+    assert from_checkpoint("model.0.") and from_checkpoint("model.9.")  # the backbone, always
+    assert from_checkpoint("model.12.") == (init != "backbone")  # the neck
+    assert from_checkpoint("model.22.cv2.") == (init == "detector")  # box branch of the Detect head
+    assert from_checkpoint("model.22.cv3.0.0.") == (init == "detector")  # class branch, before its logits
+    # the class logits of one class cannot seed six: re-initialised for every option
+    assert built["model.22.cv3.0.2.weight"].shape[0] == 6 != agdp["model.22.cv3.0.2.weight"].shape[0]
+
+
+def test_an_unknown_agssp_init_is_refused(tmp_path):
+    from agssp_pipeline.training.detector import agssp_state
+
+    with pytest.raises(ValueError, match="unknown agssp init 'neck'"):
+        agssp_state({"model.0.conv.weight": torch.zeros(1)}, "neck")
+    config = make_pipeline_storage(tmp_path)
+    with pytest.raises(ValueError, match="agssp_init"):
+        config.finetune.model_validate({"agssp_init": "neck"})

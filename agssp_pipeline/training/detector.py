@@ -339,25 +339,84 @@ def load_weight_file(path: str | Path) -> dict[str, torch.Tensor]:
         return loader(local)
 
 
+FIRST_CONV, FIRST_BN = "model.0.conv.weight", "model.0.bn.running_mean"
+INPUT_NORMALISATION_NOTE = "ImageNet mean/std of AGBP's inputs folded into model.0 (ultralytics feeds [0, 1])"
+
+
+def fold_input_normalisation(state: Mapping[str, torch.Tensor], mean: Sequence[float],
+                             std: Sequence[float]) -> dict[str, torch.Tensor]:
+    """CSPDarknet weights that give on [0, 1] pixels what ``state`` gave on ``(x - mean) / std`` inputs.
+
+    AGBP trains the backbone on ImageNet-normalised images; ultralytics feeds the detector [0, 1] pixels. Layer 0
+    is conv (no bias) + BN, so ``conv_W((x - m) / s) = conv_{W/s}(x) - c`` with ``c_o = sum W[o] * m / s``: dividing
+    W by s per input channel and raising the BN running mean by ``c`` is exact except at the zero-padded border.
+    Without it, a frozen backbone (AGDP: BN in eval mode) normalises with statistics of another input scale (layer
+    0's pre-BN values are ~4.4x too small and shifted), and every later layer sees features it never saw in AGBP.
+    """
+    folded = dict(state)
+    if FIRST_CONV not in state or FIRST_BN not in state:
+        return folded  # no CSPDarknet stem (a partial state): nothing to fold
+    weight = state[FIRST_CONV].float()
+    m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    folded[FIRST_CONV] = (weight / s).to(state[FIRST_CONV].dtype)
+    shift = (weight * (m / s)).sum(dim=(1, 2, 3))
+    folded[FIRST_BN] = (state[FIRST_BN].float() + shift).to(state[FIRST_BN].dtype)
+    return folded
+
+
 def backbone_initial_weights(checkpoint: str | Path) -> InitialWeights:
     """An AGBP backbone checkpoint as the initial weights of a YOLOv8 detector's backbone (all required): layers
-    0..9 for CSPDarknet, layer 0 of the hybrid detector for any other registered backbone (``yolo_backbones``)."""
-    from agssp_pipeline.training.yolo_backbones import detector_backbone_state, required_prefixes
+    0..9 for CSPDarknet (input normalisation folded into layer 0: :func:`fold_input_normalisation`), layer 0 of
+    the hybrid detector for any other registered backbone (it normalises itself: ``yolo_backbones``)."""
+    from agssp_pipeline.training.yolo_backbones import detector_backbone_state, is_native, required_prefixes
 
     state, lineage = ckpt.load_checkpoint(checkpoint)
     lineage = {**lineage, "checkpoint": str(checkpoint)}
     name = str(lineage.get("backbone") or "yolov8n")
+    if is_native(name):
+        lineage["input_normalisation"] = INPUT_NORMALISATION_NOTE
     return InitialWeights("agbp", detector_backbone_state(state, name), required_prefixes(name), lineage)
 
 
-def detector_initial_weights(checkpoint: str | Path) -> InitialWeights:
-    """An AGDP detector checkpoint as initial weights (fp32); its backbone layers must all load."""
+# which layers of an AGDP detector the agssp variant starts from (``finetune.agssp_init``); the rest is re-initialised
+AGSSP_INITS = ("detector", "backbone_neck", "backbone")
+
+
+def _head_prefix(state: Mapping[str, torch.Tensor]) -> str:
+    """``model.<last layer>.``: the Detect head (layer 22 of yolov8.yaml, the last layer of any YOLOv8 detector)."""
+    layers = {int(m.group(1)) for k in state if (m := ckpt.YOLO_BACKBONE_KEY.match(k))}
+    if not layers:
+        raise ValueError("no ultralytics layer keys (model.<i>.*) in this detector checkpoint")
+    return f"model.{max(layers)}."
+
+
+def agssp_state(state: Mapping[str, torch.Tensor], init: str) -> dict[str, torch.Tensor]:
+    """The tensors of an AGDP detector that a finetune keeps for ``init`` (see :data:`AGSSP_INITS`).
+
+    ``detector``: everything (the paper; the class-logit convs of another class count are skipped by shape at
+    injection); ``backbone_neck``: all but the Detect head; ``backbone``: layers 0..9 only (with the default frozen
+    backbone in AGDP, that is exactly the AGBP start).
+    """
+    if init == "detector":
+        return dict(state)
+    if init == "backbone_neck":
+        head = _head_prefix(state)
+        return {k: v for k, v in state.items() if not k.startswith(head)}
+    if init == "backbone":
+        return {k: v for k, v in state.items() if k.startswith(BACKBONE_PREFIXES)}
+    raise ValueError(f"unknown agssp init '{init}' (known: {', '.join(AGSSP_INITS)})")
+
+
+def detector_initial_weights(checkpoint: str | Path, init: str = "detector") -> InitialWeights:
+    """An AGDP detector checkpoint as initial weights (fp32), the layers ``init`` names; its backbone must load."""
     from agssp_pipeline.training.yolo_backbones import HYBRID_BACKBONE_PREFIX
 
     state, lineage = ckpt.load_checkpoint(checkpoint, float32=True)
     hybrid = any(k.startswith(HYBRID_BACKBONE_PREFIX) for k in state)  # a non-CSPDarknet backbone's detector
     prefixes = (HYBRID_BACKBONE_PREFIX,) if hybrid else BACKBONE_PREFIXES
-    return InitialWeights("agssp", state, prefixes, {**lineage, "checkpoint": str(checkpoint)})
+    return InitialWeights("agssp", agssp_state(state, init), prefixes,
+                          {**lineage, "checkpoint": str(checkpoint), "agssp_init": init})
 
 
 def settings_dict(settings: Any) -> dict[str, Any]:
@@ -542,6 +601,23 @@ def _detector_lineage(run_id: str, detector, initial: InitialWeights, pretrain_s
     }
 
 
+def train_agdp(pretrain_set: PretrainSet, initial: InitialWeights | None, settings: YoloTrainSettings,
+               export_dir: str | Path, work: str | Path, log: Callable[[str], None] | None = None,
+               label: str = "AGDP") -> tuple[YoloTrainResult, Path]:
+    """Export a pretraining set (single class "defect", its train/val split) and train the detector on it.
+
+    The one AGDP training path: :func:`pretrain_detector` uses it on the pseudo boxes, the AGDP bounds benchmark
+    on ground-truth and random boxes of the same images.
+    """
+    images = pretrain_set.images
+    data_yaml = export_splits(
+        {"train": images[images["split"] == "train"], "val": images[images["split"] == "val"]},
+        pretrain_set.boxes, PRETRAIN_CLASS_NAMES, export_dir,
+    )
+    result = train_yolo(data_yaml, settings, work, "ultralytics", initial=initial, log=log, log_label=label)
+    return result, data_yaml
+
+
 def pretrain_detector(
     config,
     backbone_checkpoint: str | Path | None = None,
@@ -568,14 +644,9 @@ def pretrain_detector(
     settings = detector_train_settings(detector)
     run_id = ckpt.new_run_id()
     run_dir = ckpt.run_dir(layout, detector.model, run_id, kind=DETECTOR_KIND)
-    images = pretrain_set.images
-    data_yaml = export_splits(
-        {"train": images[images["split"] == "train"], "val": images[images["split"] == "val"]},
-        pretrain_set.boxes, PRETRAIN_CLASS_NAMES, layout.export_dir("agdp", detector.model),
-    )
     work = layout.scratch("checkpoints", DETECTOR_KIND, detector.model, run_id)
-    result = train_yolo(data_yaml, settings, work, "ultralytics", initial=initial,
-                        log=log, log_label=f"AGDP {detector.model}")
+    result, data_yaml = train_agdp(pretrain_set, initial, settings, layout.export_dir("agdp", detector.model),
+                                   work, log, f"AGDP {detector.model}")
     files, published = _ultralytics_files(result, run_dir)
     lineage = _detector_lineage(run_id, detector, initial, pretrain_set, settings, result, published, data_yaml)
     lineage["weights_digest"] = state_dict_digest(result.final_state_dict)

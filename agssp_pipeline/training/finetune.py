@@ -556,7 +556,7 @@ def variant_context_from(config, backbone_checkpoint: str | None = None,
     if detector_checkpoint is None and "agssp" in variants:
         detector_checkpoint = latest_checkpoint_dir(layout, config.detector.model, kind=DETECTOR)
     return VariantContext(backbone_checkpoint, detector_checkpoint, dict(config.finetune.extra_weights),
-                          domain_run, backbone, config.finetune.image_size)
+                          domain_run, backbone, config.finetune.image_size, config.finetune.agssp_init)
 
 
 def run_finetune_evaluation(

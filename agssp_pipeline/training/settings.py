@@ -83,6 +83,10 @@ class FinetuneSettings(BaseModel):
     # (mode 2: a backbone run with distill_weight 0, trained by backbone_checkpoint beside AGBP when listed
     # here), agbp (mode 3), agssp (mode 4: the AGDP detector). All four modes of the paper's Table 2 by default.
     variants: list[str] = Field(default_factory=lambda: ["scratch", "imagenet", "domain", "agbp", "agssp"])
+    # which layers of the AGDP detector the agssp variant starts from (training/variants.py has the measurements):
+    # detector (the paper: backbone, neck and head; class logits re-initialised when the class count differs),
+    # backbone_neck (Detect head re-initialised), backbone (layers 0..9 only)
+    agssp_init: Literal["detector", "backbone_neck", "backbone"] = "detector"
     # prediction settings for the COCO evaluation (COCO protocol: low confidence, 100 detections per image)
     conf: float = Field(0.001, gt=0.0, lt=1.0)
     iou: float = Field(0.7, gt=0.0, le=1.0)

@@ -51,6 +51,7 @@ class VariantContext:
     domain_checkpoint: str | None = None
     backbone: str = "yolov8n"
     image_size: int = 224
+    agssp_init: str = "detector"  # which AGDP layers agssp starts from (``finetune.agssp_init``, AGSSP_INITS)
 
 
 @dataclass(frozen=True)
@@ -105,7 +106,7 @@ def _domain(context: VariantContext) -> InitialWeights:
 def _agssp(context: VariantContext) -> InitialWeights:
     if not context.detector_checkpoint:
         raise FileNotFoundError("variant 'agssp' needs a detector checkpoint (materialize detector_checkpoint)")
-    return detector_initial_weights(context.detector_checkpoint)
+    return detector_initial_weights(context.detector_checkpoint, context.agssp_init)
 
 
 VARIANTS: dict[str, Variant] = {v.name: v for v in [

@@ -140,8 +140,11 @@ def build_hybrid_detector(model_name: str, backbone: str, num_classes: int, imag
 
 def detector_backbone_state(state: dict[str, torch.Tensor], backbone: str) -> dict[str, torch.Tensor]:
     """A backbone checkpoint's native state dict keyed for the detector that uses ``backbone``."""
-    if is_native(backbone):
-        return ckpt.backbone_state_for_detector(state)
+    if is_native(backbone):  # AGBP fed it ImageNet-normalised images, ultralytics feeds [0, 1]: fold that in
+        from agssp_pipeline.training.detector import fold_input_normalisation
+
+        spec = backbone_spec(backbone)
+        return fold_input_normalisation(ckpt.backbone_state_for_detector(state), spec.input_mean, spec.input_std)
     return {HYBRID_BACKBONE_PREFIX + key: value for key, value in state.items()}
 
 
