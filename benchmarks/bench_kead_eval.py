@@ -1,196 +1,221 @@
-"""Map quality on the magnetic tile dataset: image / pixel AUROC per defect class, k normal references.
+"""Map quality through the product: the encoder a config builds, the code the assets run, per dataset.
 
-Every encoder sees the same images through the real pipeline code (``compute_anomaly_maps`` into a
-temporary Zarr store, then ``evaluate_maps``):
+Each variant is a ``KeadSettings`` (what ``agssp.yaml``'s ``kead:`` block becomes): the product default
+plus the overrides the variant names, and the output says which fields differ from that default. For
+every dataset the sources are indexed by ``ingest_source`` (as ``image_index`` does), references chosen by
+``select_references`` with the settings' strategy (as ``anomaly_maps`` does), maps computed by
+``compute_anomaly_maps`` into a temporary store with the settings' batch size and workers, and scored by
+``evaluate_maps`` with the source's boxes (as ``kead_evaluation`` does):
 
-- ``cnn_fewshot``: the offline encoder with its defaults (EfficientNet-Lite0 ImageNet weights, stages of
-  stride 8+16, 3x3 aggregation, flipped references, light blur, leave-one-out normalisation);
-- ``patchcore_plain``: the same weights as a plain PatchCore-style map (224 px, stages 8+16, 3x3
-  aggregation, no reference augmentation, no blur) - the baseline the defaults must beat;
-- ``clip`` / ``winclip`` (``--clip``): the CLIP encoders with RANDOM weights (no CLIP weights offline);
-  they only show that the path runs end to end, their numbers mean nothing about the method.
+- ``magnetic_tile``: mask_folder, MT_Free the normal folder (references and normal test images); pixel
+  AUROC against the masks, per defect class over that class's images;
+- ``neu_det``: voc, no normal images (references: the most typical images); pixel AUROC against box
+  interiors (a lower bound of a mask AUROC); the class of an image is its boxes' class name here (the
+  asset reports the folder), so the per-class rows exist;
+- ``demo``: the synthetic corpus ``agssp demo`` writes (seeded), every source with ground truth.
 
-References: k images of MT_Free (seeded sample); test set: up to ``--max-per-class`` images per defect
-class (seeded) plus ``--free-test`` other MT_Free images for image AUROC. Per-class pixel AUROC is over
-that class's images; the ``all`` row pools every test image (normals included).
+``--max-per-class`` / ``--max-normal`` cap the test images per defect class / the normal test images
+(seeded by image id; references are chosen from the whole source first, as the asset does); the
+defaults cap nothing: all 1,344 magnetic-tile images. Per-class pixel AUROC only reads the images of
+that class, so capping normals changes image AUROC, never pixel AUROC.
 
-    .venv/bin/python benchmarks/bench_kead_eval.py                        # full classes, ~10-20 min on 2 CPU cores
-    .venv/bin/python benchmarks/bench_kead_eval.py --max-per-class 20     # quick look
-    .venv/bin/python benchmarks/bench_kead_eval.py --adaptor --encoders cnn_fewshot   # plain vs adapted
+    nice .venv/bin/python benchmarks/bench_kead_eval.py                                   # product default, MT
+    nice .venv/bin/python benchmarks/bench_kead_eval.py --datasets magnetic_tile,neu_det \\
+        --variant input=squash --variant input=aspect --variant image_size=256,cnn_layers=[2,3]
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import agssp_pipeline  # noqa: E402,F401  (offline defaults)
-from agssp_pipeline.kead.cnn_encoder import CnnFewShotEncoder  # noqa: E402
+from agssp_pipeline.config import SourceConfig, load_config  # noqa: E402
+from agssp_pipeline.kead.encoders import build_encoder  # noqa: E402
 from agssp_pipeline.kead.evaluation import evaluate_maps  # noqa: E402
-from agssp_pipeline.kead.runner import compute_anomaly_maps  # noqa: E402
+from agssp_pipeline.kead.references import select_references  # noqa: E402
+from agssp_pipeline.kead.runner import compute_anomaly_maps, mappable_rows  # noqa: E402
 from agssp_pipeline.kead.settings import KeadSettings  # noqa: E402
 from agssp_pipeline.kead.store import read_map_table  # noqa: E402
+from agssp_pipeline.sources.ingest import ingest_source  # noqa: E402
 
-DEFAULT_ROOT = REPO.parent / "shared" / "data" / "magnetic_tile"
-CLASSES = ("MT_Blowhole", "MT_Break", "MT_Crack", "MT_Fray", "MT_Uneven")
-
-
-def _seeded(paths: list[Path], count: int, seed: int) -> list[Path]:
-    ranked = sorted(paths, key=lambda p: hashlib.sha256(f"{seed}:{p.name}".encode()).hexdigest())
-    return sorted(ranked[:count])
+DATA = REPO.parent / "shared" / "data"
 
 
-def build_index(root: Path, k: int, max_per_class: int, free_test: int, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(test index, reference rows) in the ingestion index schema (the columns the stages read)."""
-    rows = []
-
-    def add(path: Path, is_normal: bool) -> None:
-        mask = path.with_suffix(".png")
-        rows.append({"image_id": hashlib.sha256(path.read_bytes()).hexdigest()[:16], "path": str(path),
-                     "source": "magnetic_tile", "category": "magnetic_tile", "duplicate_of": None,
-                     "mask_path": str(mask) if mask.is_file() and not is_normal else None, "is_normal": is_normal})
-
-    free = sorted((root / "MT_Free" / "Imgs").glob("*.jpg"))
-    chosen = _seeded(free, k + free_test, seed)
-    references, free_rows = chosen[:k], chosen[k:]
-    for path in references:
-        add(path, True)
-    reference_rows = pd.DataFrame(rows).assign(reason="normal")
-    rows.clear()
-    for path in free_rows:
-        add(path, True)
-    for name in CLASSES:
-        for path in _seeded(sorted((root / name / "Imgs").glob("*.jpg")), max_per_class, seed):
-            add(path, False)
-    index = pd.DataFrame(rows).drop_duplicates("image_id")
-    return index, reference_rows
+def magnetic_tile(root: Path, scratch: Path) -> list[SourceConfig]:
+    return [SourceConfig(name="magnetic_tile", format="mask_folder", root=str(root / "magnetic_tile"),
+                         category="magnetic_tile", normal_subfolders=["MT_Free"])]
 
 
-def encoders(names: list[str], image_size: int | None, cnn_kwargs: dict) -> dict:
-    def clip(kind: str):
-        from agssp_pipeline.kead.encoders import build_encoder
-
-        return build_encoder(KeadSettings(encoder=kind, allow_random_weights=True, device="cpu"))
-
-    table = {
-        "cnn_fewshot": lambda: CnnFewShotEncoder(**{"image_size": image_size or 320, **cnn_kwargs}),
-        "patchcore_plain": lambda: CnnFewShotEncoder(image_size=224, layers=(2, 3), augment="none", blur_sigma=0.0),
-        "clip": lambda: clip("clip"),
-        "winclip": lambda: clip("winclip"),
-    }
-    return {name: table[name] for name in names}
+def neu_det(root: Path, scratch: Path) -> list[SourceConfig]:
+    return [SourceConfig(name="neu_det", format="voc", root=str(root / "neu_det"), category="hot_rolled_strip")]
 
 
-def adapted_encoder(root: Path, index: pd.DataFrame, references: pd.DataFrame, image_size: int | None,
-                    cnn_kwargs: dict, overrides: dict, normals: int, seed: int) -> tuple[CnnFewShotEncoder, dict]:
-    """The cnn_fewshot encoder with an ADPretrain adaptor trained here (product defaults + ``overrides``).
+def demo(root: Path, scratch: Path) -> list[SourceConfig]:
+    from agssp_pipeline.demo.corpus import generate_demo
 
-    Training data: ``normals`` MT_Free images that are neither references nor test images, with synthetic
-    anomalies only: the real MT masks belong to the test images, learning from them would leak.
-    """
-    from agssp_pipeline.kead.adaptor import fit_adaptor
+    corpus = generate_demo(scratch / "demo")
+    return list(load_config(corpus.config_path).sources)
 
-    encoder = CnnFewShotEncoder(**{"image_size": image_size or 320, **cnn_kwargs})
-    used = set(index["path"]) | set(references["path"])
-    free = [p for p in sorted((root / "MT_Free" / "Imgs").glob("*.jpg")) if str(p) not in used]
-    pool = pd.DataFrame([{"image_id": hashlib.sha256(p.read_bytes()).hexdigest()[:16], "path": str(p),
-                          "category": "magnetic_tile", "is_normal": True, "mask_path": None, "duplicate_of": None}
-                         for p in _seeded(free, normals, seed + 1)])
-    training = KeadSettings().adaptor_training.model_copy(update={"max_images_per_category": normals, **overrides})
-    started = time.perf_counter()
-    projector, report = fit_adaptor(encoder, pool, references, training)
-    report["training_seconds"] = time.perf_counter() - started
-    encoder.set_adaptor(projector, {"run_id": "bench", "encoder_identity": report["encoder_identity"]})
-    print(f"adaptor: {report['patches']} patches from {report['images']} images, "
-          f"{report['steps']} steps, trained in {report['training_seconds']:.0f} s "
-          f"(final {report['history'][-1]})", flush=True)
-    return encoder, report
+
+DATASETS: dict[str, Callable[[Path, Path], list[SourceConfig]]] = {
+    "magnetic_tile": magnetic_tile, "neu_det": neu_det, "demo": demo}
+
+
+def parse_variant(text: str) -> dict:
+    """``image_size=256,cnn_layers=[2,3]`` -> overrides of KeadSettings fields (values read as YAML)."""
+    parts, depth, start = [], 0, 0
+    for position, char in enumerate(text + ","):
+        depth += 1 if char in "[{" else -1 if char in "]}" else 0
+        if char == "," and depth == 0:
+            parts.append(text[start:position])
+            start = position + 1
+    overrides = {}
+    for part in filter(None, parts):
+        key, _, value = part.partition("=")
+        overrides[key.strip()] = yaml.safe_load(value)
+    return overrides
+
+
+def differences(settings: KeadSettings) -> str:
+    """The fields where ``settings`` differs from the product default (``KeadSettings()``)."""
+    default, mine = KeadSettings().model_dump(), settings.model_dump()
+    changed = [f"{key}={mine[key]}" for key in mine if mine[key] != default[key]]
+    return ", ".join(changed) if changed else "product default"
+
+
+def _cap(rows: pd.DataFrame, count: int | None, seed: int) -> pd.DataFrame:
+    if count is None or len(rows) <= count:
+        return rows
+    keys = rows["image_id"].map(lambda i: hashlib.sha256(f"{seed}:{i}".encode()).hexdigest())
+    return rows.assign(_key=keys).sort_values("_key").head(count).drop(columns="_key")
+
+
+def prepare(sources: list[SourceConfig], scratch: Path, settings: KeadSettings, max_per_class: int | None,
+            max_normal: int | None, seed: int) -> list[dict]:
+    """Per source with ground truth: test index, annotations and references (the assets' choices)."""
+    from agssp_pipeline.kead.evaluation import defect_class_of, has_boxes, has_masks
+
+    ingested = {s.name: ingest_source(s, derived_masks=str(scratch / "masks" / s.name)) for s in sources}
+    prepared = []
+    for source in sources:
+        result = ingested[source.name]
+        index, annotations = mappable_rows(result.images), result.annotations
+        if not has_masks(index) and not has_boxes(annotations):
+            continue
+        categories = sorted(index["category"].dropna().astype(str).unique())
+        pool = pd.concat([index] + [mappable_rows(ingested[s.name].images) for s in sources
+                                    if s.name != source.name and s.used_for_pretraining], ignore_index=True)
+        pool = pool[pool["category"].astype(str).isin(categories)].drop_duplicates("image_id")
+        references = select_references(pool, k=settings.k_shot, strategy=settings.reference_strategy,
+                                       explicit=settings.reference_images, categories=categories)
+        if has_boxes(annotations):  # the boxes' class (NEU-DET names files, not folders, after classes)
+            first = annotations.drop_duplicates("image_id").set_index("image_id")["class_name"]
+            index = index.assign(defect_class=index["image_id"].map(first))
+        index = index.assign(defect_class=[row["defect_class"] if isinstance(row.get("defect_class"), str)
+                                           else defect_class_of(row) for _, row in index.iterrows()])
+        index = index[~index["image_id"].isin(set(references["image_id"]))]
+        normal = index["is_normal"].fillna(False).astype(bool)
+        capped = [_cap(group, max_per_class, seed) for _, group in index[~normal].groupby("defect_class")]
+        test = pd.concat(capped + [_cap(index[normal], max_normal, seed)], ignore_index=True)
+        prepared.append({"source": source.name, "index": test, "annotations": annotations,
+                         "references": references})
+    return prepared
+
+
+def measure(settings: KeadSettings, data: dict, store: str, device: str | None) -> tuple[pd.DataFrame, float]:
+    """The maps of one source through ``compute_anomaly_maps`` + ``evaluate_maps``; (rows, images/s)."""
+    encoder = build_encoder(settings, device)
+    stats = compute_anomaly_maps(data["index"], encoder, store, data["references"], batch_size=settings.batch_size,
+                                 num_workers=settings.num_workers, require_references=settings.k_shot > 0)
+    if stats.failed:
+        print(f"  {len(stats.failed)} images failed, first: {stats.failed[0]}")
+    rows = evaluate_maps(data["index"], read_map_table(store), annotations=data["annotations"])
+    return rows, stats.images_per_s
+
+
+def summarise(rows: pd.DataFrame) -> dict:
+    classes = rows[rows["level"] == "class"]
+    worst = classes.loc[classes["pixel_auroc"].idxmin()] if len(classes) else None
+    overall = rows[rows["level"] == "overall"].iloc[0]
+    return {"class_pixel_auroc": float(classes["pixel_auroc"].mean()),
+            "class_image_auroc": float(classes["image_auroc"].mean()),
+            "overall_pixel_auroc": float(overall["pixel_auroc"]),
+            "worst_class": f"{worst['name']} {worst['pixel_auroc']:.3f}" if worst is not None else "",
+            "classes": {str(r["name"]): round(float(r["pixel_auroc"]), 3) for _, r in classes.iterrows()}}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--root", type=Path, default=DEFAULT_ROOT)
-    parser.add_argument("--k", type=int, default=4)
-    parser.add_argument("--max-per-class", type=int, default=1000)
-    parser.add_argument("--free-test", type=int, default=60)
+    parser.add_argument("--data", type=Path, default=DATA, help="folder holding magnetic_tile/ and neu_det/")
+    parser.add_argument("--datasets", default="magnetic_tile", help=f"comma list of {', '.join(DATASETS)}")
+    parser.add_argument("--variant", action="append", type=parse_variant, default=None,
+                        help="KeadSettings overrides, e.g. input=aspect,image_size=256 (repeatable; none: default)")
+    parser.add_argument("--max-per-class", type=int, default=None)
+    parser.add_argument("--max-normal", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--image-size", type=int, default=None)
-    parser.add_argument("--encoders", default="cnn_fewshot,patchcore_plain")
-    parser.add_argument("--clip", action="store_true", help="add the CLIP/WinCLIP rows (random weights)")
+    parser.add_argument("--device", default=None, help="default: the settings' device (auto)")
     parser.add_argument("--threads", type=int, default=0)
-    parser.add_argument("--cnn-kwargs", type=json.loads, default={},
-                        help='overrides of CnnFewShotEncoder arguments, e.g. \'{"layers": [2, 3, 4]}\'')
-    parser.add_argument("--out", type=Path, default=None, help="write the table as CSV here")
-    parser.add_argument("--adaptor", action="store_true",
-                        help="add cnn_fewshot+adaptor: an ADPretrain adaptor trained on other MT_Free images with "
-                             "synthetic anomalies (no MT masks), settings = the product's kead.adaptor_training")
-    parser.add_argument("--adaptor-normals", type=int, default=32, help="MT_Free images the adaptor trains on")
-    parser.add_argument("--adaptor-kwargs", type=json.loads, default={},
-                        help='overrides of AdaptorTrainingSettings, e.g. \'{"steps": 100}\'')
+    parser.add_argument("--out", type=Path, default=None, help="write every evaluation row as CSV here")
     args = parser.parse_args()
-    if not args.root.is_dir():
-        sys.exit(f"magnetic tile dataset not found at {args.root} (expected ../shared/data/magnetic_tile)")
     if args.threads:
         torch.set_num_threads(args.threads)
-    names = args.encoders.split(",") + (["clip", "winclip"] if args.clip else [])
-    index, references = build_index(args.root, args.k, args.max_per_class, args.free_test, args.seed)
-    print(f"test images: {len(index)} ({int(index['mask_path'].notna().sum())} defective), "
-          f"references: {len(references)} from MT_Free, torch threads {torch.get_num_threads()}")
-    frames = []
+    variants = [KeadSettings.model_validate({**KeadSettings().model_dump(), **o}) for o in (args.variant or [{}])]
+    frames, summary = [], []
     with tempfile.TemporaryDirectory() as scratch:
-        makers = encoders(names, args.image_size, args.cnn_kwargs)
-        adaptor_report: dict = {}
-        if args.adaptor:
-            def make_adapted() -> CnnFewShotEncoder:
-                encoder, report = adapted_encoder(args.root, index, references, args.image_size, args.cnn_kwargs,
-                                                  args.adaptor_kwargs, args.adaptor_normals, args.seed)
-                adaptor_report.update(report)
-                return encoder
-
-            makers["cnn_fewshot+adaptor"] = make_adapted
-        for name, make in makers.items():
-            encoder = make()
-            store = str(Path(scratch) / name)
+        for dataset in args.datasets.split(","):
+            sources = DATASETS[dataset](args.data, Path(scratch))
+            missing = [s.root for s in sources if not Path(s.root).is_dir()]
+            if missing:
+                print(f"{dataset}: skipped, not found: {', '.join(missing)}")
+                continue
             started = time.perf_counter()
-            stats = compute_anomaly_maps(index, encoder, store, references, batch_size=8, num_workers=1)
-            evaluation = evaluate_maps(index, read_map_table(store)).assign(
-                variant=name, images_per_s=stats.images_per_s, seconds=time.perf_counter() - started)
-            frames.append(evaluation)
-            print(f"{name}: {stats.computed} maps in {stats.seconds:.0f} s ({stats.images_per_s:.2f} images/s)",
-                  flush=True)
-    result = pd.concat(frames, ignore_index=True)
-    shown = result[result["level"].isin(["overall", "class"])]
-    pivot = shown.pivot_table(index="name", columns="variant", values=["pixel_auroc", "image_auroc"],
-                              sort=False)
-    class_means = shown[shown["level"] == "class"].groupby("variant")[["pixel_auroc", "image_auroc"]].mean()
-    pd.set_option("display.width", 200)
-    print("\nAUROC per defect class (pixel: that class's images; image: class vs held-out MT_Free)")
-    print(pivot.round(3).to_string())
-    print("\nmean over the five classes")
-    print(class_means.round(3).to_string())
-    if args.clip:
-        print("\nclip / winclip rows use RANDOM weights (no CLIP weights offline): plumbing check only.")
+            prepared = prepare(sources, Path(scratch), variants[0], args.max_per_class, args.max_normal, args.seed)
+            for data in prepared:
+                print(f"{dataset}/{data['source']}: {len(data['index'])} test images "
+                      f"({int((~data['index']['is_normal'].fillna(False).astype(bool)).sum())} defective), "
+                      f"{len(data['references'])} references ({', '.join(sorted(set(data['references']['reason'])))})"
+                      f", indexed in {time.perf_counter() - started:.0f} s", flush=True)
+            for number, settings in enumerate(variants):
+                for data in prepared:
+                    store = str(Path(scratch) / f"maps_{number}_{data['source']}")
+                    started = time.perf_counter()
+                    rows, rate = measure(settings, data, store, args.device)
+                    line = {"dataset": dataset, "source": data["source"], "variant": differences(settings),
+                            "images_per_s": rate, "seconds": time.perf_counter() - started, **summarise(rows)}
+                    summary.append(line)
+                    frames.append(rows.assign(dataset=dataset, variant=line["variant"]))
+                    print(f"  [{line['variant']}] {data['source']}: class pixel AUROC {line['class_pixel_auroc']:.3f}"
+                          f" (worst {line['worst_class']}), class image AUROC {line['class_image_auroc']:.3f}, "
+                          f"{rate:.2f} images/s; {line['classes']}", flush=True)
+    if not summary:
+        sys.exit("no dataset found")
+    table = pd.DataFrame(summary)
+    pd.set_option("display.width", 220)
+    pd.set_option("display.max_colwidth", 80)
+    print(f"\ntorch threads {torch.get_num_threads()}; caps: per class {args.max_per_class}, normal {args.max_normal}")
+    print(table.drop(columns=["classes"]).round(3).to_string(index=False))
+    means = table.groupby("variant", sort=False)["class_pixel_auroc"].mean()
+    print("\nmean per-class pixel AUROC over datasets (variants named by how they differ from the product default)")
+    print(means.round(3).to_string())
     if args.out:
-        result.to_csv(args.out, index=False)
+        pd.concat(frames, ignore_index=True).to_csv(args.out, index=False)
         print(f"\nwritten {args.out}")
-    if adaptor_report:
-        print(f"\nadaptor training time: {adaptor_report['training_seconds']:.1f} s "
-              f"({adaptor_report['steps']} steps, {torch.get_num_threads()} threads)")
-    print("\nmedian images/s: " + ", ".join(
-        f"{v}={np.median(g['images_per_s']):.2f}" for v, g in result.groupby("variant")))
+    print(f"\nmedian images/s: {np.median(table['images_per_s']):.2f}")
 
 
 if __name__ == "__main__":

@@ -33,13 +33,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from agssp_pipeline.kead.adaptor_losses import adaptor_loss
+from agssp_pipeline.kead.maps import batch_images
 from agssp_pipeline.kead.synthetic import SyntheticRecipe, synthesize
 from agssp_pipeline.sources.decode import read_rgb
 from agssp_pipeline.sources.regions import read_mask
 
 ADAPTOR_KIND = "adaptor"
 # encoder identity fields an adaptor's features depend on: a mismatch means different features
-COMPATIBLE_KEYS = ("encoder", "model", "weights", "image_size", "layers")
+COMPATIBLE_KEYS = ("encoder", "model", "weights", "image_size", "layers", "input")
+FEATURE_DEFAULTS = {"input": "squash"}  # identities from before kead.input existed squashed their inputs
 ABNORMAL_FRACTION = 0.5  # a grid cell is abnormal when at least half its pixels are; normal when none is
 
 
@@ -159,6 +161,8 @@ def collect_training_images(pool: pd.DataFrame, references: pd.DataFrame, recipe
 
 def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """A photometric view of a preprocessed batch: brightness / contrast jitter and light noise (same geometry)."""
+    if isinstance(images, list):  # aspect inputs of several shapes (kead.input: aspect)
+        return [augment(image[None], generator)[0] for image in images]
     batch = images.shape[0]
     gain = 1.0 + 0.2 * (torch.rand(batch, 1, 1, 1, generator=generator) - 0.5)
     shift = 0.2 * (torch.rand(batch, 1, 1, 1, generator=generator) - 0.5)
@@ -193,7 +197,7 @@ def residual_bank(encoder: Any, images: list[TrainingImage], reference_images: d
         items = [item for item in images if item.category == category]
         for start in range(0, len(items), batch_size):
             chunk = items[start : start + batch_size]
-            batch = torch.stack([encoder.preprocess(item.image) for item in chunk])
+            batch = batch_images([encoder.preprocess(item.image) for item in chunk])
             res_a = encoder.residuals(augment(batch, generator), category)
             res_b = encoder.residuals(augment(batch, generator), category)
             for number, item in enumerate(chunk):
@@ -268,7 +272,7 @@ def fit_adaptor(encoder: Any, pool: pd.DataFrame, references: pd.DataFrame, trai
     images = collect_training_images(pool, references, recipe, training.max_images_per_category,
                                      training.synthetic_per_image, log)
     reference_images = {
-        str(category): torch.stack([encoder.preprocess(read_rgb(p)) for p in rows["path"].astype(str)])
+        str(category): batch_images([encoder.preprocess(read_rgb(p)) for p in rows["path"].astype(str)])
         for category, rows in references.groupby(references["category"].astype(str))}
     bank = residual_bank(encoder, images, reference_images, training.normal_cells_per_image, training.seed)
     projector, report = train_projector(
@@ -285,7 +289,7 @@ def fit_adaptor(encoder: Any, pool: pd.DataFrame, references: pd.DataFrame, trai
 # ---------------------------------------------------------------- checkpoints
 def compatible_identity(identity: dict[str, Any]) -> dict[str, Any]:
     """The part of an encoder identity that decides its features (what an adaptor must match)."""
-    return {key: identity.get(key) for key in COMPATIBLE_KEYS}
+    return {key: identity.get(key, FEATURE_DEFAULTS.get(key)) for key in COMPATIBLE_KEYS}
 
 
 def save_adaptor(layout: Any, name: str, projector: ResidualProjector, lineage: dict[str, Any]) -> str:

@@ -59,6 +59,10 @@ RANDOM_WEIGHTS = "random-init"
 LITE_MEAN = (0.5, 0.5, 0.5)
 LITE_STD = (0.5, 0.5, 0.5)
 DEFAULT_LAYERS = (2, 3, 4)  # timm feature stages of stride 8, 16 and 32
+DEFAULT_IMAGE_SIZE = 320  # kead.image_size unset; see the measurement table in the module docstring
+INPUT_MODES = ("squash", "aspect")
+DEFAULT_INPUT = "squash"
+DEFAULT_MAX_ASPECT = 4.0  # an aspect input's long side is at most 4x its short side
 
 # lukemelas-style EfficientNet keys (the PyPI package) -> timm efficientnet_lite0 keys
 _BLOCK_KEYS = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
@@ -211,7 +215,7 @@ class CnnFewShotEncoder:
     def __init__(
         self,
         weights: str | None = PACKAGE_WEIGHTS,
-        image_size: int = 320,
+        image_size: int = DEFAULT_IMAGE_SIZE,
         layers: tuple[int, ...] = DEFAULT_LAYERS,
         augment: str = "flips",
         normalise_scores: bool = True,
@@ -220,8 +224,15 @@ class CnnFewShotEncoder:
         memory_fraction: float = 0.25,
         min_memory: int = 4096,
         device: str | torch.device = "cpu",
+        input: str = DEFAULT_INPUT,  # noqa: A002 - the setting's name (kead.input)
+        max_aspect: float = DEFAULT_MAX_ASPECT,
     ) -> None:
         import timm
+
+        if input not in INPUT_MODES:
+            raise ValueError(f"input must be one of {', '.join(INPUT_MODES)}; got '{input}'")
+        if max_aspect < 1:
+            raise ValueError(f"max_aspect must be at least 1, got {max_aspect}")
 
         classifier, weights_tag = load_lite0_classifier(weights)
         self.backbone = timm.create_model(
@@ -242,6 +253,9 @@ class CnnFewShotEncoder:
             raise ValueError(f"image_size must be a multiple of {max(reductions)}, got {image_size}")
         self.image_size = int(image_size)
         self.grid_size = self.image_size // self.stride
+        self.multiple = int(max(reductions))  # an aspect input's long side is a multiple of the coarsest stride
+        self.input = input
+        self.max_aspect = float(max_aspect)
         self.augment = augment
         self.normalise_scores = normalise_scores
         self.blur_sigma = float(blur_sigma)
@@ -261,6 +275,8 @@ class CnnFewShotEncoder:
                 "blur_sigma": self.blur_sigma,
                 "memory_fraction": self.memory_fraction,
                 "min_memory": self.min_memory,
+                "input": self.input,
+                **({"max_aspect": self.max_aspect} if self.input == "aspect" else {}),
             },
         )
         self._mean = torch.tensor(LITE_MEAN).view(3, 1, 1)
@@ -272,7 +288,9 @@ class CnnFewShotEncoder:
     @classmethod
     def from_settings(cls, settings: Any, device: str | torch.device = "cpu") -> CnnFewShotEncoder:
         layers = tuple(getattr(settings, "cnn_layers", None) or DEFAULT_LAYERS)
-        encoder = cls(weights=settings.weights, image_size=settings.image_size or 320, layers=layers, device=device)
+        encoder = cls(weights=settings.weights, image_size=settings.image_size or DEFAULT_IMAGE_SIZE, layers=layers,
+                      device=device, input=getattr(settings, "input", DEFAULT_INPUT),
+                      max_aspect=getattr(settings, "max_aspect", DEFAULT_MAX_ASPECT))
         adaptor = getattr(settings, "adaptor", None)
         if adaptor == "latest":
             raise ValueError("kead.adaptor 'latest' needs the storage layout: resolve it with "
@@ -304,6 +322,12 @@ class CnnFewShotEncoder:
         self.clear_references()
 
     # -- preprocessing -------------------------------------------------------------------------------
+    def input_shape(self, height: int, width: int) -> tuple[int, int]:
+        """(H, W) the encoder resizes a ``height`` x ``width`` image to; see ``aspect_shape``."""
+        if self.input == "squash":
+            return self.image_size, self.image_size
+        return aspect_shape(height, width, self.image_size, self.multiple, self.max_aspect)
+
     def preprocess(self, image_rgb_uint8: np.ndarray) -> torch.Tensor:
         image = np.asarray(image_rgb_uint8)
         if image.ndim == 2:
@@ -312,24 +336,49 @@ class CnnFewShotEncoder:
             image = np.repeat(image, 3, axis=2)
         elif image.shape[2] == 4:
             image = image[:, :, :3]
-        resized = cv2.resize(image, (self.image_size, self.image_size), interpolation=cv2.INTER_AREA)
+        height, width = self.input_shape(*image.shape[:2])
+        resized = cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
         tensor = torch.from_numpy(np.ascontiguousarray(resized)).permute(2, 0, 1).float().div_(255.0)
         return (tensor - self._mean) / self._std
 
     # -- features ------------------------------------------------------------------------------------
     @torch.no_grad()
-    def patch_features(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> (B, G, G, D) unit-norm patch descriptors on the stride-8 grid."""
+    def _features(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, H/8, W/8, D) unit-norm patch descriptors on the input's own stride-8 grid."""
         stages = self.backbone(images.to(self.device).contiguous(memory_format=torch.channels_last))
+        size = tuple(stages[0].shape[-2:])
         parts = []
         for stage in stages:
             stage = F.avg_pool2d(stage.float(), kernel_size=3, stride=1, padding=1, count_include_pad=False)
-            if stage.shape[-1] != self.grid_size:
-                stage = F.interpolate(stage, size=(self.grid_size, self.grid_size), mode="bilinear",
-                                      align_corners=False)
+            if tuple(stage.shape[-2:]) != size:
+                stage = F.interpolate(stage, size=size, mode="bilinear", align_corners=False)
             parts.append(F.normalize(stage, dim=1))
         features = torch.cat(parts, dim=1) / len(parts) ** 0.5
         return features.permute(0, 2, 3, 1).contiguous()
+
+    def _to_grid(self, maps: torch.Tensor) -> torch.Tensor:
+        """(B, h, w) or (B, K, h, w) on the input's grid -> the store's (G, G) grid (area average).
+
+        Only the long side of an aspect-preserved input shrinks (its short side already has G cells);
+        averaging keeps the mean score of each store cell, so a defect keeps its place and extent.
+        """
+        if tuple(maps.shape[-2:]) == (self.grid_size, self.grid_size):
+            return maps
+        planes = maps[:, None] if maps.ndim == 3 else maps
+        pooled = F.interpolate(planes, size=(self.grid_size, self.grid_size), mode="area")
+        return pooled[:, 0] if maps.ndim == 3 else pooled
+
+    @torch.no_grad()
+    def patch_features(self, images: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+        """(B, G, G, D) patch descriptors on the store grid (aspect inputs: area-resampled, renormalised)."""
+        out = None
+        for ids, batch in shape_groups(images):
+            features = self._features(batch)
+            grid = self._to_grid(features.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+            if grid.shape != features.shape:  # averaged descriptors are shorter than one: unit norm again
+                grid = F.normalize(grid, dim=-1)
+            out = _place(out, ids, grid, _count(images))
+        return out
 
     def _nearest(self, queries: torch.Tensor, memory: torch.Tensor,
                  exclude_self: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -361,14 +410,21 @@ class CnnFewShotEncoder:
         return self.adaptor(queries - memory[where]).norm(dim=1)
 
     @torch.no_grad()
-    def residuals(self, images: torch.Tensor, category: str) -> torch.Tensor:
-        """(B, G, G, D) patch features of ``images`` minus their nearest reference patch of ``category``."""
+    def residuals(self, images: torch.Tensor | list[torch.Tensor], category: str) -> torch.Tensor:
+        """(B, G, G, D) patch features of ``images`` minus their nearest reference patch of ``category``.
+
+        Computed on each input's own grid (as ``score`` does), then brought to the store grid.
+        """
         if category not in self.memories:
             raise KeyError(f"no references set for category '{category}' (call set_references first)")
-        features = self.patch_features(images)
-        flat = features.reshape(-1, features.shape[-1])
-        _, where = self._nearest(flat, self.memories[category])
-        return (flat - self.memories[category][where]).view(features.shape)
+        memory, out = self.memories[category], None
+        for ids, batch in shape_groups(images):
+            features = self._features(batch)
+            flat = features.reshape(-1, features.shape[-1])
+            _, where = self._nearest(flat, memory)
+            residual = (flat - memory[where]).view(features.shape).permute(0, 3, 1, 2)
+            out = _place(out, ids, self._to_grid(residual).permute(0, 2, 3, 1), _count(images))
+        return out
 
     def _blur(self, maps: torch.Tensor) -> torch.Tensor:
         if self.blur_sigma <= 0:
@@ -382,21 +438,32 @@ class CnnFewShotEncoder:
         return F.conv2d(padded, kernel.view(1, 1, -1, 1))[:, 0]
 
     def _raw_maps(self, features: torch.Tensor, memory: torch.Tensor, exclude_self: bool = False) -> torch.Tensor:
-        batch, grid, _, dim = features.shape
+        """(B, h, w, D) features -> (B, h, w) blurred nearest-memory scores on the same grid."""
+        batch, height, width, dim = features.shape
         distances = self._nearest_distance(features.reshape(-1, dim), memory, exclude_self)
-        return self._blur(distances.view(batch, grid, grid))
+        return self._blur(distances.view(batch, height, width))
 
     # -- protocol ------------------------------------------------------------------------------------
     @torch.no_grad()
-    def set_references(self, category: str, images: torch.Tensor) -> None:
-        """Memory = coreset of all patches of all reference views; normalisation from leave-one-out."""
-        if images.ndim != 4 or images.shape[0] == 0:
-            raise ValueError(f"category '{category}': need at least one reference image, got {tuple(images.shape)}")
-        views = reference_views(images, self.augment)
-        per_view = torch.stack([self.patch_features(view) for view in views])  # (V, K, G, G, D)
-        n_views, n_refs, grid, _, dim = per_view.shape
-        patches = per_view.permute(1, 0, 2, 3, 4).reshape(-1, dim)  # grouped by reference
-        owner = torch.arange(n_refs, device=patches.device).repeat_interleave(n_views * grid * grid)
+    def set_references(self, category: str, images: torch.Tensor | list[torch.Tensor]) -> None:
+        """Memory = coreset of all patches of all reference views; normalisation from leave-one-out.
+
+        ``images``: a (K, C, H, W) batch or, for aspect inputs of several shapes, a list of (C, H, W).
+        """
+        count = _count(images)
+        if count == 0 or (isinstance(images, torch.Tensor) and images.ndim != 4):
+            shape = tuple(images.shape) if isinstance(images, torch.Tensor) else ()
+            raise ValueError(f"category '{category}': need at least one reference image, got {shape or count}")
+        per_ref: list[list[torch.Tensor]] = [[] for _ in range(count)]  # per reference: (h, w, D) per view
+        for ids, batch in shape_groups(images):
+            for view in reference_views(batch, self.augment):  # the identity view first
+                features = self._features(view)
+                for number, ref in enumerate(ids):
+                    per_ref[ref].append(features[number])
+        flat = [view.reshape(-1, view.shape[-1]) for views in per_ref for view in views]
+        patches = torch.cat(flat)  # grouped by reference
+        owner = torch.cat([torch.full((view.shape[0] * view.shape[1],), ref, dtype=torch.long)
+                           for ref, views in enumerate(per_ref) for view in views]).to(patches.device)
         keep = max(self.min_memory, int(self.memory_fraction * patches.shape[0]))
         threads = torch.get_num_threads()
         if patches.device.type == "cpu":  # hundreds of small sequential ops: extra threads only spin
@@ -406,28 +473,26 @@ class CnnFewShotEncoder:
         finally:
             torch.set_num_threads(threads)
         self.memories[category] = patches[chosen]
-        self.normalisation[category] = self._leave_one_out_stats(per_view, patches[chosen], owner[chosen])
+        identity_views = [views[0][None] for views in per_ref]
+        self.normalisation[category] = self._leave_one_out_stats(identity_views, patches[chosen], owner[chosen])
 
-    def _leave_one_out_stats(self, per_view: torch.Tensor, memory: torch.Tensor,
+    def _leave_one_out_stats(self, queries: list[torch.Tensor], memory: torch.Tensor,
                              owner: torch.Tensor) -> tuple[float, float]:
-        """(median patch score, mean image max) of each reference scored against the memory rows that
-        did not come from it (the same coreset the test images meet, so the scales agree).
+        """(median patch score, mean image max) of each reference (``queries``: its (1, h, w, D) identity
+        view) scored against the memory rows that did not come from it (the same coreset the test images
+        meet, so the scales agree).
 
         With one reference there is nothing to leave out; its identity view is then scored against all
         its views' memory minus exact self-matches, i.e. the nearest *other* patch, which still measures
         how variable the normal texture is.
         """
-        n_views, n_refs = per_view.shape[:2]
+        n_refs = len(queries)
         medians, maxima = [], []
-        for ref in range(n_refs):
-            query = per_view[0, ref : ref + 1]
+        for ref, query in enumerate(queries):
             others = memory[owner != ref] if n_refs > 1 else memory
             if others.shape[0] == 0:
                 return 0.0, 1.0
-            if n_refs > 1:
-                raw = self._raw_maps(query, others)[0]
-            else:
-                raw = self._raw_maps(query, others, exclude_self=True)[0]
+            raw = self._raw_maps(query, others, exclude_self=n_refs == 1)[0]
             medians.append(float(raw.median()))
             maxima.append(float(raw.max()))
         low, high = float(np.mean(medians)), float(np.mean(maxima))
@@ -440,16 +505,52 @@ class CnnFewShotEncoder:
         forget_category(category, self.memories, self.normalisation)
 
     @torch.no_grad()
-    def score(self, images: torch.Tensor, category: str) -> MapBatch:
+    def score(self, images: torch.Tensor | list[torch.Tensor], category: str) -> MapBatch:
+        """Maps on the store grid; each shape group of ``images`` is one forward on its own grid."""
         if category not in self.memories:
             raise KeyError(f"no references set for category '{category}' (call set_references first)")
-        raw = self._raw_maps(self.patch_features(images), self.memories[category])
-        if self.normalise_scores:
-            low, high = self.normalisation[category]
-            z = ((raw - low) / (high - low)).clamp_min(0.0)
-            maps = z / (1.0 + z)
-        else:
-            maps = raw
+        maps = None
+        for ids, batch in shape_groups(images):
+            raw = self._raw_maps(self._features(batch), self.memories[category])
+            if self.normalise_scores:
+                low, high = self.normalisation[category]
+                z = ((raw - low) / (high - low)).clamp_min(0.0)
+                raw = z / (1.0 + z)
+            maps = _place(maps, ids, self._to_grid(raw), _count(images))
         image_score = maps.flatten(1).amax(dim=1)
         nan = torch.full_like(image_score, float("nan"))
         return MapBatch(maps=maps.float().cpu(), image_score=image_score.float().cpu(), zero_shot_score=nan.cpu())
+
+
+def aspect_shape(height: int, width: int, short_side: int, multiple: int, max_aspect: float) -> tuple[int, int]:
+    """(H, W) keeping the aspect ratio: short side ``short_side``, long side rounded to ``multiple``
+    (the coarsest stage's stride, so every stage's grid is whole) and at most ``max_aspect`` times the
+    short side (a 1:20 strip would otherwise cost 20 square images)."""
+    short, long = sorted((int(height), int(width)))
+    scaled = min(long * short_side / max(short, 1), short_side * max_aspect)
+    side = max(short_side, int(round(scaled / multiple)) * multiple)
+    return (short_side, side) if height <= width else (side, short_side)
+
+
+def shape_groups(images: torch.Tensor | list[torch.Tensor]) -> list[tuple[list[int], torch.Tensor]]:
+    """(positions, stacked batch) per distinct image shape; a tensor batch is one group."""
+    if isinstance(images, torch.Tensor):
+        return [(list(range(images.shape[0])), images)]
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for position, image in enumerate(images):
+        by_shape.setdefault(tuple(image.shape), []).append(position)
+    return [(ids, torch.stack([images[i] for i in ids])) for ids in by_shape.values()]
+
+
+def _count(images: torch.Tensor | list[torch.Tensor]) -> int:
+    return int(images.shape[0]) if isinstance(images, torch.Tensor) else len(images)
+
+
+def _place(out: torch.Tensor | None, ids: list[int], values: torch.Tensor, total: int) -> torch.Tensor:
+    """Write a shape group's rows into the batch-ordered result (allocated on first use)."""
+    if out is None:
+        if len(ids) == total:
+            return values
+        out = values.new_empty((total, *values.shape[1:]))
+    out[torch.as_tensor(ids, device=out.device)] = values
+    return out

@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from agssp_pipeline.kead.base import AnomalyEncoder
+from agssp_pipeline.kead.maps import batch_images
 from agssp_pipeline.kead.references import references_by_category
 from agssp_pipeline.kead.store import CODE_VERSION, MapWriter, store_version_id
 from agssp_pipeline.sources.decode import read_rgb, read_rgb_of
@@ -76,7 +77,7 @@ class _ImageDataset(Dataset):
 
 def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     return {
-        "image": torch.stack([i["image"] for i in items]),
+        "image": batch_images([i["image"] for i in items]),  # a list when aspect inputs differ in shape
         "image_id": [i["image_id"] for i in items],
         "ok": [i["ok"] for i in items],
         "reason": [i["reason"] for i in items],
@@ -91,8 +92,21 @@ def mappable_rows(index: pd.DataFrame) -> pd.DataFrame:
     return rows.drop_duplicates("image_id").reset_index(drop=True)
 
 
-def load_reference_images(encoder: AnomalyEncoder, rows: pd.DataFrame) -> torch.Tensor:
-    return torch.stack([encoder.preprocess(read_rgb(path)) for path in rows["path"].astype(str)])
+def load_reference_images(encoder: AnomalyEncoder, rows: pd.DataFrame) -> torch.Tensor | list[torch.Tensor]:
+    return batch_images([encoder.preprocess(read_rgb(path)) for path in rows["path"].astype(str)])
+
+
+def by_input_shape(rows: pd.DataFrame, encoder: AnomalyEncoder) -> pd.DataFrame:
+    """``rows`` ordered by the shape the encoder gives them (index ``height``/``width``), so that batches of
+    aspect-preserved inputs hold one shape and run as one forward; unchanged for fixed-shape encoders."""
+    shape_of = getattr(encoder, "input_shape", None)
+    if shape_of is None or getattr(encoder, "input", "squash") == "squash" or not {"height", "width"} <= set(rows):
+        return rows
+    known = rows["height"].notna() & rows["width"].notna()
+    keys = [shape_of(int(h), int(w)) if ok else (0, 0)
+            for h, w, ok in zip(rows["height"], rows["width"], known, strict=True)]
+    order = sorted(range(len(rows)), key=lambda i: keys[i])
+    return rows.iloc[order]
 
 
 def store_version_for(encoder: AnomalyEncoder, references: pd.DataFrame, categories: list[str],
@@ -133,7 +147,11 @@ def _score_batch(encoder: AnomalyEncoder, writer: MapWriter, batch: dict[str, An
                  category: str, device: torch.device) -> int:
     """One forward over the decodable images of a batch, appended to the store; returns the row count."""
     on_cuda = device.type == "cuda"
-    images = batch["image"][torch.from_numpy(ok)].to(device, non_blocking=on_cuda)
+    if isinstance(batch["image"], list):  # aspect inputs of several shapes: the encoder groups them
+        images = [image.to(device, non_blocking=on_cuda) for image, good in zip(batch["image"], ok, strict=True)
+                  if good]
+    else:
+        images = batch["image"][torch.from_numpy(ok)].to(device, non_blocking=on_cuda)
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_cuda), torch.inference_mode():
         result = encoder.score(images, category)
     ids = [i for i, good in zip(batch["image_id"], ok, strict=True) if good]
@@ -183,7 +201,7 @@ def compute_anomaly_maps(
             if len(reference_rows):
                 encoder.set_references(category, load_reference_images(encoder, reference_rows))
             loader = DataLoader(
-                _ImageDataset(group, encoder.preprocess, encoder.image_size),
+                _ImageDataset(by_input_shape(group, encoder), encoder.preprocess, encoder.image_size),
                 batch_size=batch_size,
                 num_workers=num_workers,
                 pin_memory=on_cuda,

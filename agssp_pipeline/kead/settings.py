@@ -61,6 +61,12 @@ class KeadSettings(BaseModel):
     # CNN few-shot encoder (cnn_encoder.py): timm EfficientNet-Lite0 stages (2 = stride 8, 3 = 16, 4 = 32);
     # None = (2, 3, 4); (2, 3) favours small defects on low-resolution inputs
     cnn_layers: list[int] | None = None
+    # cnn_fewshot input geometry: "squash" resizes every image to image_size x image_size; "aspect" keeps the
+    # aspect ratio (short side image_size, long side rounded to 32 and at most max_aspect times the short
+    # side), scores on that undistorted grid and averages the map down to the store's square grid.
+    # Both enter the map-store version.
+    input: Literal["squash", "aspect"] = "squash"
+    max_aspect: float = Field(4.0, ge=1.0)
     # ADPretrain feature adaptor (cnn_fewshot): None = plain features; "latest" = the last feature_adaptor
     # run for this encoder; or a checkpoint path. Its run and digest enter the map-store version.
     adaptor: str | None = None
