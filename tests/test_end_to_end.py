@@ -66,6 +66,11 @@ def test_whole_chain_on_the_demo_corpus(tmp_path, dagster_home):
     # every materialisation is recorded in the instance, with lineage metadata on the checkpoints
     record = instance.get_latest_materialization_event(__import__("dagster").AssetKey("detector_checkpoint"))
     assert record is not None
+    # the comparison a person reads: the chart file beside the tables, inline in the asset's metadata
+    assert Path(layout.evaluations("finetune", "demo_downstream", ".png")).stat().st_size > 1000
+    finetune = instance.get_latest_materialization_event(__import__("dagster").AssetKey("finetune_evaluation"))
+    metadata = finetune.asset_materialization.metadata
+    assert "data:image/png;base64," in metadata["comparison_chart"].value
 
 
 def test_cli_validate_refuses_misspelt_format_option(tmp_path, capsys):

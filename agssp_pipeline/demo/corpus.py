@@ -428,6 +428,7 @@ finetune:
   val_fraction: 0.25
   workers: 0
   device: auto
+  plots: false              # ultralytics' per-run figures are half of a tiny CPU run; the comparison chart stays
 """.replace("{STORAGE_DIR}", STORAGE_DIR)
 
 README_TEXT = """\
