@@ -41,7 +41,7 @@ def _stats() -> pd.DataFrame:
 
 
 def test_threshold_is_mean_of_map_maxima_minus_delta_over_all_sources_of_a_category():
-    table = compute_category_thresholds(_stats(), BoxesSettings(delta=0.1), {"src_a": "v1", "src_b": "v7"})
+    table = compute_category_thresholds(_stats(), BoxesSettings(method="paper", delta=0.1), {"src_a": "v1", "src_b": "v7"})
     steel = table.set_index("category").loc["steel"]
     assert steel["n_images"] == 3 and steel["n_sources"] == 2 and steel["sources"] == "src_a,src_b"
     assert steel["mean_max"] == pytest.approx(np.mean([0.5, 0.7, 0.9]), abs=1e-3)
@@ -53,8 +53,8 @@ def test_threshold_is_mean_of_map_maxima_minus_delta_over_all_sources_of_a_categ
 
 
 def test_delta_is_configurable():
-    loose = compute_category_thresholds(_stats(), BoxesSettings(delta=0.0))
-    strict = compute_category_thresholds(_stats(), BoxesSettings(delta=0.3))
+    loose = compute_category_thresholds(_stats(), BoxesSettings(method="paper", delta=0.0))
+    strict = compute_category_thresholds(_stats(), BoxesSettings(method="paper", delta=0.3))
     assert np.allclose(loose["threshold"] - strict["threshold"], 0.3)
 
 

@@ -1,14 +1,21 @@
 """Pseudo-defect boxes from patch-resolution anomaly maps.
 
-Per image judged defective: bilinear upsampling to image pixels, binarisation at the category threshold
-T_c, connected components (cv2), components below a size floor dropped, box = the component's bounding
-rectangle, score = the map's maximum over the component's pixels; then NMS and the top-k by score.
+Per image judged defective: bilinear upsampling to image pixels, binarisation against the category
+threshold T_c by a named rule (``BINARISATIONS``), connected components (cv2), components below a size
+floor dropped, box = the component's bounding rectangle, score = the map's maximum over the component's
+pixels; then NMS and the top-k by score. Binarisations:
+- ``single``: pixels >= T_c (the paper);
+- ``hysteresis``: components of pixels >= a lower level ``level + f * (T_c - level)`` that hold at least
+  one pixel >= T_c (seeded at T_c, grown at the lower level; no component without a seed);
+- ``rethreshold``: components at T_c, each then keeps only its pixels >= ``level + f * (peak - level)``
+  and is relabelled: a blob that crossed T_c shrinks to the region around its peak.
+``level`` is the image's normal level: the median of its patch map (most patches of an image are normal).
 
 Vectorised per chunk of same-size images: per image only C calls (cv2 resize, threshold, cv2 labelling
 without statistics, foreground pixel list); component statistics for the whole chunk from the sparse
 foreground with unbuffered ufuncs; one ``torchvision.ops.nms`` call for every box. Images whose map
 maximum is below T_c are skipped outright: bilinear interpolation is a convex combination of map values,
-so such an image cannot have a single pixel at or above T_c.
+so such an image cannot have a single pixel at or above T_c (every binarisation needs one).
 
 Box convention: pixel edges, ``x2 = left + width`` (exclusive), so ``(x2 - x1) * (y2 - y1)`` is the
 bounding rectangle's area in pixels and a box covering the whole image is ``(0, 0, W, H)``.
@@ -17,6 +24,7 @@ bounding rectangle's area in pixels and a box covering the whole image is ``(0, 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import cv2
@@ -42,10 +50,16 @@ class BoxParams:
     min_area_pixels: int = 16
     connectivity: int = 8
     chunk_size: int = 256
+    binarisation: str = "single"
+    hysteresis_fraction: float = 0.5
+    rethreshold_fraction: float = 0.5
 
     @classmethod
     def from_settings(cls, settings: BoxesSettings) -> BoxParams:
         return cls(
+            binarisation=settings.rules().binarisation,
+            hysteresis_fraction=settings.hysteresis_fraction,
+            rethreshold_fraction=settings.rethreshold_fraction,
             top_k=settings.top_k,
             nms_iou=settings.nms_iou,
             min_area_fraction=settings.min_area_fraction,
@@ -70,13 +84,63 @@ def _empty_boxes() -> pd.DataFrame:
     )
 
 
+def _single(upsampled: np.ndarray, threshold: float, level: float, params: BoxParams, binary: np.ndarray):
+    np.greater_equal(upsampled, threshold, out=binary.view(bool))
+    n, labels = cv2.connectedComponentsWithAlgorithm(binary, params.connectivity, cv2.CV_32S, cv2.CCL_DEFAULT)
+    return n, labels
+
+
+def _hysteresis(upsampled: np.ndarray, threshold: float, level: float, params: BoxParams, binary: np.ndarray):
+    low = min(threshold, level + params.hysteresis_fraction * (threshold - level))
+    np.greater_equal(upsampled, low, out=binary.view(bool))
+    n, labels = cv2.connectedComponentsWithAlgorithm(binary, params.connectivity, cv2.CV_32S, cv2.CCL_DEFAULT)
+    if n <= 1:
+        return n, labels
+    seeded = np.zeros(n, bool)
+    seeded[labels[upsampled >= threshold]] = True
+    seeded[0] = False
+    if seeded[1:].all():
+        return n, labels
+    relabel = np.zeros(n, np.int32)
+    relabel[seeded] = np.arange(1, int(seeded.sum()) + 1, dtype=np.int32)
+    labels = relabel[labels]
+    binary.view(bool)[...] = labels > 0
+    return int(seeded.sum()) + 1, labels
+
+
+def _rethreshold(upsampled: np.ndarray, threshold: float, level: float, params: BoxParams, binary: np.ndarray):
+    n, labels = _single(upsampled, threshold, level, params, binary)
+    if n <= 1:
+        return n, labels
+    foreground = np.flatnonzero(binary.view(bool))
+    owner = labels.ravel()[foreground]
+    values = upsampled.ravel()[foreground]
+    peak = np.full(n, -np.inf, np.float32)
+    np.maximum.at(peak, owner, values)
+    cut = level + params.rethreshold_fraction * (peak - level)
+    binary.fill(0)
+    binary.ravel()[foreground[values >= cut[owner]]] = 1
+    return cv2.connectedComponentsWithAlgorithm(binary, params.connectivity, cv2.CV_32S, cv2.CCL_DEFAULT)
+
+
+# (upsampled map, T_c, image level, params, uint8 buffer) -> (labels incl. background, labels); on return
+# ``binary`` holds the foreground of the labelled components
+Binarisation = Callable[[np.ndarray, float, float, BoxParams, np.ndarray], tuple[int, np.ndarray]]
+BINARISATIONS: dict[str, Binarisation] = {
+    "single": _single,
+    "hysteresis": _hysteresis,
+    "rethreshold": _rethreshold,
+}
+
+
 def _label_chunk(
-    maps: np.ndarray, rows: np.ndarray, thresholds: np.ndarray, height: int, width: int, params: BoxParams
+    maps: np.ndarray, rows: np.ndarray, thresholds: np.ndarray, levels: np.ndarray, height: int, width: int,
+    params: BoxParams,
 ) -> pd.DataFrame:
     """Components of one chunk of same-size images; ``rows`` index into ``maps``/``thresholds``.
 
-    Per image (buffers reused, so each step stays in cache): cv2 resize, threshold, cv2 labelling without
-    statistics; only the foreground pixels are kept. Component statistics (area, bounding rectangle,
+    Per image (buffers reused, so each step stays in cache): cv2 resize, the binarisation (threshold and
+    cv2 labelling without statistics); only the foreground pixels are kept. Component statistics (area, bounding rectangle,
     score) for the whole chunk then come from those sparse pixels with unbuffered ufuncs, which is much
     cheaper than cv2's own statistics pass over every pixel of every image.
     """
@@ -84,10 +148,10 @@ def _label_chunk(
     binary = np.empty((height, width), np.uint8)
     label_parts, value_parts, position_parts, owner_parts = [], [], [], []
     offset = 0
+    binarise = BINARISATIONS[params.binarisation]
     for row in rows:
         cv2.resize(maps[row], (width, height), dst=upsampled, interpolation=cv2.INTER_LINEAR)
-        np.greater_equal(upsampled, thresholds[row], out=binary.view(bool))
-        n, labels = cv2.connectedComponentsWithAlgorithm(binary, params.connectivity, cv2.CV_32S, cv2.CCL_DEFAULT)
+        n, labels = binarise(upsampled, float(thresholds[row]), float(levels[row]), params, binary)
         if n <= 1:
             continue
         foreground = np.flatnonzero(binary.view(bool))
@@ -181,6 +245,8 @@ def extract_boxes(
         )
     if n and (heights.min() < 1 or widths.min() < 1):
         raise ValueError("image sizes must be positive")
+    if params.binarisation not in BINARISATIONS:
+        raise ValueError(f"unknown binarisation '{params.binarisation}' (known: {', '.join(BINARISATIONS)})")
     maps32 = maps.astype(np.float32, copy=False)
     selected = np.ones(n, bool) if candidates is None else np.asarray(candidates, bool).copy()
     if n:
@@ -188,6 +254,9 @@ def extract_boxes(
     rows = np.flatnonzero(selected)
     if rows.size == 0:
         return _empty_boxes()
+    levels = np.zeros(n, np.float32)
+    if params.binarisation != "single":
+        levels[rows] = np.median(maps32[rows].reshape(rows.size, -1), axis=1)
     parts = []
     sizes = pd.DataFrame({"row": rows, "h": heights[rows], "w": widths[rows]})
     for (height, width), group in sizes.groupby(["h", "w"], sort=True):
@@ -195,6 +264,6 @@ def extract_boxes(
         chunk_size = max(1, min(params.chunk_size, CHUNK_PIXEL_BUDGET // int(height * width)))
         for start in range(0, len(group_rows), chunk_size):
             chunk = group_rows[start : start + chunk_size]
-            parts.append(_label_chunk(maps32, chunk, thresholds, int(height), int(width), params))
+            parts.append(_label_chunk(maps32, chunk, thresholds, levels, int(height), int(width), params))
     boxes = pd.concat(parts, ignore_index=True) if parts else _empty_boxes()
     return nms_top_k(boxes, params.nms_iou, params.top_k)[BOX_COLUMNS]

@@ -14,7 +14,7 @@ import pandas as pd
 
 from agssp_pipeline.boxes.extract import BoxParams, extract_boxes
 from agssp_pipeline.boxes.settings import BoxesSettings
-from agssp_pipeline.boxes.thresholds import judge_defective, thresholds_for
+from agssp_pipeline.boxes.thresholds import judged_defective_for, thresholds_for
 
 PSEUDO_BOX_COLUMNS = [
     "source",
@@ -73,9 +73,10 @@ def build_pseudo_boxes(
     categories = images["category"].astype(str).to_numpy()
     threshold, cutoff = thresholds_for(categories, thresholds)
     scores = np.asarray(image_score, dtype=np.float32)
-    defective = judge_defective(scores, cutoff)
     n = len(image_ids)
     maps = np.asarray(maps)
+    map_max = maps.reshape(n, -1).max(axis=1).astype(np.float32) if n else np.zeros(0, np.float32)
+    defective = judged_defective_for(categories, scores, map_max, thresholds)
     boxes = extract_boxes(
         maps,
         images["height"].to_numpy(np.int64),
@@ -94,7 +95,7 @@ def build_pseudo_boxes(
             "judged_defective": defective,
             "image_score": scores,
             "image_cutoff": cutoff.astype(np.float32),
-            "map_max": maps.reshape(n, -1).max(axis=1).astype(np.float32) if n else np.zeros(0, np.float32),
+            "map_max": map_max,
             "threshold": threshold,
             "map_store_version": pd.Series([map_store_version] * n, dtype="string"),
         }
@@ -113,7 +114,8 @@ def build_pseudo_boxes(
     table = pd.concat([with_boxes[PSEUDO_BOX_COLUMNS], without[PSEUDO_BOX_COLUMNS]], ignore_index=True)
     table = table.sort_values(["image_id", "box_index"], na_position="last", kind="stable").reset_index(drop=True)
     # the settings a run used (per-run overrides included) travel with the file: checks read them back
-    table.attrs = {"boxes_settings": settings.model_dump(mode="json")}
+    # with the rules they resolved to (method preset + explicit rules)
+    table.attrs = {"boxes_settings": settings.model_dump(mode="json"), "box_rules": settings.rules().as_dict()}
     return table
 
 

@@ -306,7 +306,8 @@ def evaluate_source(
         pseudo_table[pseudo_table["box_index"].notna()], gt, images[["image_id", "width", "height"]]
     )
     rows.append(
-        image_split_row(defective_gt, judged, per_image["image_score"].to_numpy(np.float64), settings.image_split)
+        image_split_row(defective_gt, judged, per_image["image_score"].to_numpy(np.float64),
+                       settings.rules().image_split)
     )
     rows[-1]["configured"] = True
     if "mask_path" in images.columns and images["mask_path"].notna().any():
