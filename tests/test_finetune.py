@@ -53,6 +53,8 @@ def test_finetune_evaluation_runs_every_variant_with_its_weights(tmp_path):
     assert main(["convert-weights", str(pickled)]) == 0  # the one trusted unpickling, by the user
     user_pt = tmp_path / "user.safetensors"
     config.finetune.extra_weights = {"user_coco": str(user_pt)}
+    # the modes with a checkpoint here (domain needs its own backbone run: tests/test_variants.py)
+    config.finetune.variants = ["scratch", "imagenet", "agbp", "agssp"]
     [evaluation] = run_finetune_evaluation(config)
 
     everything = evaluation.table

@@ -146,6 +146,9 @@ def test_agssp_init_loads_the_layers_it_names_and_reinitialises_the_rest(tmp_pat
     config.finetune.variants, config.finetune.agssp_init = ["agssp"], init
     initial = initial_weights_for("agssp", variant_context_from(config))
     assert initial.lineage["agssp_init"] == init
+    from agssp_pipeline.training.finetune import starts_from  # the table's words for it
+
+    assert ("[backbone_neck only" in starts_from("agssp", initial.lineage)) == (init == "backbone_neck")
     torch.manual_seed(0)
     model = build_detection_model("yolov8n", num_classes=6)
     inject_weights(model, initial)

@@ -235,6 +235,8 @@ def ultralytics_val(weights: Path, data_yaml: Path, image_size: int, batch: int,
 def starts_from(variant: str, lineage: dict[str, Any]) -> str:
     """What a variant's run started from, in words: the mode's description and the run or file behind it."""
     description = describe(variant)[1]
+    if lineage.get("agssp_init") not in (None, "detector"):  # finetune.agssp_init: only part of the detector
+        description += f" [{lineage['agssp_init']} only, the rest re-initialised]"
     if lineage.get("run_id"):
         return f"{description}, run {lineage['run_id']}"
     source = lineage.get("checkpoint")
