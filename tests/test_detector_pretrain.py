@@ -93,3 +93,17 @@ def test_pretrain_detector_on_object_storage_publishes_every_file_to_the_bucket(
     assert ckpt.recorded_inputs(result.run_dir)[0]["uri"] == config.layout().checkpoints("backbone", "yolov8n",
                                                                                            "run-test")
     assert not (tmp_path / "s3:").exists()  # no address lost its scheme
+
+
+def test_freeze_backbone_auto_freezes_only_an_imagenet_started_backbone():
+    from agssp_pipeline.training.detector import detector_train_settings
+    from agssp_pipeline.training.settings import DetectorSettings
+
+    def freeze(**fields) -> object:
+        return detector_train_settings(DetectorSettings(**fields)).train_args().get("freeze")
+
+    assert freeze() == 10 and freeze(freeze_backbone=False) is None  # the paper's frozen backbone by default
+    assert freeze(freeze_backbone="auto") is None  # CSPDarknet: random init (AGBP froze its stem at that init)
+    assert freeze(freeze_backbone="auto", backbone="efficientnet_lite0") == [0]  # ImageNet + AGBP: frozen
+    with pytest.raises(ValueError):
+        DetectorSettings(freeze_backbone="sometimes")

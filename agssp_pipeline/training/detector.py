@@ -549,12 +549,22 @@ class DetectorCheckpoint:
     injection: InjectionReport | None
 
 
+def freezes_backbone(detector) -> bool:
+    """Whether AGDP freezes the backbone: ``detector.freeze_backbone``, where ``auto`` freezes only a backbone whose
+    AGBP run started from ImageNet weights (a frozen random-init CSPDarknet stem leaves AGDP nothing to learn on)."""
+    if detector.freeze_backbone != "auto":
+        return bool(detector.freeze_backbone)
+    from agssp_pipeline.training.backbones import backbone_spec
+
+    return backbone_spec(detector.backbone).imagenet
+
+
 def detector_train_settings(detector) -> YoloTrainSettings:
     """YoloTrainSettings of the ``detector:`` config section (backbone frozen = ultralytics freeze=10)."""
     return YoloTrainSettings(
         model=detector.model, backbone=detector.backbone, epochs=detector.epochs, image_size=detector.image_size,
         batch_size=detector.batch_size, device=detector.device, seed=detector.seed, workers=detector.workers,
-        freeze_layers=YOLOV8_BACKBONE_LAYERS if detector.freeze_backbone else None, val=True,
+        freeze_layers=YOLOV8_BACKBONE_LAYERS if freezes_backbone(detector) else None, val=True,
         extra_args=dict(detector.train_args),
     )
 

@@ -51,7 +51,10 @@ class DetectorSettings(BaseModel):
     epochs: int = Field(1, ge=1)
     image_size: int = Field(160, ge=32)
     batch_size: int = Field(16, ge=1)
-    freeze_backbone: bool = True
+    # AGDP with the backbone frozen (ultralytics freeze=10), the paper's recipe: true. auto: frozen only when AGBP
+    # started from ImageNet weights (backbone_spec(...).imagenet), so a CSPDarknet backbone, random-init and with
+    # its first two stages frozen at that init by AGBP, is trained (measured: benchmarks/agdp_bounds.py, variants.py)
+    freeze_backbone: bool | Literal["auto"] = True
     device: str = "auto"
     seed: int = 0
     workers: int = Field(2, ge=0)
