@@ -22,6 +22,9 @@ kead:
   encoder: cnn_fewshot      # or a CLIP encoder (see README "KeAD encoders")
   mode: fewshot
   k_shot: 4
+  # cnn_fewshot input (measured: agssp_pipeline/kead/cnn_encoder.py); image_size unset = 320 for cnn_fewshot
+  input: aspect             # keep each image's aspect ratio (squash: stretch to a square, faster)
+  cnn_layers: [2, 3]        # [2, 3, 4] for large diffuse defects (uneven finish)
   batch_size: 16
   num_workers: auto
   device: auto

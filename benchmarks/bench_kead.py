@@ -14,6 +14,12 @@ any method needing one full forward per image could reach on that encoder and gr
     .venv/bin/python benchmarks/bench_kead.py            # CPU section; GPU section too when CUDA is present
     .venv/bin/python benchmarks/bench_kead.py --quick    # tiny model only
     .venv/bin/python benchmarks/bench_kead.py --large    # also L-14-336 and H-14-378 on CPU (~15 min)
+    .venv/bin/python benchmarks/bench_kead.py --cnn      # cnn_fewshot only: kead.input squash vs aspect
+
+``--cnn`` times the offline encoder through ``compute_anomaly_maps`` (decoding, shape-ordered batches,
+references, store writes: what ``anomaly_maps`` pays) on ``--cnn-images`` magnetic-tile images of mixed
+aspect ratio (1.0 to 2.8; seeded synthetic textures of the same sizes when the dataset is absent), with
+the product's KeadSettings and each ``kead.input``; the ratio is the speed cost of aspect input.
 """
 
 from __future__ import annotations
@@ -229,6 +235,54 @@ def run_cases(cases, device: str, precision: str, threads: int) -> list[dict]:
     return rows
 
 
+def cnn_input_cost(count: int, image_size: int | None) -> None:
+    """cnn_fewshot images/s through the runner, squash vs aspect input, on images of mixed aspect ratio."""
+    import tempfile
+
+    import cv2
+    import numpy as np
+    import pandas as pd
+    import torch
+
+    import agssp_pipeline  # noqa: F401  (offline defaults)
+    from agssp_pipeline.kead.encoders import build_encoder
+    from agssp_pipeline.kead.runner import compute_anomaly_maps
+    from agssp_pipeline.kead.settings import KeadSettings
+
+    root = REPO.parent / "shared" / "data" / "magnetic_tile"
+    with tempfile.TemporaryDirectory() as scratch:
+        paths = sorted(root.glob("MT_*/Imgs/*.jpg"))[:: max(1, len(sorted(root.glob("MT_*/Imgs/*.jpg"))) // count)]
+        if not paths:  # synthetic stand-ins with magnetic tile's spread of sizes
+            rng = np.random.default_rng(0)
+            for number in range(count):
+                height = int(rng.integers(200, 400))
+                image = rng.integers(0, 256, (height, int(height * rng.uniform(1.0, 2.8)), 3), dtype=np.uint8)
+                cv2.imwrite(str(Path(scratch) / f"{number}.png"), image)
+            paths = sorted(Path(scratch).glob("*.png"))
+        sizes = [cv2.imread(str(p), cv2.IMREAD_GRAYSCALE).shape for p in paths[:count]]
+        index = pd.DataFrame({"image_id": [f"i{n}" for n in range(len(sizes))], "path": [str(p) for p in paths[:count]],
+                              "category": "tile", "height": [h for h, _ in sizes], "width": [w for _, w in sizes],
+                              "duplicate_of": None})
+        references = index.head(4).assign(source="bench", reason="normal")
+        base = KeadSettings(**({"image_size": image_size} if image_size else {}))
+        rates = {}
+        for mode in ("squash", "aspect"):
+            settings = base.model_copy(update={"input": mode})
+            encoder = build_encoder(settings)
+            compute_anomaly_maps(index.head(4), encoder, str(Path(scratch) / f"warm_{mode}"), references,
+                                 batch_size=settings.batch_size, num_workers=0)
+            stats = compute_anomaly_maps(index, encoder, str(Path(scratch) / mode), references,
+                                         batch_size=settings.batch_size, num_workers=settings.num_workers)
+            rates[mode] = stats.images_per_s
+            print(f"  cnn_fewshot input={mode} image_size={encoder.image_size}: {stats.computed} images "
+                  f"in {stats.seconds:.1f} s, {stats.images_per_s:.2f} images/s, {stats.forward_passes} batches "
+                  f"on {stats.device}", flush=True)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"aspect / squash throughput: {rates['aspect'] / rates['squash']:.2f} ({len(sizes)} images, aspect "
+          f"{min(max(s) / min(s) for s in sizes):.1f}-{max(max(s) / min(s) for s in sizes):.1f}, "
+          f"{torch.get_num_threads()} threads, load avg {load:.1f}; includes building the references)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -236,9 +290,15 @@ def main() -> None:
     parser.add_argument("--large", action="store_true", help="also ViT-L-14-336 and ViT-H-14-378 on CPU (slow)")
     parser.add_argument("--no-gpu", action="store_true", help="skip the GPU section even when CUDA is present")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    parser.add_argument("--cnn", action="store_true", help="cnn_fewshot only: squash vs aspect input speed")
+    parser.add_argument("--cnn-images", type=int, default=64)
+    parser.add_argument("--cnn-image-size", type=int, default=None, help="default: the product's kead.image_size")
     args = parser.parse_args()
     if args.child:
         print(json.dumps(run_child(json.loads(args.child))))
+        return
+    if args.cnn:
+        cnn_input_cost(args.cnn_images, args.cnn_image_size)
         return
 
     import torch

@@ -56,7 +56,7 @@ def test_aspect_input_scales_both_axes_alike(aspect_encoder):
     assert tuple(tensor.shape) == (3, SIZE, 4 * SIZE)
     expected = cv2.resize(wide, (4 * SIZE, SIZE), interpolation=cv2.INTER_AREA).astype(np.float32) / 255.0
     torch.testing.assert_close(tensor.permute(1, 2, 0), torch.from_numpy((expected - 0.5) / 0.5))
-    squash = CnnFewShotEncoder(image_size=SIZE)
+    squash = CnnFewShotEncoder(image_size=SIZE, input="squash")
     assert tuple(squash.preprocess(wide).shape) == (3, SIZE, SIZE)
 
 
@@ -127,3 +127,23 @@ def test_runner_maps_an_index_of_mixed_aspect_ratios(tmp_path, aspect_encoder):
     single = aspect_encoder.score([aspect_encoder.preprocess(cv2.imread(rows[4]["path"])[:, :, ::-1])], "tile")
     position = table.image_id.tolist().index("i4")
     np.testing.assert_allclose(table.maps[position], single.maps[0].numpy(), atol=2e-3)  # float16 store
+
+
+def test_one_set_of_defaults_for_the_encoder_init_and_demo():
+    """The encoder's own defaults, KeadSettings (a user's config), ``agssp init`` and the demo agree on what
+    bench_kead_eval.py measured; the demo differs only in its documented smaller image size."""
+    import yaml
+
+    from agssp_pipeline.demo.corpus import render_config
+    from agssp_pipeline.init_config import PRODUCTION_SETTINGS
+
+    plain = CnnFewShotEncoder()
+    configured = build_encoder(KeadSettings(), device="cpu")
+    assert configured.identity.as_dict() == plain.identity.as_dict()
+    assert plain.identity.extra["input"] == "aspect" and plain.identity.extra["layers"] == [2, 3]
+    assert plain.image_size == 320
+    written = KeadSettings.model_validate(yaml.safe_load(PRODUCTION_SETTINGS)["kead"])
+    assert (written.input, written.cnn_layers or [2, 3], written.image_size) == ("aspect", [2, 3], None)
+    demo = KeadSettings.model_validate(yaml.safe_load(render_config())["kead"])
+    assert (demo.input, demo.cnn_layers, demo.max_aspect) == ("aspect", None, KeadSettings().max_aspect)
+    assert demo.image_size == 224  # said in the demo config's header and kead block

@@ -58,10 +58,11 @@ RANDOM_WEIGHTS = "random-init"
 # TF EfficientNet-Lite was trained on inputs scaled to [-1, 1] (mean 127, std 128).
 LITE_MEAN = (0.5, 0.5, 0.5)
 LITE_STD = (0.5, 0.5, 0.5)
-DEFAULT_LAYERS = (2, 3, 4)  # timm feature stages of stride 8, 16 and 32
-DEFAULT_IMAGE_SIZE = 320  # kead.image_size unset; see the measurement table in the module docstring
+# product defaults (KeadSettings leaves these None / names the same): the measurement table is in the docstring
+DEFAULT_LAYERS = (2, 3)  # timm feature stages of stride 8 and 16
+DEFAULT_IMAGE_SIZE = 320  # kead.image_size unset
 INPUT_MODES = ("squash", "aspect")
-DEFAULT_INPUT = "squash"
+DEFAULT_INPUT = "aspect"
 DEFAULT_MAX_ASPECT = 4.0  # an aspect input's long side is at most 4x its short side
 
 # lukemelas-style EfficientNet keys (the PyPI package) -> timm efficientnet_lite0 keys

@@ -58,14 +58,15 @@ class KeadSettings(BaseModel):
     text_cache_dir: str | None = None  # text-embedding cache; None = $AGSSP_CACHE_DIR/kead_text
     fewshot_tokens: Literal["original", "vv"] = "original"  # which tapped tokens the few-shot memory holds
     winclip_windows: list[int] = Field(default_factory=lambda: [2, 3])  # window sides in patches
-    # CNN few-shot encoder (cnn_encoder.py): timm EfficientNet-Lite0 stages (2 = stride 8, 3 = 16, 4 = 32);
-    # None = (2, 3, 4); (2, 3) favours small defects on low-resolution inputs
+    # CNN few-shot encoder (cnn_encoder.py; image_size None = 320 there): timm EfficientNet-Lite0 stages
+    # (2 = stride 8, 3 = 16, 4 = 32); None = (2, 3). (2, 3, 4) adds context for large diffuse defects
+    # (magnetic tile Uneven) and loses on small ones (NEU-DET, demo): measurements in cnn_encoder.py.
     cnn_layers: list[int] | None = None
-    # cnn_fewshot input geometry: "squash" resizes every image to image_size x image_size; "aspect" keeps the
-    # aspect ratio (short side image_size, long side rounded to 32 and at most max_aspect times the short
-    # side), scores on that undistorted grid and averages the map down to the store's square grid.
-    # Both enter the map-store version.
-    input: Literal["squash", "aspect"] = "squash"
+    # cnn_fewshot input geometry: "aspect" (default) keeps the aspect ratio (short side image_size, long side
+    # rounded to 32 and at most max_aspect times the short side), scores on that undistorted grid and averages
+    # the map down to the store's square grid; "squash" resizes every image to image_size x image_size
+    # (stretches defects of non-square images, faster). Both enter the map-store version.
+    input: Literal["squash", "aspect"] = "aspect"
     max_aspect: float = Field(4.0, ge=1.0)
     # ADPretrain feature adaptor (cnn_fewshot): None = plain features; "latest" = the last feature_adaptor
     # run for this encoder; or a checkpoint path. Its run and digest enter the map-store version.
