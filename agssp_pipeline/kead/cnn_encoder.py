@@ -6,13 +6,17 @@ distances of mid-level ImageNet patch features to a memory of normal reference p
 anomaly maps with no training, so the offline demo produces real pseudo labels.
 
 Method (all general, nothing fitted to a dataset):
-- multi-scale patch features: stages of stride 8, 16 and 32 (``layers``), each locally aggregated with a
-  3x3 average (the PatchCore neighbourhood), L2-normalised per stage (so each stage weighs the same), the
-  coarser ones upsampled to the stride-8 grid, concatenated. The stride-32 stage adds context for large,
-  diffuse defects (uneven finish); ``layers=(2, 3)`` is the classic PatchCore choice and a little
-  better for tiny defects on low-resolution inputs;
-- input: the whole image squashed to a square ``image_size`` (default 320: higher than the usual 224,
-  thin defects such as cracks need it), so the square map covers every pixel;
+- multi-scale patch features: stages of stride 8 and 16 (``layers``, default (2, 3), the classic
+  PatchCore choice), each locally aggregated with a 3x3 average (the PatchCore neighbourhood),
+  L2-normalised per stage (so each stage weighs the same), the coarser ones upsampled to the stride-8
+  grid, concatenated. ``layers=(2, 3, 4)`` adds the stride-32 stage: context for large, diffuse defects
+  (uneven finish), at a loss on small ones and 1.5x the time (table below);
+- input (``input``): "aspect" (default) resizes keeping the aspect ratio, short side ``image_size``
+  (default 320: thin defects such as cracks need more than the usual 224), long side rounded to 32 and
+  at most ``max_aspect`` (4) times the short side, so a defect keeps its shape; the map is scored on
+  that grid and area-averaged to the store's square (G, G) grid (readers upsample it to image size).
+  "squash" resizes every image to a square (a 500x1260 tile's defects stretched 2.5x; faster). Images
+  of several shapes in one batch are forwarded per shape (the runner orders batches by shape);
 - memory: patches of the k normal references plus their flipped copies (surfaces are texture-like; a
   mirrored normal texture is still normal), reduced to a greedy k-center coreset (PatchCore) of
   ``memory_fraction`` of the patches (at least ``min_memory``) so the augmentation does not multiply
@@ -29,9 +33,32 @@ Method (all general, nothing fitted to a dataset):
   "patch minus its nearest memory patch"; the raw score becomes the norm of the projected residual, and
   the adaptor's run and digest join the identity, so adapted and plain maps live in different store versions.
 
-Measured (benchmarks/bench_kead_eval.py, magnetic tile, 4 MT_Free references, all 392 defect images):
-pixel AUROC mean over the five classes 0.826 (Blowhole 0.93, Break 0.92, Crack 0.78, Fray 0.93,
-Uneven 0.56) against 0.775 for a plain PatchCore-style map with the same weights; see the benchmark.
+Measured (issue 12; benchmarks/bench_kead_eval.py: the KeadSettings a config gets, through
+compute_anomaly_maps + evaluate_maps as the assets run them; 4 references chosen by the assets'
+strategy; mean per-class pixel AUROC; magnetic tile (MT): 24 images per defect class, MT_Free
+references, masks; NEU-DET: 12 images per class, "typical" references, box interiors (a lower bound);
+demo: the synthetic corpus, mean of its 3 labelled sources; 2 shared CPU cores)::
+
+    input   size layers   MT    (Uneven)  NEU    demo   mean   MT images/s
+    squash  224  2,3      0.805 (0.602)   0.644                  2.7
+    squash  224  2,3,4    0.826 (0.673)   0.615                  2.7
+    squash  320  2,3      0.815 (0.569)   0.674  0.853  0.781    1.13
+    squash  320  2,3,4    0.842 (0.650)   0.647                  0.73
+    aspect  224  2,3      0.814 (0.562)   = squash               0.59
+    aspect  224  2,3,4    0.832 (0.630)   = squash               1.13
+    aspect  256  2,3      0.824           0.656
+    aspect  256  2,3,4    0.843 (0.631)   0.616                  0.44
+    aspect  320  2,3      0.825 (0.541)   0.674  0.859  0.786    0.34   <- default
+    aspect  320  2,3,4    0.847 (0.617)   0.647  0.841  0.778    0.33
+
+(NEU-DET images are square: aspect = squash there. Images/s include building the references and were
+taken under varying load from other jobs: compare within a row group only.) Aspect beats squash on MT
+in all four pairs (+0.005 to +0.010) and on the demo's non-square billets (0.938 vs 0.920), and
+changes nothing on square images; 320 px beats 224/256 on MT and
+NEU; stages (2, 3, 4) win on MT (+0.02, Uneven +0.08) and lose on NEU (-0.03) and the demo (-0.02 to
+-0.03), so the mean over datasets chooses (2, 3). The issue's goals on MT (0.85, Uneven 0.65) are not
+met by the default: Uneven (large, diffuse) needs the stride-32 context; set ``cnn_layers: [2, 3, 4]``
+for such surfaces.
 
 ImageNet check (tests/test_kead_cnn.py): the package weights classify matplotlib's Grace Hopper photo as
 "military uniform" and ultralytics' bus photo as "minibus" (top-5), which proves the key mapping, the
