@@ -30,9 +30,8 @@ kead:
   device: auto
 
 boxes:
+  method: measured          # or paper: the paper's exact rule (agssp_pipeline/boxes/__init__.py)
   delta: 0.1
-  image_split: quantile
-  image_score_quantile: 0.5
   top_k: 10
 
 backbone:

@@ -260,6 +260,8 @@ def sweep(records: list[Prepared], methods: dict[str, dict]) -> pd.DataFrame:
         for record in records:
             _, _, pseudo = boxes_for(record, settings)
             rows.append({"method": name, **box_summary(record, pseudo)})
+            print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in rows[-1].items()),
+                  flush=True)
     return pd.DataFrame(rows)
 
 
@@ -287,6 +289,7 @@ def main() -> None:
     parser.add_argument("--settings", default="{}", help='JSON overrides of BoxesSettings, e.g. {"method": "paper"}')
     parser.add_argument("--sweep", action="store_true", help="compare every method of SWEEP on the cached maps")
     parser.add_argument("--sweep-extra", action="store_true", help="also vary the default's rule parameters")
+    parser.add_argument("--methods", default="", help="comma-separated names of sweep methods to run (default all)")
     parser.add_argument("--maps-only", action="store_true", help="compute / refresh the map stores and stop")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -305,7 +308,12 @@ def main() -> None:
     print(f"\n=== summary, boxes method {settings.rules()}")
     print(fmt(summary))
     if args.sweep:
-        long = sweep(records, sweep_methods(args.sweep_extra))
+        methods = sweep_methods(args.sweep_extra)
+        if args.methods:
+            wanted = args.methods.split(",")
+            methods = {name: m for name, m in methods.items() if name in wanted}
+        long = sweep(records, methods)
+        long.to_csv(work / f"sweep_{args.datasets.replace(',', '_')}.csv", index=False)
         print("\n=== box methods on the same maps (R = recall, P = precision at IoU 0.3; lift = R / random R)")
         print(fmt(long))
         print(fmt(sweep_table(long)))
