@@ -15,8 +15,8 @@ from assets.automation import CHEAP_ASSET_AUTOMATION
 from assets.partitions import pretrain_source_partitions
 from assets.resources import PipelineConfigResource
 
-THRESHOLDS_CODE_VERSION = "1"
-PSEUDO_BOXES_CODE_VERSION = "1"
+THRESHOLDS_CODE_VERSION = "2"  # 2: named rules (boxes.method), rule columns in the table
+PSEUDO_BOXES_CODE_VERSION = "2"  # 2: binarisations, map_max split
 QUALITY_CODE_VERSION = "1"
 PREVIEW_IMAGES = 8  # the highest-scoring images with boxes
 
@@ -24,6 +24,7 @@ PREVIEW_IMAGES = 8  # the highest-scoring images with boxes
 class BoxesRunConfig(dg.Config):
     """Per-run overrides of the ``boxes:`` section of agssp.yaml (unset = the file's value)."""
 
+    method: str | None = None  # a preset of box rules (boxes.settings.METHODS); validated by BoxesSettings
     delta: float | None = None
     image_split: str | None = None  # a name from IMAGE_SPLIT_RULES; validated by BoxesSettings
     image_score_threshold: float | None = None
