@@ -127,9 +127,10 @@ def test_few_shot_maps_rank_planted_defects_above_clean_pixels(cnn_encoder):
 def test_scores_need_references_and_grey_inputs_work(cnn_encoder):
     with pytest.raises(KeyError, match="no references"):
         cnn_encoder.score(torch.zeros(1, 3, 128, 128), "unknown_category")
-    grey = np.full((40, 70), 100, np.uint8)
-    assert cnn_encoder.preprocess(grey).shape == (3, 128, 128)
-    assert cnn_encoder.preprocess(np.zeros((40, 70, 4), np.uint8)).shape == (3, 128, 128)
+    grey = np.full((40, 70), 100, np.uint8)  # aspect input (the default): short side 128, 70/40 kept
+    assert cnn_encoder.preprocess(grey).shape == (3, 128, 224)
+    assert cnn_encoder.preprocess(np.zeros((40, 70, 4), np.uint8)).shape == (3, 128, 224)
+    assert CnnFewShotEncoder(image_size=128, input="squash").preprocess(grey).shape == (3, 128, 128)
     with pytest.raises(ValueError, match="multiple of 32"):
         CnnFewShotEncoder(image_size=100)
 
