@@ -118,8 +118,11 @@ def _rethreshold(upsampled: np.ndarray, threshold: float, level: float, params: 
     peak = np.full(n, -np.inf, np.float32)
     np.maximum.at(peak, owner, values)
     cut = level + params.rethreshold_fraction * (peak - level)
+    kept = values >= cut[owner]
+    if kept.all():  # no component shrinks (T_c already above every cut): the labels stand
+        return n, labels
     binary.fill(0)
-    binary.ravel()[foreground[values >= cut[owner]]] = 1
+    binary.ravel()[foreground[kept]] = 1
     return cv2.connectedComponentsWithAlgorithm(binary, params.connectivity, cv2.CV_32S, cv2.CCL_DEFAULT)
 
 
