@@ -131,8 +131,10 @@ def test_scores_need_references_and_grey_inputs_work(cnn_encoder):
     assert cnn_encoder.preprocess(grey).shape == (3, 128, 224)
     assert cnn_encoder.preprocess(np.zeros((40, 70, 4), np.uint8)).shape == (3, 128, 224)
     assert CnnFewShotEncoder(image_size=128, input="squash").preprocess(grey).shape == (3, 128, 128)
-    with pytest.raises(ValueError, match="multiple of 32"):
+    with pytest.raises(ValueError, match="multiple of 16"):  # the coarsest default stage (2, 3) has stride 16
         CnnFewShotEncoder(image_size=100)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        CnnFewShotEncoder(image_size=112, layers=(2, 3, 4))
 
 
 def test_registry_builds_named_encoders():

@@ -12,8 +12,8 @@ Method (all general, nothing fitted to a dataset):
   grid, concatenated. ``layers=(2, 3, 4)`` adds the stride-32 stage: context for large, diffuse defects
   (uneven finish), at a loss on small ones and 1.5x the time (table below);
 - input (``input``): "aspect" (default) resizes keeping the aspect ratio, short side ``image_size``
-  (default 320: thin defects such as cracks need more than the usual 224), long side rounded to 32 and
-  at most ``max_aspect`` (4) times the short side, so a defect keeps its shape; the map is scored on
+  (default 320: thin defects such as cracks need more than the usual 224), long side rounded to the
+  coarsest stage stride and at most ``max_aspect`` (4) times the short side, so a defect keeps its shape; the map is scored on
   that grid and area-averaged to the store's square (G, G) grid (readers upsample it to image size).
   "squash" resizes every image to a square (a 500x1260 tile's defects stretched 2.5x; faster). Images
   of several shapes in one batch are forwarded per shape (the runner orders batches by shape);

@@ -63,9 +63,10 @@ class KeadSettings(BaseModel):
     # (magnetic tile Uneven) and loses on small ones (NEU-DET, demo): measurements in cnn_encoder.py.
     cnn_layers: list[int] | None = None
     # cnn_fewshot input geometry: "aspect" (default) keeps the aspect ratio (short side image_size, long side
-    # rounded to 32 and at most max_aspect times the short side), scores on that undistorted grid and averages
-    # the map down to the store's square grid; "squash" resizes every image to image_size x image_size
-    # (stretches defects of non-square images, faster). Both enter the map-store version.
+    # rounded to the coarsest stage stride, 16 for (2, 3), and at most max_aspect times the short side), scores
+    # on that undistorted grid and averages the map down to the store's square grid; "squash" resizes every
+    # image to image_size x image_size (stretches defects of non-square images, 2.4x faster on magnetic tile
+    # on CPU: benchmarks/bench_kead.py --cnn). Both enter the map-store version.
     input: Literal["squash", "aspect"] = "aspect"
     max_aspect: float = Field(4.0, ge=1.0)
     # ADPretrain feature adaptor (cnn_fewshot): None = plain features; "latest" = the last feature_adaptor
