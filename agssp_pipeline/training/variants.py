@@ -16,6 +16,48 @@ A variant that cannot exist for a backbone (no offline ImageNet weights for CSPD
 :class:`VariantNotApplicable`; the table keeps a row for it that says so, rather than dropping it silently.
 A missing checkpoint is the user's to make, and is an error naming the asset to materialize.
 ``domain`` and ``agbp`` runs are told apart by the ``distill_weight`` their lineage records.
+
+agssp against agbp (issue 11 item 1). What differs between the two starts, everything else (optimizer ``auto`` =
+AdamW at the lr of the class count, 3 warm-up epochs, EMA, no frozen layer, ``last.pt`` scored) being equal:
+
+- both load the AGBP backbone (layers 0..9); CSPDarknet gets AGBP's ImageNet input normalisation folded into
+  layer 0 (``detector.fold_input_normalisation``: before, ultralytics' [0, 1] pixels met BN statistics of
+  normalised inputs, harmless where BN trains, wrong for AGDP's frozen backbone whose BN stays in eval mode);
+- agssp also loads the neck (layers 10..21) and the Detect head (22) of a one-class detector trained on pseudo
+  boxes, all but the class-logit convs (``cv3.*.2``: 1 vs N classes, re-initialised with ultralytics' prior);
+- with ``detector.freeze_backbone: true`` (the paper; default) AGDP leaves the backbone tensor for tensor as AGBP
+  made it, so ``finetune.agssp_init: backbone`` is then the agbp start.
+
+Measured (``benchmarks/agdp_bounds.py``, YOLOv8n, 128 px, AGDP 3 epochs, finetune 8 epochs on 400 NEU-DET images
+scored on 160 others, one seed, mAP@0.5 in %; CPU-sized: read differences under ~2 points as noise; backbone: a
+1-epoch AGBP run on magnetic tile; ``--config`` a materialised run with magnetic_tile pretrain, neu_det downstream;
+magnetic tile rows: ``--agdp-epochs 3 --finetune-epochs 8 --train-images 400 --val-images 160``; NEU rows the same
+with ``--source neu_det --downstream neu_det --agdp gt:on:frozen gt:on:unfrozen:detector,backbone_neck,backbone
+random:on:unfrozen``; AGDP val: mAP@0.5 of the one-class detector on its own kind of boxes of its val split):
+
+======================================  ===================  ============  ==========  ==========
+start                                   AGDP boxes           AGDP bb       AGDP val    finetune
+======================================  ===================  ============  ==========  ==========
+scratch / agbp (fold off) / agbp        -                    -             -           3.6 / 6.1 / 6.7
+agssp detector (fold off: before fix)   magnetic tile pseudo frozen        0.0         5.9
+agssp detector (the paper's recipe)     magnetic tile pseudo frozen        0.3         8.3
+agssp detector                          magnetic tile pseudo unfrozen      0.0         1.6
+agssp backbone_neck / backbone          magnetic tile pseudo unfrozen      0.0         6.0 / 7.3
+agssp detector / backbone_neck          magnetic tile GT     unfrozen      0.0         7.6 / 7.6
+agssp detector                          magnetic tile random unfrozen      0.0         5.0
+NEU half B: scratch / agbp (off) / agbp -                    -             -           4.4 / 6.2 / 7.6
+agssp detector                          NEU half A GT        frozen        0.5         8.6
+agssp detector                          NEU half A GT        unfrozen      4.9         11.1
+agssp backbone_neck / backbone          NEU half A GT        unfrozen      4.9         12.3 / 14.5
+agssp detector                          NEU half A random    unfrozen      1.0         10.1
+======================================  ===================  ============  ==========  ==========
+
+Read: the input-normalisation fold was the bug that sank the paper's recipe (frozen AGDP backbone): agssp 5.9 ->
+8.3, now above agbp (6.7; agbp itself 6.1 -> 6.7). The transfer path works with good boxes (GT rows >= agbp).
+Training the backbone in AGDP (``detector.freeze_backbone: false``/``auto``) helps in-domain (NEU GT 8.6 -> 11.1,
+even random boxes 10.1: most of that gain is in-domain training, not box quality) but on cross-domain pseudo
+boxes it wrecks the head (1.6) unless the head is re-initialised (``finetune.agssp_init: backbone_neck`` 6.0,
+``backbone`` 7.3). Mixed, one seed: the defaults stay the paper's (frozen backbone, full detector).
 """
 
 from __future__ import annotations
