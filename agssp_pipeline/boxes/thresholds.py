@@ -77,11 +77,11 @@ class SplitResult:
     fallback: bool = False  # a two-class rule found one class and used the quantile rule
 
 
-def _fixed_cutoff(scores: np.ndarray, settings: BoxesSettings) -> SplitResult:
+def _fixed_cutoff(scores: np.ndarray, settings: BoxesSettings, threshold: float) -> SplitResult:
     return SplitResult(float(settings.image_score_threshold))
 
 
-def _quantile_cutoff(scores: np.ndarray, settings: BoxesSettings) -> SplitResult:
+def _quantile_cutoff(scores: np.ndarray, settings: BoxesSettings, threshold: float = float("nan")) -> SplitResult:
     return SplitResult(float(np.quantile(scores, settings.image_score_quantile)) if scores.size else float("inf"))
 
 
@@ -107,14 +107,14 @@ def otsu_split(scores: np.ndarray) -> tuple[float, float]:
     return float(values[best]), float(between[best] / total)
 
 
-def _otsu_cutoff(scores: np.ndarray, settings: BoxesSettings) -> SplitResult:
+def _otsu_cutoff(scores: np.ndarray, settings: BoxesSettings, threshold: float) -> SplitResult:
     cutoff, separability = otsu_split(scores)
     if separability < settings.split_min_separation:
         return SplitResult(_quantile_cutoff(scores, settings).cutoff, fallback=True)
     return SplitResult(cutoff)
 
 
-def _gmm_cutoff(scores: np.ndarray, settings: BoxesSettings) -> SplitResult:
+def _gmm_cutoff(scores: np.ndarray, settings: BoxesSettings, threshold: float) -> SplitResult:
     """Where the posterior of the higher of two Gaussians reaches 1/2; quantile rule if one Gaussian fits better."""
     from sklearn.mixture import GaussianMixture
 
@@ -135,11 +135,14 @@ def _gmm_cutoff(scores: np.ndarray, settings: BoxesSettings) -> SplitResult:
     return SplitResult(float(candidates[low_side.max()]))
 
 
-def _threshold_cutoff(scores: np.ndarray, settings: BoxesSettings) -> SplitResult:
-    raise AssertionError("map_max is resolved from T_c in compute_category_thresholds")
+def _threshold_cutoff(maxima: np.ndarray, settings: BoxesSettings, threshold: float) -> SplitResult:
+    return SplitResult(float(threshold))
 
 
-ImageCutoffRule = Callable[[np.ndarray, BoxesSettings], SplitResult]
+# (the split statistic of the category's images, settings, T_c) -> cutoff; the statistic is the image score,
+# or the map maximum for the rules in SPLIT_ON_MAP_MAX (which alone use T_c: the others get NaN, they run
+# before T_c so that a threshold rule can use the images they judge normal)
+ImageCutoffRule = Callable[[np.ndarray, BoxesSettings, float], SplitResult]
 IMAGE_SPLIT_RULES: dict[str, ImageCutoffRule] = {
     "fixed": _fixed_cutoff,
     "quantile": _quantile_cutoff,
@@ -167,7 +170,7 @@ def split_scores(scores: np.ndarray, settings: BoxesSettings) -> SplitResult:
     if name in SPLIT_ON_MAP_MAX:
         raise ValueError(f"image_split '{name}' compares map maxima with T_c, not image scores")
     rule = _registered(IMAGE_SPLIT_RULES, name, "image_split")
-    return rule(np.asarray(scores, dtype=np.float64), settings)
+    return rule(np.asarray(scores, dtype=np.float64), settings, float("nan"))
 
 
 def category_threshold(
@@ -182,7 +185,8 @@ def category_threshold(
     rule = _registered(THRESHOLD_RULES, rules.threshold_rule, "threshold_rule")
     if rules.image_split in SPLIT_ON_MAP_MAX:
         threshold = rule(maxima, settings)
-        return threshold, SplitResult(threshold), judge_defective(maxima, np.full(len(maxima), threshold)), len(maxima)
+        split = IMAGE_SPLIT_RULES[rules.image_split](maxima, settings, threshold)
+        return threshold, split, judge_defective(maxima, np.full(len(maxima), split.cutoff)), len(maxima)
     split = split_scores(scores, settings)
     judged = judge_defective(scores, np.full(len(scores), split.cutoff))
     used = maxima
