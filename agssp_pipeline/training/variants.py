@@ -56,7 +56,7 @@ Read: the input-normalisation fold was the bug that sank the paper's recipe (fro
 8.3, now above agbp (6.7; agbp itself 6.1 -> 6.7). The transfer path works with good boxes (GT rows >= agbp).
 Training the backbone in AGDP (``detector.freeze_backbone: false``/``auto``) helps in-domain (NEU GT 8.6 -> 11.1,
 even random boxes 10.1: most of that gain is in-domain training, not box quality) but on cross-domain pseudo
-boxes it wrecks the head (1.6) unless the head is re-initialised (``finetune.agssp_init: backbone_neck`` 6.0,
+boxes it wrecks the head (1.6, below random boxes' 5.0) unless the head is re-initialised (``finetune.agssp_init: backbone_neck`` 6.0,
 ``backbone`` 7.3). Mixed, one seed: the defaults stay the paper's (frozen backbone, full detector).
 """
 
