@@ -168,7 +168,7 @@ def _corpus(root, category: str = "tile", n_normal: int = 6, n_defect: int = 3) 
 def small_encoder():
     from agssp_pipeline.kead.cnn_encoder import CnnFewShotEncoder
 
-    return CnnFewShotEncoder(image_size=64, min_memory=256)
+    return CnnFewShotEncoder(image_size=64, min_memory=256, layers=(2, 3, 4))  # 472-dim features, as below
 
 
 def test_fit_adaptor_trains_saves_and_changes_the_store_version(tmp_path, small_encoder):
