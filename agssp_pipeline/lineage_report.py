@@ -174,7 +174,8 @@ def dagster_records(instance, asset: str, partition: str | None, run_id: str | N
         return [{"asset": asset, "partition": partition, "run_id": None,
                  "note": "no materialisation in the Dagster instance (made outside Dagster, or another instance)"}]
     out = [_describe_record(found[0], asset, partition, "latest")]
-    matching = [r for r in found if run_id and _metadata_text(r, "run_id") == run_id]
+    # backbone_checkpoint names its AGBP run (run_id) and the mode 2 baseline it trained beside it (domain_run_id)
+    matching = [r for r in found if run_id and run_id in (_metadata_text(r, "run_id"), _metadata_text(r, "domain_run_id"))]
     if run_id and not matching:
         out.append({"asset": asset, "partition": partition, "run_id": None,
                     "note": f"no materialisation of checkpoint run {run_id} in the instance"})

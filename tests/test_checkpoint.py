@@ -270,3 +270,27 @@ def test_training_on_object_storage_resumes_and_publishes_to_the_bucket(moto_end
     assert on_disk["status"] == "complete" and on_disk["run_id"] == run_id
     assert "model.0.conv.weight" in state
     assert [p.name for p in tmp_path.iterdir()] == ["images"]  # nothing landed in a local "s3:" folder
+
+
+def test_a_mode_2_baseline_run_is_superseded_only_by_a_newer_baseline(tmp_path):
+    """latest.json is the AGBP run; the distill_weight 0 baseline beside it is not "older than latest"."""
+    layout = PipelineConfig(storage_root=str(tmp_path / "storage")).layout()
+    state = {"w": torch.zeros(1)}
+
+    def run(run_id: str, created: str, weight: float) -> None:
+        ckpt.save_checkpoint(ckpt.run_dir(layout, "yolov8n", run_id), state,
+                             {"kind": ckpt.BACKBONE, "name": "yolov8n", "run_id": run_id, "created_at": created,
+                              "status": "complete", "distill_weight": weight})
+
+    run("agbp1", "1", 2.5)
+    ckpt.write_latest_pointer(layout, "yolov8n", "agbp1")
+    run("domain1", "2", 0.0)
+    assert ckpt.later_run(layout, ckpt.BACKBONE, "yolov8n", "domain1", {"distill_weight": 0.0}) is None
+    assert ckpt.later_run(layout, ckpt.BACKBONE, "yolov8n", "agbp1", {"distill_weight": 2.5}) is None
+    run("domain2", "3", 0.0)
+    run("agbp2", "4", 2.5)
+    ckpt.write_latest_pointer(layout, "yolov8n", "agbp2")
+    assert "domain2" in ckpt.later_run(layout, ckpt.BACKBONE, "yolov8n", "domain1", {"distill_weight": 0.0})
+    assert "agbp2" in ckpt.later_run(layout, ckpt.BACKBONE, "yolov8n", "agbp1", {"distill_weight": 2.5})
+    flags = ckpt.checkpoint_record(ckpt.run_dir(layout, "yolov8n", "domain1"), ckpt.BACKBONE, layout).flags
+    assert [level for level, _ in flags if level == "NEWER"] == ["NEWER"]

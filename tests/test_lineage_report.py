@@ -129,8 +129,13 @@ def test_json_output_parses_and_carries_dagster_records(chain, capsys):
     stages = {stage["key"]: stage for stage in payload["stages"]}
     assert list(stages) == ["sources", "maps", "thresholds", "pseudo_boxes", "backbone", "detector", "evaluations"]
     assert payload["summary"] == {STALE: 0, NEWER: 0, MISSING: 0}
-    backbone = stages["backbone"]["entries"][0]
     run_id, _ = _backbone_run(chain["layout"])
+    # the AGBP run and the mode 2 (distill_weight 0) baseline trained beside it, each found in Dagster
+    entries = {e["label"]: e for e in stages["backbone"]["entries"]}
+    assert len(entries) == 2
+    backbone = entries[f"yolov8n run {run_id}"]
+    [domain] = [e for label, e in entries.items() if label != f"yolov8n run {run_id}"]
+    assert "made checkpoint run" in domain["dagster"][0]["match"]
     # the Dagster materialisation that made exactly this checkpoint run is found
     record = backbone["dagster"][0]
     assert record["asset"] == "backbone_checkpoint" and record["partition"] == "yolov8n"

@@ -283,6 +283,23 @@ EXPECTED_INPUTS = {
 }
 
 
+def later_run(layout, kind: str, name: str, run_id: str, lineage: Mapping[str, Any]) -> str | None:
+    """The run that supersedes ``run_id`` for its consumers, or None.
+
+    A run is superseded by ``latest.json``, except a backbone run with ``distill_weight: 0`` (the paper's mode 2
+    baseline, never latest.json): only a newer completed baseline run supersedes it.
+    """
+    if kind == BACKBONE and lineage.get("distill_weight") == 0:
+        baselines = [rid for rid, other in list_runs(layout, name)
+                     if other.get("distill_weight") == 0 and other.get("status", "complete") == "complete"]
+        newest = baselines[-1] if baselines else None
+        return f"{newest} (newest distill_weight 0 run)" if newest not in (None, run_id) else None
+    pointer = read_latest_pointer(layout, name, kind=kind)
+    if pointer and pointer.get("run_id") not in (None, run_id):
+        return f"{pointer['run_id']} (latest.json)"
+    return None
+
+
 def checkpoint_record(run_dir_uri: str, kind: str, layout, recorded: Mapping[str, Any] | None = None) -> Record:
     """What a checkpoint run is (its weights digest, a later run) and what its lineage says it was made from.
 
@@ -298,9 +315,9 @@ def checkpoint_record(run_dir_uri: str, kind: str, layout, recorded: Mapping[str
     if on_disk is None:
         record.missing(f"checkpoint files no longer at {run_dir_uri}"
                        + ("; shown as recorded by its consumer" if recorded else ""))
-    pointer = read_latest_pointer(layout, name, kind=kind) if name != "?" else None
-    if pointer and pointer.get("run_id") not in (None, run_id):
-        record.flags.append((NEWER, f"a later {kind} {name} run exists: {pointer['run_id']} (latest.json)"))
+    later = later_run(layout, kind, name, run_id, lineage) if name != "?" else None
+    if later:
+        record.flags.append((NEWER, f"a later {kind} {name} run exists: {later}"))
     if kind == BACKBONE:
         record.now["version"] = lambda: _backbone_digest(run_dir_uri) if on_disk else None
     else:
