@@ -168,6 +168,9 @@ def finetune_lines(layout: StorageLayout, datasets: Sequence[str]) -> list[str]:
         uri = layout.evaluations("finetune", dataset, ".md")
         if artifact_io.exists(uri):
             lines += [f"finetune comparison, {dataset} ({uri}):", artifact_io.read_text(uri).rstrip()]
+            chart = layout.evaluations("finetune", dataset, ".png")
+            if artifact_io.exists(chart):
+                lines.append(f"  chart (mean ± std, Δ vs scratch with 95% CI): {chart}")
     return lines
 
 

@@ -183,6 +183,7 @@ def _stand_in_defs(seen: dict):
         for source in config.downstream_sources():
             artifact_io.write_text(config.layout().evaluations("finetune", source.name, ".md"),
                                    "| dataset | variant | mAP@0.5 |\n|---|---|---:|\n| customer | agssp | 61.5 |\n")
+            artifact_io.write_bytes(config.layout().evaluations("finetune", source.name, ".png"), b"png stand-in")
         if seen.get("fail_finetune"):
             raise RuntimeError("finetune could not start")
 
@@ -221,6 +222,7 @@ def test_materialize_ends_with_steps_results_and_paths(tmp_path, clean_env, monk
     assert f"table: {store}/evaluations/box_quality/line1.parquet" in out
     assert f"finetune comparison, customer ({store}/evaluations/finetune/customer.md)" in out
     assert "| customer | agssp | 61.5 |" in out
+    assert f"chart (mean ± std, Δ vs scratch with 95% CI): {store}/evaluations/finetune/customer.png" in out
     assert f"evaluations   {store}/evaluations" in out and "all 6 steps succeeded" in out
     # the progress bar knows the planned total
     assert "0/6" in captured.err and "6/6" in captured.err and "0step [" not in captured.err
