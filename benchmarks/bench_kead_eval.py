@@ -22,6 +22,12 @@ that class, so capping normals changes image AUROC, never pixel AUROC.
     nice .venv/bin/python benchmarks/bench_kead_eval.py                                   # product default, MT
     nice .venv/bin/python benchmarks/bench_kead_eval.py --datasets magnetic_tile,neu_det \\
         --variant input=squash --variant input=aspect --variant image_size=256,cnn_layers=[2,3]
+    nice .venv/bin/python benchmarks/bench_kead_eval.py --adaptor --max-per-class 24 --max-normal 8   # plain vs adapted
+
+``--adaptor`` adds, per variant, the same maps scored with an ADPretrain adaptor trained as
+``feature_adaptor`` trains it (``kead.adaptor_training`` defaults) on the source's normal images that are
+neither test images nor references, with synthetic anomalies only (no real masks: they belong to the test
+images); its training time is printed. Sources without normal images (NEU-DET) skip it.
 """
 
 from __future__ import annotations
@@ -132,20 +138,39 @@ def prepare(sources: list[SourceConfig], scratch: Path, settings: KeadSettings, 
         normal = index["is_normal"].fillna(False).astype(bool)
         capped = [_cap(group, max_per_class, seed) for _, group in index[~normal].groupby("defect_class")]
         test = pd.concat(capped + [_cap(index[normal], max_normal, seed)], ignore_index=True)
+        # the adaptor learns from normal images that are neither test images nor references, with synthetic
+        # anomalies only: the real masks belong to the test images, learning from them would leak
+        spare = index[normal & ~index["image_id"].isin(set(test["image_id"]))]
         prepared.append({"source": source.name, "index": test, "annotations": annotations,
-                         "references": references})
+                         "references": references, "adaptor_pool": spare.assign(mask_path=None)})
     return prepared
 
 
-def measure(settings: KeadSettings, data: dict, store: str, device: str | None) -> tuple[pd.DataFrame, float]:
-    """The maps of one source through ``compute_anomaly_maps`` + ``evaluate_maps``; (rows, images/s)."""
+def adapt(encoder, settings: KeadSettings, data: dict) -> float:
+    """Train the ADPretrain adaptor as ``feature_adaptor`` does (``settings.adaptor_training``, the product
+    default unless overridden) on the source's spare normal images; returns the training seconds."""
+    from agssp_pipeline.kead.adaptor import fit_adaptor
+
+    started = time.perf_counter()
+    projector, report = fit_adaptor(encoder, data["adaptor_pool"], data["references"], settings.adaptor_training)
+    seconds = time.perf_counter() - started
+    encoder.set_adaptor(projector, {"run_id": "bench", "encoder_identity": report["encoder_identity"]})
+    print(f"  adaptor: {report['patches']} patches from {report['images']} images, {report['steps']} steps, "
+          f"trained in {seconds:.0f} s", flush=True)
+    return seconds
+
+
+def measure(settings: KeadSettings, data: dict, store: str, device: str | None,
+            adapted: bool = False) -> tuple[pd.DataFrame, float, float]:
+    """The maps of one source through ``compute_anomaly_maps`` + ``evaluate_maps``: (rows, images/s, adaptor s)."""
     encoder = build_encoder(settings, device)
+    training_seconds = adapt(encoder, settings, data) if adapted else 0.0
     stats = compute_anomaly_maps(data["index"], encoder, store, data["references"], batch_size=settings.batch_size,
                                  num_workers=settings.num_workers, require_references=settings.k_shot > 0)
     if stats.failed:
         print(f"  {len(stats.failed)} images failed, first: {stats.failed[0]}")
     rows = evaluate_maps(data["index"], read_map_table(store), annotations=data["annotations"])
-    return rows, stats.images_per_s
+    return rows, stats.images_per_s, training_seconds
 
 
 def summarise(rows: pd.DataFrame) -> dict:
@@ -171,6 +196,9 @@ def main() -> None:
     parser.add_argument("--device", default=None, help="default: the settings' device (auto)")
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="write every evaluation row as CSV here")
+    parser.add_argument("--adaptor", action="store_true",
+                        help="also run each variant with an ADPretrain adaptor trained on the source's spare normal "
+                             "images + synthetic anomalies (kead.adaptor_training defaults; skipped without normals)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -190,13 +218,19 @@ def main() -> None:
                       f"({int((~data['index']['is_normal'].fillna(False).astype(bool)).sum())} defective), "
                       f"{len(data['references'])} references ({', '.join(sorted(set(data['references']['reason'])))})"
                       f", indexed in {time.perf_counter() - started:.0f} s", flush=True)
-            for number, settings in enumerate(variants):
+            runs = [(n, s, False) for n, s in enumerate(variants)]
+            runs += [(n, s, True) for n, s in enumerate(variants)] if args.adaptor else []
+            for number, settings, adapted in runs:
                 for data in prepared:
-                    store = str(Path(scratch) / f"maps_{number}_{data['source']}")
+                    if adapted and data["adaptor_pool"].empty:
+                        print(f"  {data['source']}: no spare normal images, adaptor skipped")
+                        continue
+                    store = str(Path(scratch) / f"maps_{number}_{int(adapted)}_{data['source']}")
                     started = time.perf_counter()
-                    rows, rate = measure(settings, data, store, args.device)
-                    line = {"dataset": dataset, "source": data["source"], "variant": differences(settings),
-                            "images_per_s": rate, "seconds": time.perf_counter() - started, **summarise(rows)}
+                    rows, rate, training = measure(settings, data, store, args.device, adapted)
+                    label = differences(settings) + (" + adaptor" if adapted else "")
+                    line = {"dataset": dataset, "source": data["source"], "variant": label, "images_per_s": rate,
+                            "adaptor_s": training, "seconds": time.perf_counter() - started, **summarise(rows)}
                     summary.append(line)
                     frames.append(rows.assign(dataset=dataset, variant=line["variant"]))
                     print(f"  [{line['variant']}] {data['source']}: class pixel AUROC {line['class_pixel_auroc']:.3f}"

@@ -22,6 +22,7 @@ Usage:
   nice .venv/bin/python benchmarks/box_quality.py --datasets demo,magnetic_tile,neu_det \
       [--max-per-class 0] [--kead '{"image_size": 224}'] [--settings '{"method": "paper"}'] [--sweep] \
       [--work /tmp/agssp_box_quality]
+  nice .venv/bin/python benchmarks/box_quality.py --datasets magnetic_tile --adaptor product   # adapted maps
 """
 
 from __future__ import annotations
@@ -146,6 +147,34 @@ def kead_settings(overrides: dict) -> tuple[KeadSettings, dict]:
     return settings, {k: (product[k], mine[k]) for k in mine if mine[k] != product[k]}
 
 
+def adapted_settings(work: Path, source: str, index: pd.DataFrame, references: pd.DataFrame,
+                     settings: KeadSettings, mode: str) -> KeadSettings:
+    """``settings`` pointing at an ADPretrain adaptor trained as ``feature_adaptor`` trains it
+    (``kead.adaptor_training``) on this source: ``product`` = its normal images with synthetic anomalies and
+    its real masks (the product's recipe for a pretraining source, so the box figures of a mask source are
+    in-sample for the adaptor); ``synthetic`` = normal images and synthetic anomalies only. Trained once per
+    (source, mode, settings) under ``work/adaptors`` and reused; the training time is printed."""
+    from agssp_pipeline.kead.adaptor import ADAPTOR_KIND, fit_adaptor, save_adaptor
+    from agssp_pipeline.kead.encoders import build_encoder
+    from agssp_pipeline.storage import StorageLayout
+    from agssp_pipeline.training import checkpoint as ckpt
+
+    layout = StorageLayout(str(work / "adaptors"))
+    digest = hashlib.sha256(json.dumps(settings.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:8]
+    run_id = f"{source}-{mode}-{digest}"
+    target = ckpt.run_dir(layout, settings.encoder, run_id, kind=ADAPTOR_KIND)
+    if not Path(target, ckpt.LINEAGE_FILE).exists():
+        pool = index if mode == "product" else index.assign(mask_path=None)
+        started = time.perf_counter()
+        projector, report = fit_adaptor(build_encoder(settings, "cpu"), pool, references, settings.adaptor_training)
+        report["training_seconds"] = round(time.perf_counter() - started, 1)
+        save_adaptor(layout, settings.encoder, projector, {**report, "run_id": run_id})
+    lineage = ckpt.read_lineage(target)
+    print(f"adaptor ({source}, {mode}): {lineage['images']} images, {lineage['patches']} patches, "
+          f"{lineage['steps']} steps, trained in {lineage.get('training_seconds', '?')} s")
+    return settings.model_copy(update={"adaptor": target})
+
+
 def source_maps(work: Path, source: SourceConfig, index: pd.DataFrame, settings: KeadSettings, args):
     """Maps of ``index`` through the pipeline's KeAD path (``kead.references`` strategy, the encoder the
     settings build, ``kead.runner.compute_anomaly_maps``) into a versioned Zarr store under ``work``
@@ -159,6 +188,8 @@ def source_maps(work: Path, source: SourceConfig, index: pd.DataFrame, settings:
     from agssp_pipeline.kead.store import read_map_table
 
     references = select_references(index, settings.k_shot, settings.reference_strategy, seed=args.seed)
+    if args.adaptor:
+        settings = adapted_settings(work, source.name, index, references, settings, args.adaptor)
     digest = hashlib.sha256(json.dumps(settings.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:8]
     store = str(work / "maps.zarr" / f"{source.name}_k{digest}_m{args.max_per_class}")
     started = time.perf_counter()
@@ -290,6 +321,8 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="compare every method of SWEEP on the cached maps")
     parser.add_argument("--sweep-extra", action="store_true", help="also vary the default's rule parameters")
     parser.add_argument("--methods", default="", help="comma-separated names of sweep methods to run (default all)")
+    parser.add_argument("--adaptor", choices=["product", "synthetic"], default=None,
+                        help="score with an ADPretrain adaptor trained on each source (see adapted_settings)")
     parser.add_argument("--maps-only", action="store_true", help="compute / refresh the map stores and stop")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
