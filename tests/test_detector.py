@@ -138,7 +138,7 @@ def test_input_normalisation_is_folded_into_layer_0_exactly():
 
 
 def test_backbone_checkpoints_enter_the_detector_folded_and_digested_alike(tmp_path):
-    from agssp_pipeline.training.checkpoint import _backbone_digest, save_checkpoint
+    from agssp_pipeline.training.checkpoint import backbone_digest, save_checkpoint
     from agssp_pipeline.training.detector import backbone_initial_weights
 
     raw = _backbone_checkpoint()
@@ -150,4 +150,4 @@ def test_backbone_checkpoints_enter_the_detector_folded_and_digested_alike(tmp_p
     assert torch.equal(initial.state_dict["model.9.cv2.conv.weight"], raw["model.9.cv2.conv.weight"])
     assert "folded into model.0" in initial.lineage["input_normalisation"]
     # lineage compares the backbone's digest now with what detector and finetune recorded: the same tensors
-    assert _backbone_digest(run_dir) == initial.digest
+    assert backbone_digest(run_dir) == initial.digest

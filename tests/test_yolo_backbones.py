@@ -114,9 +114,9 @@ def test_agbp_and_agdp_work_for_efficientnet(tmp_path):
         if value.is_floating_point() and "running" not in key:
             assert torch.equal(state[HYBRID_BACKBONE_PREFIX + key], value.float()), key
     assert lineage["injection"]["loaded"] == len(native)  # every backbone tensor, nothing of the new projections
-    from agssp_pipeline.training.checkpoint import _backbone_digest
+    from agssp_pipeline.training.checkpoint import backbone_digest
 
     # lineage compares the backbone's digest now with what the detector recorded: the same keying on both sides
-    assert _backbone_digest(run_dir) == initial.digest == lineage["backbone"]["weights_digest"]
+    assert backbone_digest(run_dir) == initial.digest == lineage["backbone"]["weights_digest"]
     agssp = detector_initial_weights(result.run_dir)
     assert agssp.required_prefixes == (HYBRID_BACKBONE_PREFIX,)

@@ -195,7 +195,9 @@ def backbone_starts(layout, backbone_name: str, image_size: int, stages: Sequenc
         weight = lineage.get("distill_weight")
         yield Start(run_id, model, run_stages, run_id=run_id,
                     distill_weight=float(weight) if weight is not None else float("nan"),
-                    weights_digest=str(lineage.get("weights_digest") or ckpt.state_dict_digest(state)),
+                    # the digest every consumer of a backbone run records (the detector-keyed, input-folded
+                    # tensors), so lineage compares like with like
+                    weights_digest=str(ckpt.backbone_digest(run) or ckpt.state_dict_digest(state)),
                     checkpoint=artifact_io.canonical(run))
 
 

@@ -319,7 +319,7 @@ def checkpoint_record(run_dir_uri: str, kind: str, layout, recorded: Mapping[str
     if later:
         record.flags.append((NEWER, f"a later {kind} {name} run exists: {later}"))
     if kind == BACKBONE:
-        record.now["version"] = lambda: _backbone_digest(run_dir_uri) if on_disk else None
+        record.now["version"] = lambda: backbone_digest(run_dir_uri) if on_disk else None
     else:
         record.now["version"] = (on_disk or {}).get("weights_digest")
     record.inputs = _walk_inputs(lineage)
@@ -372,7 +372,7 @@ def latest_run_of_any(layout, kind: str) -> str | None:
     return resolve_checkpoint_dir(artifact_io.parent(newest))
 
 
-def _backbone_digest(run_dir_uri: str) -> str | None:
+def backbone_digest(run_dir_uri: str) -> str | None:
     """Digest of a backbone checkpoint's tensors keyed for its detector, as detector and finetune record it
     (``model.0..9`` for CSPDarknet, layer 0 of the hybrid detector for other backbones)."""
     from agssp_pipeline.training.yolo_backbones import detector_backbone_state
