@@ -44,15 +44,26 @@ def demo_corpus(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
-def _forget_closed_dagster_instances():
+def _forget_closed_dagster_instances(monkeypatch):
     """Dagster keeps the last instance's defs-state storage in a context variable, which can outlive
-    ``instance_for_test`` (its temp folder then gone); a later Definitions load would open that
-    deleted SQLite file. Reset it after every test so tests don't depend on their order."""
-    yield
+    ``instance_for_test`` (its temp folder then gone) or the instance itself (a weakref that dies when the
+    garbage collector runs, so the failure depends on timing); a later Definitions load would open that
+    deleted SQLite file or raise "undefined DagsterInstance weakref". Within a test, a storage whose
+    instance is gone counts as no storage; after every test it is reset, so tests don't depend on order."""
     try:
         from dagster._core.storage.defs_state import base as defs_state_base
     except ImportError:  # a Dagster without defs-state storage has nothing to reset
+        yield
         return
+    current = defs_state_base.DefsStateStorage.get.__func__
+
+    def live_storage(cls):
+        storage = current(cls)
+        ref = getattr(storage, "_instance_weakref", None)
+        return None if storage is not None and ref is not None and ref() is None else storage
+
+    monkeypatch.setattr(defs_state_base.DefsStateStorage, "get", classmethod(live_storage))
+    yield
     defs_state_base._current_storage.set(None)
 
 
