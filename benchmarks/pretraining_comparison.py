@@ -16,6 +16,12 @@ Runtime: the defaults (image size 128, AGBP 1 epoch capped at ``--backbone-steps
 finetune 8 epochs x 5 modes x 3 seeds x (full + few-shot 50/100), 200 bootstrap replicates) are sized for about
 an hour on a 2-core CPU; on a GPU raise epochs and image size. Settings are printed with the table: read them
 before quoting a number (far from the paper's 100+ GPU epochs).
+
+Measured (2026-12-02, 2 shared CPU cores at load 8-16): the defaults do NOT fit an hour there (AGDP over
+casting's 7,284 images alone is ~18 min for 3 epochs). A reduced run, ``--pretrain-sets magnetic_tile x_sdd
+--finetune-epochs 3 --detector-epochs 2 --backbone-steps 100 --seeds 2 --few-shot 50 --val-fraction 0.5``, took
+90.7 min: NEU-DET mAP@0.5 scratch 4.4, imagenet 12.1, domain 15.4, agbp 12.7, agssp 13.7 (agssp - scratch +9.3
+[+8.2, +10.9]); its few-shot regime (12 optimiser steps, all in warm-up) learned nothing for any mode.
 """
 
 from __future__ import annotations
