@@ -84,16 +84,20 @@ def _empty_boxes() -> pd.DataFrame:
     )
 
 
+def _components(binary: np.ndarray, params: BoxParams) -> tuple[int, np.ndarray]:
+    """cv2 labelling without statistics (those come from the sparse foreground, see ``_label_chunk``)."""
+    return cv2.connectedComponentsWithAlgorithm(binary, params.connectivity, cv2.CV_32S, cv2.CCL_DEFAULT)
+
+
 def _single(upsampled: np.ndarray, threshold: float, level: float, params: BoxParams, binary: np.ndarray):
     np.greater_equal(upsampled, threshold, out=binary.view(bool))
-    n, labels = cv2.connectedComponentsWithAlgorithm(binary, params.connectivity, cv2.CV_32S, cv2.CCL_DEFAULT)
-    return n, labels
+    return _components(binary, params)
 
 
 def _hysteresis(upsampled: np.ndarray, threshold: float, level: float, params: BoxParams, binary: np.ndarray):
     low = min(threshold, level + params.hysteresis_fraction * (threshold - level))
     np.greater_equal(upsampled, low, out=binary.view(bool))
-    n, labels = cv2.connectedComponentsWithAlgorithm(binary, params.connectivity, cv2.CV_32S, cv2.CCL_DEFAULT)
+    n, labels = _components(binary, params)
     if n <= 1:
         return n, labels
     seeded = np.zeros(n, bool)
@@ -123,7 +127,7 @@ def _rethreshold(upsampled: np.ndarray, threshold: float, level: float, params: 
         return n, labels
     binary.fill(0)
     binary.ravel()[foreground[kept]] = 1
-    return cv2.connectedComponentsWithAlgorithm(binary, params.connectivity, cv2.CV_32S, cv2.CCL_DEFAULT)
+    return _components(binary, params)
 
 
 # (upsampled map, T_c, image level, params, uint8 buffer) -> (labels incl. background, labels); on return
