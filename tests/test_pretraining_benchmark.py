@@ -31,7 +31,9 @@ def test_benchmark_config_has_every_mode_and_keeps_downstream_apart(tmp_path):
     args = bench.parse_args(["--workdir", str(tmp_path / "bench"), "--shared", str(shared), "--demo-scale", "0.2"])
     config = load_config(bench.build_config(args))
     assert config.finetune.variants == ["scratch", "imagenet", "domain", "agbp", "agssp"]
-    assert (config.finetune.seeds, config.finetune.few_shot_train_images) == (3, [50, 100])
+    assert (config.finetune.seeds, config.finetune.few_shot_train_images, config.finetune.few_shot_epochs) == (3, [50], 30)
+    # the recipe is the product's unless a flag changes it, and the report says where it differs
+    assert config.backbone.distill_weight == "auto" and bench.recipe_differences(config).startswith("recipe: the product")
     assert config.detector.backbone == "efficientnet_lite0" and config.backbone.backbones == ["efficientnet_lite0"]
     assert [s.name for s in config.downstream_sources()] == ["neu_det"]
     pretrain = {s.name for s in config.pretrain_sources()}
@@ -43,6 +45,10 @@ def test_benchmark_config_has_every_mode_and_keeps_downstream_apart(tmp_path):
         ["--workdir", str(tmp_path / "mt"), "--shared", str(shared), "--downstream", "magnetic_tile",
          "--demo-scale", "0.2"])))
     assert [s.name for s in other.downstream_sources()] == ["magnetic_tile"]
+    weighted = load_config(bench.build_config(bench.parse_args(
+        ["--workdir", str(tmp_path / "w"), "--shared", str(shared), "--distill-weight", "10", "--demo-scale", "0.2"])))
+    assert weighted.backbone.distill_weight == 10.0
+    assert "backbone.distill_weight 10.0 (product default auto)" in bench.recipe_differences(weighted)
     assert "magnetic_tile" not in {s.name for s in other.pretrain_sources()}
     with pytest.raises(SystemExit, match="unknown downstream set 'nope'"):
         bench.build_config(bench.parse_args(["--workdir", str(tmp_path / "x"), "--downstream", "nope"]))

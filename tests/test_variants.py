@@ -3,6 +3,8 @@ on a real ImageNet start."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pandas as pd
 import pytest
 import torch
@@ -112,14 +114,21 @@ def test_few_shot_regimes_train_on_their_subsets_and_score_the_same_val_images(t
     config = make_pipeline_storage(tmp_path)
     config.finetune.variants, config.finetune.plots = ["scratch"], False
     config.finetune.few_shot_train_images = [4, 8]
+    config.finetune.few_shot_epochs = 2  # few-shot runs train longer than the full regime's 1 epoch
     [evaluation] = run_finetune_evaluation(config)
     table = evaluation.table.set_index("regime")
     assert table["train_images"].to_dict() == {"full": 12, "few4": 4, "few8": 8}
     assert (table["val_images"] == 4).all()
+    assert table["epochs"].to_dict() == {"full": 1, "few4": 2, "few8": 2}
+    runs = Path(config.layout().scratch("runs", "finetune", "labelled"))
+    trained = {regime: len((runs / regime / "scratch" / "results.csv").read_text().strip().splitlines()) - 1
+               for regime in ("full", "few4")}
+    assert trained == {"full": 1, "few4": 2}  # what ultralytics really ran
     split = pd.read_parquet(config.layout().path("splits", "labelled.parquet"))
     assert split["few_shot_4"].sum() == 4 and not (split["few_shot_4"] & ~split["few_shot_8"]).any()
     markdown = open(config.layout().evaluations("finetune", "labelled", ".md")).read()
     assert "regime few4:" in markdown and "4 train / 4 val images" in markdown
+    assert "1 epochs, image size" in markdown and "2 epochs, image size" in markdown
 
 
 def _agdp_checkpoint(config) -> dict[str, torch.Tensor]:

@@ -53,6 +53,7 @@ class ProbeImages:
     masks: np.ndarray
     ground_truth: str  # "masks", "boxes" or "masks+boxes"
     skipped: int
+    image_ids: tuple[str, ...] = ()  # of ``images``, in order (to fetch anything else keyed by image)
 
 
 @dataclass
@@ -101,7 +102,7 @@ def load_probe_images(source: str, index: pd.DataFrame, annotations: pd.DataFram
     rows = index.drop_duplicates("image_id").sort_values("image_id", kind="stable")
     if "duplicate_of" in rows:
         rows = rows[rows["duplicate_of"].isna()]
-    images, masks, truths, skipped = [], [], set(), 0
+    images, masks, ids, truths, skipped = [], [], [], set(), 0
     size = (image_size, image_size)
     for row in rows.to_dict("records"):
         if len(images) >= max_images:
@@ -118,11 +119,12 @@ def load_probe_images(source: str, index: pd.DataFrame, annotations: pd.DataFram
             continue
         images.append(cv2.resize(rgb, size, interpolation=cv2.INTER_AREA))
         masks.append(cv2.resize(mask.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST).astype(bool))
+        ids.append(str(row["image_id"]))
         truths.add(truth)
     if not images:
         return ProbeImages(source, torch.zeros(0, 3, image_size, image_size), np.zeros((0, *size), bool), "", skipped)
     tensor = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255.0
-    return ProbeImages(source, tensor, np.stack(masks), "+".join(sorted(truths)), skipped)
+    return ProbeImages(source, tensor, np.stack(masks), "+".join(sorted(truths)), skipped, tuple(ids))
 
 
 @torch.no_grad()

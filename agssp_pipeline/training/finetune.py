@@ -387,8 +387,11 @@ def evaluate_dataset(
     pretrain_sources: Sequence[str] = (),
     seeds: Sequence[int] | None = None,
     replicates: int = 500,
+    few_shot_epochs: int | None = None,
 ) -> DatasetEvaluation:
-    """Split (stored, one split for every seed), export, and run every variant x seed on every regime."""
+    """Split (stored, one split for every seed), export, and run every variant x seed on every regime.
+
+    Few-shot regimes train ``few_shot_epochs`` epochs (None: the full regime's)."""
     split, split_meta = load_or_create_split(layout, dataset.name, dataset.images, dataset.annotations, split_params)
     references = kead_reference_overlap(layout, pretrain_sources, set(dataset.images["image_id"]))
     if references:
@@ -409,6 +412,7 @@ def evaluate_dataset(
             dataset.class_names, export_dir,
         )
         counts = {"train_images": int(train_mask.sum()), "val_images": len(val_images)}
+        epochs = train_settings.epochs if regime == FULL_REGIME or few_shot_epochs is None else few_shot_epochs
         for variant in variants:
             if isinstance(initial[variant], str):
                 log(f"finetune {dataset.name}/{regime}/{variant}: not applicable ({initial[variant]})")
@@ -417,7 +421,7 @@ def evaluate_dataset(
                 continue
             for seed in seeds:
                 name = variant if len(seeds) == 1 else f"{variant}_seed{seed}"
-                settings = replace(train_settings, seed=seed)
+                settings = replace(train_settings, seed=seed, epochs=epochs)
                 log(f"finetune {dataset.name}/{regime}: variant {variant}, seed {seed} ({settings.epochs} epochs)")
                 result = run_variant(dataset, regime, data_yaml, val_images, val_boxes, variant, initial[variant],
                                      settings, evaluation, run_root,
@@ -585,6 +589,6 @@ def run_finetune_evaluation(
         evaluate_dataset(layout, load_labelled_dataset(layout, source.name, source.classes), variants, context,
                          settings, split_params, evaluation, log, pretrain,
                          seeds=[finetune.seed + k for k in range(finetune.seeds)],
-                         replicates=finetune.bootstrap_replicates)
+                         replicates=finetune.bootstrap_replicates, few_shot_epochs=finetune.few_shot_epochs)
         for source in downstream
     ]

@@ -76,6 +76,10 @@ class FinetuneSettings(BaseModel):
     val_fraction: float = Field(0.2, gt=0.0, lt=1.0)
     # few-shot regimes (the paper's Table 3): N labelled training images, one N or several (nested subsets)
     few_shot_train_images: int | list[int] | None = None
+    # epochs of the few-shot runs; None: ``epochs`` (the paper's equal epochs). N images make ceil(N / batch) steps
+    # an epoch, so at a small budget equal epochs can leave a few-shot run inside ultralytics' warm-up (100 steps
+    # at least): raise it to give every variant enough steps; the table states each regime's epochs
+    few_shot_epochs: int | None = Field(None, ge=1)
     extra_weights: dict[str, str] = Field(default_factory=dict)  # variant name -> local weights file
     device: str = "auto"
     seed: int = 0  # the split's seed and the first training seed
