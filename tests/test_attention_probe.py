@@ -109,6 +109,8 @@ def test_load_probe_images_is_ordered_bounded_and_skips_bad_files(tmp_path):
     assert data.images.shape == (5, 3, SIZE, SIZE) and data.masks.shape == (5, SIZE, SIZE)
     again = probe.load_probe_images("labelled", index, boxes, SIZE, max_images=3)
     torch.testing.assert_close(again.images, data.images[:3])  # image-id order, whatever the index order
+    assert list(data.image_ids) == sorted(data.image_ids) and again.image_ids == data.image_ids[:3]
+    assert len(set(data.image_ids)) == 5 and set(data.image_ids) <= set(index["image_id"])
     assert probe.load_probe_images("labelled", index.drop(columns="mask_path"), None, SIZE) is None
 
 
