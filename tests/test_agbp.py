@@ -47,7 +47,7 @@ class Recorder(TrainingCallback):
 def distill_run(table, tmp_path_factory):
     """Distillation only, yolov8n, one 8-image batch per epoch, 5 epochs."""
     config = _config(tmp_path_factory.mktemp("distill"))
-    settings = BackboneSettings(base_loss="none", epochs=5, batch_size=8, lr=0.05, **FAST)
+    settings = BackboneSettings(base_loss="none", epochs=5, batch_size=8, lr=0.05, freeze_stages=[0, 1], **FAST)
     return config, train_backbone(config, "yolov8n", settings=settings, table=table)
 
 

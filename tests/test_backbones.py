@@ -18,7 +18,10 @@ def test_registry_has_the_paper_backbones_with_defaults():
     for name in ("yolov8n", "yolov8s", "resnet50", "swin_b"):
         assert name in BACKBONES
     yolo, swin = backbone_spec("yolov8n"), backbone_spec("swin_b")
-    assert yolo.default_distill_stages() == (3, 4) and yolo.default_freeze_stages() == (0, 1)
+    assert yolo.default_distill_stages() == (3, 4)
+    # the first two stages stay frozen only where ImageNet weights start them; random-init layers must train
+    assert yolo.default_freeze_stages() == () and backbone_spec("resnet50").default_freeze_stages() == ()
+    assert backbone_spec("efficientnet_lite0").default_freeze_stages() == (0, 1)
     assert (yolo.distill_loss, yolo.optimizer, yolo.self_supervised) == ("cosine", "sgd", "moco")
     assert swin.default_distill_stages() == (2, 3)
     assert (swin.distill_loss, swin.optimizer, swin.self_supervised) == ("l2norm", "adamw", "simmim")

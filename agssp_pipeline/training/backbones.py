@@ -21,8 +21,9 @@ spec's ``input_mean``/``input_std`` is the normalisation the backbone was traine
 normalised images), applied inside the detector where ultralytics feeds [0, 1] pixels.
 
 A registry entry (:class:`BackboneSpec`) also carries the AGBP defaults of the paper for that family:
-which stages are distilled (last two) and frozen (first two), the distillation loss (cosine across
-architectures for CNNs, L2 of normalised maps for ViT-like encoders), the optimiser family and the
+which stages are distilled (last two) and frozen (first two, where ImageNet weights start them), the
+distillation loss (cosine across architectures for CNNs, L2 of normalised maps for ViT-like encoders), the
+optimiser family and the
 self-supervised base loss that suits it (MoCo v3 for CNNs, SimMIM for Swin).
 
 Small variants (``resnet18``, ``swin_micro``) exist so tests and smoke runs stay fast; ``yolov8n`` at
@@ -254,7 +255,7 @@ class BackboneSpec:
     self_supervised: Literal["moco", "simmim"]
     num_stages: int = 5
     distill_stages: tuple[int, ...] = ()  # empty = last two
-    freeze_stages: tuple[int, ...] = ()  # empty = first two
+    freeze_stages: tuple[int, ...] | None = None  # None: the first two where ImageNet weights start them, else none
     description: str = ""
     detector_compatible: bool = False  # weights load unchanged into ultralytics' own YOLOv8 (CSPDarknet)
     imagenet: bool = False  # real ImageNet weights are available offline (builder(pretrained=True))
@@ -266,7 +267,12 @@ class BackboneSpec:
         return self.distill_stages or (self.num_stages - 2, self.num_stages - 1)
 
     def default_freeze_stages(self) -> tuple[int, ...]:
-        return self.freeze_stages or (0, 1)
+        """The paper keeps a pretrained backbone's first two stages as they are. A backbone that starts from random
+        init (no offline ImageNet weights: CSPDarknet, ResNet, Swin here) freezes none: frozen at random init they
+        would stay random through AGBP, a frozen-backbone AGDP and into every finetune start."""
+        if self.freeze_stages is not None:
+            return self.freeze_stages
+        return (0, 1) if self.imagenet else ()
 
 
 def _yolo_spec(scale: str) -> BackboneSpec:

@@ -27,7 +27,7 @@ class BackboneSettings(BaseModel):
     # raise on short runs, read out by the attention probe; the default stays the paper's
     distill_weight: float | Literal["auto"] = "auto"
     distill_stages: list[int] | None = None  # default: last two stages
-    freeze_stages: list[int] | None = None  # default: first two stages
+    freeze_stages: list[int] | None = None  # default: first two stages from ImageNet weights, none from random init
     epochs: int = Field(1, ge=1)
     batch_size: int = Field(16, ge=2)
     image_size: int = Field(128, ge=32)
@@ -57,8 +57,8 @@ class DetectorSettings(BaseModel):
     image_size: int = Field(160, ge=32)
     batch_size: int = Field(16, ge=1)
     # AGDP with the backbone frozen (ultralytics freeze=10), the paper's recipe: true. auto: frozen only when AGBP
-    # started from ImageNet weights (backbone_spec(...).imagenet), so a CSPDarknet backbone (random init, its first
-    # two stages frozen at that init by AGBP) trains. Measured mixed (variants.py): in-domain GT 8.6 -> 11.1,
+    # started from ImageNet weights (backbone_spec(...).imagenet), so a CSPDarknet backbone (random init, only a
+    # short AGBP behind it) trains. Measured mixed (variants.py): in-domain GT 8.6 -> 11.1,
     # cross-domain pseudo boxes 8.3 -> 1.6 (-> 7.3 with finetune.agssp_init: backbone)
     freeze_backbone: bool | Literal["auto"] = True
     device: str = "auto"
