@@ -16,15 +16,17 @@ that cannot exist for the backbone is printed as not applicable.
 Runtime: the defaults (image size 128; AGBP and its distill-weight-0 twin 1 epoch capped at 600 steps; AGDP 2
 epochs; finetune 5 epochs x 5 modes x 3 seeds on half of NEU-DET, scored on the other half; few-shot N=50 at 30
 epochs, i.e. 120 optimiser steps, so that it leaves ultralytics' 100-step warm-up; 200 bootstrap replicates) are
-sized for about an hour on a quiet 2-core CPU; on a GPU raise epochs and image size. The recipe is the product's
+sized for a 3-seed run on a 2-core CPU (measured below: 99 min, not the hour aimed at); on a GPU raise epochs and image size. The recipe is the product's
 (the paper's) unless a flag changes it, and the output says where it differs (``--distill-weight``). Settings are
 printed with the table: read them before quoting a number (far from the paper's 100+ GPU epochs). After the
 finetune it runs the attention probe (asset ``backbone_attention_evaluation``) and prints its table.
 
-Measured before (2026-12-02, 2 CPU cores shared with other runs): ``--pretrain-sets magnetic_tile x_sdd
---finetune-epochs 3 --detector-epochs 2 --backbone-steps 100 --seeds 2 --few-shot 50 --few-shot-epochs 3`` took
-90.7 min: NEU-DET mAP@0.5 scratch 4.4, imagenet 12.1, domain 15.4, agbp 12.7, agssp 13.7 (agssp - scratch +9.3
-[+8.2, +10.9]); its few-shot regime (12 optimiser steps, all in warm-up) learned nothing for any mode.
+Measured (2026-12-02, quiet 2-core CPU, no GPU): the defaults with ``--distill-weight 10`` took 99.1 min (pretraining
+11.5 min, full finetune 15 runs 60 min, few-shot 15 runs 28 min; ``--finetune-epochs 3 --few-shot-epochs 20`` would
+be about 65 min by those phase times, not run). NEU-DET, 899 train / 900 val, mAP@0.5 %, mean +- std over 3 seeds:
+scratch 6.2 +- 0.7, imagenet 23.1 +- 1.6, domain 23.4 +- 1.0, agbp 22.7 +- 1.1, agssp 29.4 +- 1.1 (agssp - scratch
++23.2 [+21.9, +25.1], agssp - imagenet +6.3 [+4.8, +8.1], agbp - imagenet -0.4 [-1.3, +0.7]); few-shot N=50:
+scratch 2.6, imagenet 5.1, domain 5.9, agbp 5.5, agssp 7.8 (agssp - scratch +5.2 [+3.0, +7.4]).
 """
 
 from __future__ import annotations
