@@ -1,7 +1,7 @@
 """Which AGBP recipe moves a backbone's attention onto defects? A sweep read out by the attention probe.
 
     .venv/bin/python benchmarks/agbp_attention_study.py --config RUN/agssp.yaml [--backbone efficientnet_lite0]
-        [--steps 150 600] [--weights auto 1 0] [--losses cosine pearson] [--max-images 64]
+        [--steps 150 600] [--weights auto 1 0] [--losses cosine l2norm] [--max-images 64]
 
 ``RUN/agssp.yaml`` is a pipeline config whose anomaly maps are materialised (e.g. the one
 ``pretraining_comparison.py`` writes). Each combination trains one AGBP run (the config's ``backbone`` section
@@ -39,45 +39,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def teacher_auroc(layout, source: str, probe, grid: int | None = None) -> float:
-    """AUROC of the source's anomaly maps on the probe's images, the probe's protocol (NaN: no maps).
-
-    ``grid``: first average the map down to ``grid`` x ``grid`` cells, the resolution of a distilled stage (the best
-    that stage's attention can draw)."""
+def teacher_maps(layout, source: str, probe):
+    """(N, G, G) anomaly maps of the probe's images, read once; None when the source has no maps for them all."""
     import numpy as np
     import torch
-    import torch.nn.functional as F
 
     from agssp_pipeline import artifact_io
-    from agssp_pipeline.eval.attention_probe import pixel_auroc
     from agssp_pipeline.kead.store import LazyMaps
 
     if not artifact_io.exists(layout.maps_store(source)):
-        return float("nan")
+        return None
     maps = LazyMaps(layout.maps_store(source))
     known = set(np.asarray(maps.image_ids).astype(str).tolist())
     if not all(i in known for i in probe.image_ids):
+        return None
+    return torch.from_numpy(np.stack([maps[i] for i in probe.image_ids]).astype(np.float32))
+
+
+def teacher_auroc(maps, probe, grid: int | None = None) -> float:
+    """AUROC of the anomaly maps under the probe's protocol (NaN: no maps). ``grid``: first averaged down to
+    ``grid`` x ``grid`` cells, the resolution of a distilled stage (the best that stage's attention can draw)."""
+    import torch.nn.functional as F
+
+    from agssp_pipeline.eval.attention_probe import pixel_auroc, upsampled_minmax
+
+    if maps is None:
         return float("nan")
-    stacked = torch.from_numpy(np.stack([maps[i] for i in probe.image_ids]).astype(np.float32))[:, None]
     if grid is not None:
-        stacked = F.adaptive_avg_pool2d(stacked, grid)
-    size = probe.masks.shape[-2:]
-    up = F.interpolate(stacked, size=size, mode="bilinear", align_corners=False)[:, 0]
-    low = up.flatten(1).min(1).values[:, None, None]
-    high = up.flatten(1).max(1).values[:, None, None]
-    return pixel_auroc(((up - low) / (high - low).clamp_min(1e-12)).numpy(), probe.masks)
-
-
-def spec_strides(backbone: str, size: int, stages) -> list[int]:
-    """Output stride of each distilled stage (from one forward of a blank image)."""
-    import torch
-
-    from agssp_pipeline.training.backbones import build_backbone
-
-    model = build_backbone(backbone, image_size=size, pretrained=False).backbone.eval()
-    with torch.no_grad():
-        features = model.forward_stages(torch.zeros(1, 3, size, size))
-    return [size // int(features[i].shape[-1]) for i in stages]
+        maps = F.adaptive_avg_pool2d(maps[:, None], grid)[:, 0]
+    return pixel_auroc(upsampled_minmax(maps, *probe.masks.shape[-2:]).numpy(), probe.masks)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,10 +97,11 @@ def main(argv: list[str] | None = None) -> int:
             probes.append(loaded)
     spec = backbone_spec(backbone)
     stages = spec.default_distill_stages()
-    rows = [{"start": "teacher (anomaly map)", **{p.source: teacher_auroc(layout, p.source, p) for p in probes}}]
-    for stride in spec_strides(backbone, size, stages):
+    teachers = {p.source: teacher_maps(layout, p.source, p) for p in probes}
+    rows = [{"start": "teacher (anomaly map)", **{p.source: teacher_auroc(teachers[p.source], p) for p in probes}}]
+    for stride in (spec.stage_strides[i] for i in stages):
         rows.append({"start": f"teacher at stride {stride} ({size // stride}x{size // stride})",
-                     **{p.source: teacher_auroc(layout, p.source, p, size // stride) for p in probes}})
+                     **{p.source: teacher_auroc(teachers[p.source], p, size // stride) for p in probes}})
 
     def probe_row(name: str, model, extra: dict) -> dict:
         start = Start(name, model, tuple(stages))

@@ -72,14 +72,15 @@ class Start:
 
 def stage_attention(features: Sequence[torch.Tensor], stages: Sequence[int], height: int, width: int) -> torch.Tensor:
     """(B, H, W) in [0, 1]: AGBP's attention of each stage, upsampled, min-max normalised per image, averaged."""
-    maps = []
-    for index in stages:
-        attention = attention_map(features[index])[:, None]
-        attention = F.interpolate(attention, size=(height, width), mode="bilinear", align_corners=False)[:, 0]
-        low = attention.flatten(1).min(dim=1).values[:, None, None]
-        high = attention.flatten(1).max(dim=1).values[:, None, None]
-        maps.append((attention - low) / (high - low).clamp_min(_EPS))
-    return torch.stack(maps).mean(dim=0)
+    return torch.stack([upsampled_minmax(attention_map(features[i]), height, width) for i in stages]).mean(dim=0)
+
+
+def upsampled_minmax(maps: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(B, h, w) -> (B, height, width): bilinear upsampling, then min-max normalised per image (the probe's scale)."""
+    up = F.interpolate(maps[:, None].float(), size=(height, width), mode="bilinear", align_corners=False)[:, 0]
+    low = up.flatten(1).min(dim=1).values[:, None, None]
+    high = up.flatten(1).max(dim=1).values[:, None, None]
+    return (up - low) / (high - low).clamp_min(_EPS)
 
 
 def _ground_truth(row: dict, boxes: dict[str, np.ndarray], height: int, width: int) -> tuple[np.ndarray | None, str]:

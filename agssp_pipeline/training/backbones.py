@@ -23,8 +23,7 @@ normalised images), applied inside the detector where ultralytics feeds [0, 1] p
 A registry entry (:class:`BackboneSpec`) also carries the AGBP defaults of the paper for that family:
 which stages are distilled (last two) and frozen (first two, where ImageNet weights start them), the
 distillation loss (cosine across architectures for CNNs, L2 of normalised maps for ViT-like encoders), the
-optimiser family and the
-self-supervised base loss that suits it (MoCo v3 for CNNs, SimMIM for Swin).
+optimiser family and the self-supervised base loss that suits it (MoCo v3 for CNNs, SimMIM for Swin).
 
 Small variants (``resnet18``, ``swin_micro``) exist so tests and smoke runs stay fast; ``yolov8n`` at
 64 px is already tiny.
